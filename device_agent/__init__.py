@@ -1,0 +1,2 @@
+"""What runs on a medical device: MQTT publishing with QoS 1, TLS, reconnects with backoff,
+last-will presence, bounded memory and an on-disk buffer for broker outages."""

@@ -1,0 +1,1 @@
+"""Composition root: the `iomt` command line that starts every role of the system."""

@@ -1,0 +1,58 @@
+"""`iomt`: one entry point, one sub-command per role.
+
+Each role package owns a ``cli`` module with ``register(subparsers)``; sub-commands set
+``func`` (called with the parsed namespace, returning an exit code). Role modules are
+imported only when their command is used, so `iomt --help` stays fast and a role's heavy
+dependencies (torch, CrypTen) load only where they are needed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command -> (module with register(), help line)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "broker": ("device_agent.broker_cli", "run an MQTT broker (Mosquitto when installed, else embedded)"),
+    "device": ("device_agent.cli", "run a device agent that publishes to a hospital broker"),
+    "simulate": ("simulators.cli", "simulate a hospital's patients and devices"),
+    "edge": ("edge_server.cli", "the hospital edge server: ingest, status, train, predict"),
+    "cloud": ("cloud_aggregator.cli", "cloud parties and coordinator for secure aggregation"),
+    "infer": ("cloud_aggregator.infer_cli", "encrypted inference for a patient (clinician's client)"),
+    "demo": ("iomt.demo", "a whole federation on this machine"),
+    "experiment": ("iomt.experiments", "reproduce the source papers' experiments"),
+}
+
+
+def _build_parser(selected: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iomt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_line) in COMMANDS.items():
+        if name != selected:
+            sub.add_parser(name, help=help_line, add_help=False)
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and module.startswith(err.name):
+                sub.add_parser(name, help=f"{help_line} (not available: {err})")
+                continue
+            raise
+        mod.register(sub, name, help_line)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = _build_parser(selected if selected in COMMANDS else None)
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(func(args) or 0)

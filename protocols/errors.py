@@ -1,0 +1,34 @@
+"""The exception hierarchy shared by every package."""
+from __future__ import annotations
+
+
+class IomtError(Exception):
+    """Base class of every error this system raises on purpose."""
+
+
+class ProtocolError(IomtError):
+    """A message that cannot be decoded or fails validation.
+
+    ``reason`` is a short machine-readable slug used as a counter label
+    (``bad_version``, ``bad_checksum``, ``wrong_shape`` ...).
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class TopicError(ProtocolError):
+    """A topic that does not follow ``iomt/{hospital}/{device_class}/{device_id}/{stream}``."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("bad_topic", detail)
+
+
+class ShareError(ProtocolError):
+    """A secret share that is truncated, of the wrong shape, version or ring."""
+
+
+class ConfigError(IomtError):
+    """Configuration that is missing, malformed or unsafe."""

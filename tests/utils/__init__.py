@@ -1,0 +1,1 @@
+"""Shared builders for the tests: free ports, a real Mosquitto, `iomt` subprocesses."""

@@ -1,0 +1,17 @@
+"""`iomt cloud ...`: each action lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when used."""
+from __future__ import annotations
+
+import argparse
+
+from protocols.cli_util import register_actions
+
+ACTIONS: dict[str, tuple[str, str]] = {
+    "party": ("cloud_aggregator.party", "one non-colluding party: stores shares, aggregates, serves inference"),
+    "coordinator": ("cloud_aggregator.coordinator", "registers hospitals and parties, opens and closes rounds"),
+    "triples": ("cloud_aggregator.inference.provider", "trusted third party that deals Beaver triples"),
+}
+
+
+def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None:
+    register_actions(sub, name, help_line, ACTIONS)

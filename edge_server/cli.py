@@ -1,0 +1,19 @@
+"""`iomt edge ...`: each action lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when used."""
+from __future__ import annotations
+
+import argparse
+
+from protocols.cli_util import register_actions
+
+ACTIONS: dict[str, tuple[str, str]] = {
+    "run": ("edge_server.daemon", "subscribe to the hospital broker, validate, preprocess and store"),
+    "status": ("edge_server.status", "what the edge has stored and rejected"),
+    "train": ("edge_server.training.cli", "train the multimodal model on this edge's store"),
+    "predict": ("edge_server.onnx_predict", "predict for one patient with the global model (ONNX Runtime)"),
+    "federate": ("edge_server.federated", "take part in federated rounds with the cloud parties"),
+}
+
+
+def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None:
+    register_actions(sub, name, help_line, ACTIONS)

@@ -172,9 +172,13 @@ def to_wire(msg: Message) -> bytes:
     return payload
 
 
+def _no_constants(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json(payload: bytes) -> object:
     try:
-        return json.loads(payload)
+        return json.loads(payload, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise ProtocolError("bad_json", str(err)[:120]) from err
 

@@ -1,0 +1,200 @@
+"""Differential privacy on the model update that leaves the hospital, and its accountant.
+
+The update ``Δ = w_local - w_global`` is clipped to L2 norm ``C`` and Gaussian noise
+``N(0, (σC)²)`` is added to every coordinate (source paper, eq. 3; the Gaussian mechanism
+of Dwork & Roth, 2014). Each round is one Gaussian mechanism; rounds compose, and the RDP
+accountant of Google's ``dp-accounting`` library turns the composition into ε at δ.
+
+Privacy unit. ``unit="patient"`` (default): neighbouring stores differ in one patient; both
+clipped updates have norm ≤ C, so they differ by at most 2C and the effective noise
+multiplier is σ/2. ``unit="hospital"``: neighbouring federations differ in one hospital's
+whole update, whose contribution to the aggregate has sensitivity C (DP-FedAvg, McMahan
+et al., 2018), so the noise multiplier is σ.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from dp_accounting import dp_event
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from protocols.errors import IomtError
+
+log = logging.getLogger(__name__)
+
+ACCOUNTANT_FILE = "privacy_accountant.json"
+Unit = Literal["patient", "hospital"]
+_SENSITIVITY = {"patient": 2.0, "hospital": 1.0}
+
+
+class PrivacyBudgetExceeded(IomtError):
+    """Another round would take ε past the configured budget; the round was not started."""
+
+
+@dataclass(frozen=True, slots=True)
+class DpResult:
+    """What :func:`privatize_update` did: the update norm before clipping, the scale it was
+    multiplied by (1.0 when it was already within ``C``), and the noise standard deviation."""
+
+    norm_before: float
+    clip_scale: float
+    noise_std: float
+
+
+def flatten(update: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All tensors of ``update`` (in its key order) as one float32 vector."""
+    return torch.cat([t.reshape(-1).to(torch.float32) for t in update.values()])
+
+
+def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten` for tensors shaped like ``like``."""
+    out, pos = {}, 0
+    for name, ref in like.items():
+        out[name] = vector[pos:pos + ref.numel()].reshape(ref.shape)
+        pos += ref.numel()
+    return out
+
+
+def privatize_update(update: dict[str, torch.Tensor], clip_norm: float, noise_multiplier: float,
+                     generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], DpResult]:
+    """Clip ``update`` as a whole to L2 norm ``clip_norm`` and add ``N(0, (σ·C)²)`` noise.
+
+    Parameters
+    ----------
+    generator:
+        Source of the noise. ``None`` draws a seed from the operating system, which is
+        what production needs; tests pass a seeded generator for reproducibility.
+    """
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be non-negative, got {noise_multiplier}")
+    vec = flatten(update)
+    norm = float(torch.linalg.vector_norm(vec))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    vec = vec * scale
+    std = noise_multiplier * clip_norm
+    if std > 0:
+        if generator is None:
+            generator = torch.Generator(device=vec.device)
+            generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+        vec = vec + std * torch.randn(vec.shape, generator=generator, device=vec.device, dtype=vec.dtype)
+    return unflatten(vec, update), DpResult(norm_before=norm, clip_scale=scale, noise_std=std)
+
+
+def _epsilon(effective_sigmas: list[float], delta: float) -> float:
+    if not effective_sigmas:
+        return 0.0
+    if min(effective_sigmas) <= 0:
+        return math.inf
+    acc = rdp_privacy_accountant.RdpAccountant()
+    for sigma in effective_sigmas:
+        acc.compose(dp_event.GaussianDpEvent(sigma))
+    return float(acc.get_epsilon(delta))
+
+
+class PrivacyAccountant:
+    """ε at δ over the rounds this edge has released, persisted under its data directory.
+
+    Parameters
+    ----------
+    delta: target δ.
+    epsilon_budget: ε that no round may exceed (``None``: no budget).
+    path: JSON file holding the rounds so far (``None``: in memory only).
+    unit: privacy unit, ``"patient"`` or ``"hospital"`` (see the module docstring).
+    """
+
+    def __init__(self, delta: float = 1e-5, epsilon_budget: float | None = None,
+                 path: str | Path | None = None, unit: Unit = "patient") -> None:
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if unit not in _SENSITIVITY:
+            raise ValueError(f"unit must be one of {sorted(_SENSITIVITY)}, got {unit!r}")
+        self.delta = delta
+        self.epsilon_budget = epsilon_budget
+        self.path = Path(path) if path is not None else None
+        self.unit: Unit = unit
+        self.rounds: list[dict] = []
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str | Path, **kwargs) -> PrivacyAccountant:
+        """The accountant persisted as ``<data_dir>/privacy_accountant.json``."""
+        return cls(path=Path(data_dir) / ACCOUNTANT_FILE, **kwargs)
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+            rounds = [dict(noise_multiplier=float(r["noise_multiplier"]), unit=str(r["unit"]),
+                           clip_norm=r.get("clip_norm")) for r in data["rounds"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            # A corrupt ledger must not silently restart the privacy budget at zero.
+            raise IomtError(f"privacy accountant state {self.path} is unreadable: {err}") from err
+        self.rounds = rounds
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"delta": self.delta, "unit": self.unit, "rounds": self.rounds,
+                   "epsilon": self.epsilon()}
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".accountant-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=1)
+        os.replace(tmp, self.path)  # atomic: a crash never leaves half a ledger
+
+    def _sigmas(self, extra: tuple[float, ...] = ()) -> list[float]:
+        past = [r["noise_multiplier"] / _SENSITIVITY[r["unit"]] for r in self.rounds]
+        return past + [s / _SENSITIVITY[self.unit] for s in extra]
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far at ``delta`` (default: the accountant's δ)."""
+        return _epsilon(self._sigmas(), self.delta if delta is None else delta)
+
+    def projected_epsilon(self, noise_multiplier: float) -> float:
+        """ε after one more round with ``noise_multiplier``."""
+        return _epsilon(self._sigmas((noise_multiplier,)), self.delta)
+
+    def check_budget(self, noise_multiplier: float) -> float:
+        """Raise :class:`PrivacyBudgetExceeded` if one more round would exceed the budget.
+
+        Returns the projected ε after that round.
+        """
+        projected = self.projected_epsilon(noise_multiplier)
+        if self.epsilon_budget is not None and projected > self.epsilon_budget:
+            raise PrivacyBudgetExceeded(
+                f"refusing to start round {len(self.rounds) + 1}: it would bring epsilon to "
+                f"{projected:.3g} at delta={self.delta:g}, over the budget of {self.epsilon_budget:g} "
+                f"(spent so far: {self.epsilon():.3g} in {len(self.rounds)} rounds)")
+        return projected
+
+    def record_round(self, noise_multiplier: float, clip_norm: float | None = None) -> float:
+        """Account one released update; persist; return ε so far."""
+        self.rounds.append({"noise_multiplier": float(noise_multiplier), "unit": self.unit,
+                            "clip_norm": clip_norm})
+        eps = self.epsilon()
+        self._save()
+        log.info("privacy: round %d released, epsilon=%.4g at delta=%g", len(self.rounds), eps, self.delta)
+        return eps
+
+    def summary(self) -> dict:
+        """JSON-ready state: rounds, ε, δ, budget, unit."""
+        eps = self.epsilon()
+        return {"rounds": len(self.rounds), "epsilon": None if math.isinf(eps) else eps,
+                "delta": self.delta, "epsilon_budget": self.epsilon_budget, "unit": self.unit}
+
+
+def numpy_update(state: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """``state - reference`` as tensors (convenience for callers holding numpy states)."""
+    return {k: torch.from_numpy(np.asarray(state[k], np.float32) - np.asarray(reference[k], np.float32))
+            for k in reference}

@@ -1,0 +1,268 @@
+"""The multimodal model every hospital trains and the cloud aggregates and serves.
+
+Four modality encoders (image CNN, EHR MLP, 2-layer LSTM over wearable windows, small
+transformer over clinical notes) each give a ``dim``-sized feature; an attention fusion
+layer scores every feature, takes a softmax over the modalities that are *present* (the
+modality mask) and returns the weighted sum together with the weights (source paper,
+Sec. III-E, eq. 1). All inputs are always passed (zeros where a modality is missing), so
+the same graph exports to ONNX and serves every subset of modalities.
+
+State dicts cross process boundaries as ``{name: float32 ndarray}``
+(:func:`state_to_numpy`); integer buffers (BatchNorm's ``num_batches_tracked``) are left
+out so that the cloud can average everything it receives.
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from protocols.schema import (
+    EHR_DIM,
+    IMAGE_SIZE,
+    MODALITIES,
+    NUM_CLASSES,
+    SIGNAL_CHANNELS,
+    WINDOW_SAMPLES,
+)
+from protocols.text import PAD_ID, HashingTokenizer
+
+__all__ = [
+    "ModelConfig",
+    "MultimodalNet",
+    "build_model",
+    "state_to_numpy",
+    "load_numpy_state",
+    "example_inputs",
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+]
+
+#: Names of the forward inputs and outputs, in order (also the ONNX graph's names).
+INPUT_NAMES: tuple[str, ...] = ("image", "ehr", "signals", "tokens", "mask")
+OUTPUT_NAMES: tuple[str, ...] = ("logits", "modality_weights")
+
+#: Score given to a missing modality before the softmax; far below any real score but
+#: finite, so that exported graphs never compute ``inf - inf``.
+_MISSING_SCORE = -1.0e4
+
+
+class ModelConfig(BaseModel):
+    """Architecture hyper-parameters; JSON-serialisable and shared by edge and cloud."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_classes: int = Field(NUM_CLASSES, ge=2)
+    dim: int = Field(32, ge=4, description="size of every modality feature and the fused vector")
+    image_encoder: Literal["cnn", "resnet18", "alexnet"] = "cnn"
+    image_size: int = Field(IMAGE_SIZE, ge=16)
+    cnn_channels: tuple[int, int, int] = (8, 16, 32)
+    ehr_dim: int = Field(EHR_DIM, ge=1)
+    ehr_hidden: int = Field(32, ge=4)
+    signal_channels: int = Field(len(SIGNAL_CHANNELS), ge=1)
+    signal_len: int = Field(WINDOW_SAMPLES, ge=1)
+    signal_pool: int = Field(4, ge=1, description="average-pool factor before the LSTM (25 Hz -> 6.25 Hz)")
+    lstm_hidden: int = Field(32, ge=4)
+    lstm_layers: int = Field(2, ge=1)
+    text_vocab: int = Field(2048, ge=8)
+    text_len: int = Field(64, ge=2)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    def tokenizer(self) -> HashingTokenizer:
+        """The tokenizer whose ids this model's text encoder expects."""
+        return HashingTokenizer(vocab_size=self.text_vocab, max_len=self.text_len)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelConfig:
+        return cls.model_validate(json.loads(text))
+
+
+class SmallCNN(nn.Module):
+    """Three conv + max-pool stages and a global average pool (paper Sec. III-B)."""
+
+    def __init__(self, channels: tuple[int, int, int], dim: int) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+        self.proj = nn.Linear(c3, dim)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(image).flatten(1))
+
+
+class EhrMLP(nn.Module):
+    """MLP over standardised EHR features; NaN (absent) -> 0 plus a missing indicator."""
+
+    def __init__(self, n_features: int, hidden: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * n_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
+
+    def forward(self, ehr: torch.Tensor) -> torch.Tensor:
+        missing = torch.isnan(ehr)
+        values = torch.where(missing, torch.zeros_like(ehr), ehr)
+        return self.net(torch.cat([values, missing.to(ehr.dtype)], dim=1))
+
+
+class SignalLSTM(nn.Module):
+    """Two-layer LSTM over a ``(T, C)`` wearable window; the last hidden state is the feature."""
+
+    def __init__(self, channels: int, pool: int, hidden: int, layers: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool1d(pool, stride=pool) if pool > 1 else nn.Identity()
+        self.norm = nn.LayerNorm(channels)
+        self.lstm = nn.LSTM(channels, hidden, num_layers=layers, batch_first=True,
+                            dropout=dropout if layers > 1 else 0.0)
+        self.proj = nn.Linear(hidden, dim)
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        x = self.pool(signals.transpose(1, 2)).transpose(1, 2)  # (B, T/pool, C)
+        out, _ = self.lstm(self.norm(x))
+        return self.proj(out[:, -1])
+
+
+class TextTransformer(nn.Module):
+    """Small transformer encoder over hashed token ids, mean-pooled over non-padding tokens."""
+
+    def __init__(self, vocab: int, length: int, dim: int, layers: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=PAD_ID)
+        self.pos = nn.Parameter(torch.zeros(1, length, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens == PAD_ID
+        x = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+        x = self.encoder(x, src_key_padding_mask=pad)
+        keep = (~pad).to(x.dtype).unsqueeze(-1)
+        pooled = (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        return self.norm(pooled)
+
+
+class AttentionFusion(nn.Module):
+    """Additive attention over modality features with a softmax restricted by the mask.
+
+    ``score_m = v^T tanh(W f_m + e_m)`` with a learned embedding ``e_m`` per modality; the
+    weights are exactly 0 for missing modalities and sum to 1 over present ones.
+    """
+
+    def __init__(self, n_modalities: int, dim: int) -> None:
+        super().__init__()
+        self.modality_embed = nn.Parameter(torch.zeros(n_modalities, dim))
+        self.proj = nn.Linear(dim, dim)
+        self.score = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.score(torch.tanh(self.proj(feats) + self.modality_embed)).squeeze(-1)  # (B, M)
+        present = mask > 0.5
+        scores = torch.where(present, scores, torch.full_like(scores, _MISSING_SCORE))
+        weights = torch.softmax(scores, dim=1) * present.to(scores.dtype)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        fused = (weights.unsqueeze(-1) * feats).sum(dim=1)
+        return fused, weights
+
+
+class MultimodalNet(nn.Module):
+    """Image, EHR, signal and text encoders, attention fusion and a classifier head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = _image_encoder(cfg)
+        self.ehr_encoder = EhrMLP(cfg.ehr_dim, cfg.ehr_hidden, cfg.dim, cfg.dropout)
+        self.signal_encoder = SignalLSTM(cfg.signal_channels, cfg.signal_pool, cfg.lstm_hidden,
+                                         cfg.lstm_layers, cfg.dim, cfg.dropout)
+        self.text_encoder = TextTransformer(cfg.text_vocab, cfg.text_len, cfg.dim, cfg.text_layers,
+                                            cfg.text_heads, cfg.dropout)
+        self.fusion = AttentionFusion(len(MODALITIES), cfg.dim)
+        self.head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.dim), nn.ReLU(),
+                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
+
+    def forward(self, image: torch.Tensor, ehr: torch.Tensor, signals: torch.Tensor,
+                tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits ``(B, num_classes)`` and modality weights ``(B, 4)``.
+
+        Parameters
+        ----------
+        image: ``(B, 1, S, S)`` float; ehr: ``(B, ehr_dim)`` float, NaN = absent feature;
+        signals: ``(B, T, C)`` float; tokens: ``(B, L)`` int64 from the config's tokenizer;
+        mask: ``(B, 4)`` float, 1 where the modality (in ``MODALITIES`` order) is present.
+        """
+        feats = torch.stack([
+            self.image_encoder(image),
+            self.ehr_encoder(ehr),
+            self.signal_encoder(signals),
+            self.text_encoder(tokens),
+        ], dim=1)
+        fused, weights = self.fusion(feats, mask)
+        return self.head(fused), weights
+
+
+def _image_encoder(cfg: ModelConfig) -> nn.Module:
+    if cfg.image_encoder == "cnn":
+        return SmallCNN(cfg.cnn_channels, cfg.dim)
+    # ResNet-18 / AlexNet with their classifier sized to the feature dimension.
+    from protocols.vision import build_vision_model
+    return build_vision_model(cfg.image_encoder, num_classes=cfg.dim, in_channels=1)
+
+
+def build_model(cfg: ModelConfig | None = None) -> MultimodalNet:
+    """A freshly initialised model (seed torch first for a deterministic initialisation)."""
+    return MultimodalNet(cfg or ModelConfig())
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """Parameters and floating-point buffers as float32 arrays, in a stable order."""
+    return {
+        name: t.detach().to("cpu", torch.float32).numpy().copy()
+        for name, t in model.state_dict().items()
+        if t.is_floating_point()
+    }
+
+
+def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> nn.Module:
+    """Load a :func:`state_to_numpy` dict into ``model``; names and shapes must match exactly."""
+    own = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tensors = {}
+    for name, ref in own.items():
+        arr = np.asarray(state[name])
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ValueError(f"state {name!r} has shape {arr.shape}, model expects {tuple(ref.shape)}")
+        tensors[name] = torch.as_tensor(arr, dtype=ref.dtype, device=ref.device)
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def example_inputs(cfg: ModelConfig, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Zero inputs of the right shapes (all modalities present), e.g. for ONNX export."""
+    tokens = torch.zeros(batch, cfg.text_len, dtype=torch.int64)
+    tokens[:, 0] = 1
+    return (
+        torch.zeros(batch, 1, cfg.image_size, cfg.image_size),
+        torch.zeros(batch, cfg.ehr_dim),
+        torch.zeros(batch, cfg.signal_len, cfg.signal_channels),
+        tokens,
+        torch.ones(batch, len(MODALITIES)),
+    )

@@ -1,0 +1,79 @@
+"""Deterministic hashing tokenizer for clinical notes, shared by the edge and the cloud.
+
+The trainable text encoder of :mod:`protocols.model` needs token ids that every hospital
+computes identically without a shared, downloaded vocabulary. Words and word bigrams are
+hashed (CRC-32, stable across processes and platforms, unlike Python's ``hash``) into a
+fixed number of buckets, the "hashing trick" (Weinberger et al., 2009).
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Reserved ids: padding and the leading classification token every sequence starts with,
+#: so that no sequence is all padding (an all-masked attention row would give NaN).
+PAD_ID = 0
+CLS_ID = 1
+N_RESERVED = 2
+
+_WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
+
+
+@dataclass(frozen=True, slots=True)
+class HashingTokenizer:
+    """Lower-cased words and word bigrams hashed into ``vocab_size`` buckets.
+
+    Parameters
+    ----------
+    vocab_size:
+        Number of ids, reserved ones included; must match the model's embedding table.
+    max_len:
+        Length of every encoded sequence (``CLS`` first, padded with ``PAD_ID``).
+    bigrams:
+        Also emit one id per pair of adjacent words, so that "no chest pain" and
+        "chest pain" differ.
+    """
+
+    vocab_size: int = 2048
+    max_len: int = 64
+    bigrams: bool = True
+
+    def __post_init__(self) -> None:
+        if self.vocab_size <= N_RESERVED:
+            raise ValueError(f"vocab_size must exceed {N_RESERVED}, got {self.vocab_size}")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {self.max_len}")
+
+    def _bucket(self, piece: str) -> int:
+        return N_RESERVED + zlib.crc32(piece.encode("utf-8")) % (self.vocab_size - N_RESERVED)
+
+    def pieces(self, text: str) -> list[str]:
+        """The words (and bigrams) of ``text`` in order, before hashing."""
+        words = _WORD.findall(text.lower())
+        out: list[str] = []
+        for i, word in enumerate(words):
+            out.append(word)
+            if self.bigrams and i + 1 < len(words):
+                out.append(f"{word} {words[i + 1]}")
+        return out
+
+    def encode(self, text: str | None) -> np.ndarray:
+        """``(max_len,)`` int64 ids: ``CLS``, then the hashed pieces, then padding.
+
+        ``None`` or empty text gives ``CLS`` followed by padding.
+        """
+        ids = np.full(self.max_len, PAD_ID, dtype=np.int64)
+        ids[0] = CLS_ID
+        if text:
+            hashed = [self._bucket(p) for p in self.pieces(text)[: self.max_len - 1]]
+            ids[1 : 1 + len(hashed)] = hashed
+        return ids
+
+    def encode_batch(self, texts: list[str | None]) -> np.ndarray:
+        """``(len(texts), max_len)`` int64 ids."""
+        if not texts:
+            return np.zeros((0, self.max_len), dtype=np.int64)
+        return np.stack([self.encode(t) for t in texts])

@@ -1,0 +1,302 @@
+"""`iomt cloud coordinator`: registers hospitals, opens and closes rounds, fixes each
+round's participant set and tells every party to aggregate exactly that set.
+
+It never receives a share: it only sees receipts (hospital, sample count, sha256 of the
+upload) from the parties. A hospital is a participant of a round iff every party
+acknowledged its upload before the round closed (deadline, or earlier once every
+registered hospital is in); the others are excluded consistently because the parties
+aggregate the explicit list they are sent. State is persisted, so a restarted
+coordinator resumes the round where it was.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from cloud_aggregator.settings import CoordinatorSettings
+from cloud_aggregator.store import atomic_write
+from cloud_aggregator.strategies import get_strategy
+from protocols.aggregation_messages import (AggregateRequest, AggregateResult, FederationStatus, ModelInfo,
+                                            Receipts, RoundConfig, RoundStatus)
+from protocols.auth import AuthError, Registry, Signer
+from protocols.errors import ConfigError
+from protocols.params import normalise_spec, spec_hash
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_CONFIG = 0, 2
+
+
+class Coordinator:
+    """Round bookkeeping; :meth:`tick` advances the current round one step."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        get_strategy(settings.strategy)  # refuse unknown or unimplemented strategies up front
+        self.registry = Registry(settings.registry)
+        self.signer = Signer.from_file(settings.key_file)
+        model = json.loads(Path(settings.model_file).read_text())
+        self.spec = normalise_spec(model["spec"])
+        self.model = ModelInfo(arch=model.get("arch", "generic"), config=model.get("config", {}))
+        self.init_seed = int(model.get("init_seed", 0))
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.state_path = Path(settings.data_dir) / "coordinator_state.json"
+        self.hospitals: list[str] = []
+        self.rounds: dict[int, RoundStatus] = {}
+        self.expected: dict[int, list[str]] = {}
+        self._load()
+
+    # persistence ----------------------------------------------------------------------
+    def _load(self) -> None:
+        if not self.state_path.exists():
+            return
+        data = json.loads(self.state_path.read_text())
+        self.hospitals = data["hospitals"]
+        self.rounds = {int(k): RoundStatus.model_validate(v) for k, v in data["rounds"].items()}
+        self.expected = {int(k): v for k, v in data["expected"].items()}
+        log.info("coordinator resumed: %d rounds known", len(self.rounds))
+
+    def _save(self) -> None:
+        data = {"hospitals": self.hospitals, "expected": self.expected,
+                "rounds": {r: s.model_dump(mode="json") for r, s in self.rounds.items()}}
+        atomic_write(self.state_path, json.dumps(data).encode())
+
+    def _set(self, status: RoundStatus) -> None:
+        self.rounds[status.config.round] = status
+        self._save()
+
+    # public view ----------------------------------------------------------------------
+    @property
+    def current(self) -> RoundStatus | None:
+        return self.rounds[max(self.rounds)] if self.rounds else None
+
+    def latest_version(self) -> int | None:
+        done = [s.config.version for s in self.rounds.values() if s.state == "done"]
+        return max(done) if done else None
+
+    def status(self) -> FederationStatus:
+        finished = len(self.rounds) >= self.settings.rounds and all(
+            s.state in ("done", "failed") for s in self.rounds.values())
+        return FederationStatus(current=self.current, latest_version=self.latest_version(),
+                                rounds_done=sum(s.state == "done" for s in self.rounds.values()),
+                                rounds_planned=self.settings.rounds, finished=finished,
+                                parties=list(self.settings.party_urls))
+
+    def register(self, hospital: str) -> None:
+        if hospital not in self.hospitals:
+            self.hospitals.append(hospital)
+            self._save()
+            log.info("hospital %s registered (%d in the federation)", hospital, len(self.hospitals))
+
+    # round state machine --------------------------------------------------------------
+    def _open(self, rnd: int) -> None:
+        cfg = RoundConfig(round=rnd, version=rnd, base_version=self.latest_version(),
+                          deadline=time.time() + self.settings.round_timeout,
+                          strategy=self.settings.strategy, prox_mu=self.settings.prox_mu,
+                          parties=len(self.settings.party_urls),
+                          spec=[(n, list(s)) for n, s in self.spec], spec_hash=spec_hash(self.spec),
+                          model=self.model, init_seed=self.init_seed)
+        self.expected[rnd] = list(self.hospitals)
+        self._set(RoundStatus(config=cfg, state="open", share_sha256=[None] * cfg.parties))
+        log.info("round %d opened for %s, deadline in %.0fs", rnd, self.hospitals, self.settings.round_timeout)
+
+    async def _receipts(self, client: httpx.AsyncClient, rnd: int) -> list[Receipts] | None:
+        async def one(i: int, url: str) -> Receipts | None:
+            try:
+                resp = await client.get(f"{url}/rounds/{rnd}/receipts", headers=self.signer.headers(f"party-{i}"))
+                resp.raise_for_status()
+                return Receipts.model_validate_json(resp.content)
+            except (httpx.HTTPError, ValueError) as err:
+                self.counters["party_unreachable"] += 1
+                log.warning("party %d (%s) did not answer for round %d receipts: %s", i, url, rnd, err)
+                return None
+        got = await asyncio.gather(*(one(i, u) for i, u in enumerate(self.settings.party_urls)))
+        return None if any(g is None for g in got) else list(got)
+
+    def _participants(self, rnd: int, all_receipts: list[Receipts]) -> tuple[list[str], int]:
+        """Hospitals every party holds a share from, with one consistent sample count."""
+        allowed = set(self.registry.principals("hospital"))
+        per_party = [{r.hospital: r.n_samples for r in rec.receipts} for rec in all_receipts]
+        common = set.intersection(*(set(p) for p in per_party)) & allowed
+        participants, denominator = [], 0
+        for h in sorted(common):
+            counts = {p[h] for p in per_party}
+            if len(counts) != 1:
+                self.counters["inconsistent_upload"] += 1
+                log.warning("round %d: %s told parties different sample counts %s; excluded", rnd, h, counts)
+                continue
+            participants.append(h)
+            denominator += counts.pop()
+        return participants, denominator
+
+    async def tick(self, client: httpx.AsyncClient) -> None:
+        cur = self.current
+        if cur is None or cur.state in ("done", "failed"):
+            nxt = 1 if cur is None else cur.config.round + 1
+            if nxt <= self.settings.rounds and len(self.hospitals) >= self.settings.min_hospitals:
+                self._open(nxt)
+            return
+        rnd = cur.config.round
+        if cur.state == "open":
+            receipts = await self._receipts(client, rnd)
+            expected = set(self.expected.get(rnd, []))
+            everyone_in = receipts is not None and expected and all(
+                expected <= {r.hospital for r in rec.receipts} for rec in receipts)
+            if everyone_in or time.time() >= cur.config.deadline:
+                self._set(cur.model_copy(update={"state": "closing"}))
+                log.info("round %d closing (%s)", rnd, "all registered hospitals in" if everyone_in else "deadline")
+            return
+        if cur.state == "closing":
+            receipts = await self._receipts(client, rnd)
+            if receipts is None:
+                return  # a party is down: wait for it, its acknowledged shares are on its disk
+            participants, denominator = self._participants(rnd, receipts)
+            if not participants:
+                self._set(cur.model_copy(update={"state": "failed", "detail": "no hospital reached every party"}))
+                log.warning("round %d failed: no hospital uploaded to every party in time", rnd)
+                return
+            dropped = sorted(set(self.expected.get(rnd, [])) - set(participants))
+            self._set(cur.model_copy(update={"state": "aggregating", "participants": participants,
+                                             "denominator": denominator}))
+            log.info("round %d participants %s (N=%d), excluded %s", rnd, participants, denominator, dropped)
+            return
+        if cur.state == "aggregating":
+            await self._aggregate(client, cur)
+
+    async def _aggregate(self, client: httpx.AsyncClient, cur: RoundStatus) -> None:
+        req = AggregateRequest(config=cur.config, participants=cur.participants, denominator=cur.denominator)
+        hashes = list(cur.share_sha256)
+
+        async def one(i: int, url: str) -> None:
+            if hashes[i] is not None:
+                return
+            try:
+                resp = await client.post(f"{url}/rounds/{cur.config.round}/aggregate",
+                                         content=req.model_dump_json(),
+                                         headers={**self.signer.headers(f"party-{i}"),
+                                                  "content-type": "application/json"}, timeout=600.0)
+                resp.raise_for_status()
+                hashes[i] = AggregateResult.model_validate_json(resp.content).share_sha256
+            except (httpx.HTTPError, ValueError) as err:
+                self.counters["aggregate_retry"] += 1
+                log.warning("party %d could not aggregate round %d yet: %s", i, cur.config.round, err)
+
+        await asyncio.gather(*(one(i, u) for i, u in enumerate(self.settings.party_urls)))
+        done = all(h is not None for h in hashes)
+        self._set(cur.model_copy(update={"share_sha256": hashes, "state": "done" if done else "aggregating"}))
+        if done:
+            log.info("round %d done: global version %d", cur.config.round, cur.config.version)
+
+    async def loop(self) -> None:
+        verify = str(self.settings.tls_ca) if self.settings.tls_ca else True
+        async with httpx.AsyncClient(verify=verify, timeout=10.0) as client:
+            while True:
+                try:
+                    await self.tick(client)
+                except Exception:  # one bad tick must not stop the federation
+                    log.exception("coordinator tick failed")
+                await asyncio.sleep(self.settings.poll_interval)
+
+
+def create_app(settings: CoordinatorSettings) -> FastAPI:
+    coord = Coordinator(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(coord.loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app = FastAPI(title="iomt coordinator", lifespan=lifespan)
+    app.state.coordinator = coord
+
+    def auth(request: Request, roles: tuple[str, ...]) -> str:
+        try:
+            return coord.registry.verify_header(request.headers.get("authorization"), settings.principal, roles).sub
+        except AuthError as err:
+            coord.counters[f"auth_rejected_{err.status}"] += 1
+            log.warning("coordinator refused %s %s: %s", request.method, request.url.path, err.reason)
+            raise
+
+    @app.exception_handler(AuthError)
+    async def _auth(request: Request, err: AuthError):
+        return JSONResponse({"error": "unauthorized" if err.status == 401 else "forbidden",
+                             "detail": err.reason}, status_code=err.status)
+
+    @app.get("/health")
+    async def health():
+        return {"ok": True}
+
+    @app.post("/hospitals/register", response_model=FederationStatus)
+    async def register(request: Request):
+        coord.register(auth(request, ("hospital",)))
+        return coord.status()
+
+    @app.get("/status", response_model=FederationStatus)
+    async def status(request: Request):
+        auth(request, ("hospital", "party", "coordinator"))
+        return coord.status()
+
+    @app.get("/rounds/{rnd}", response_model=RoundStatus)
+    async def round_status(rnd: int, request: Request):
+        auth(request, ("hospital", "party", "coordinator"))
+        if rnd not in coord.rounds:
+            return JSONResponse({"error": "unknown_round", "detail": str(rnd)}, status_code=404)
+        return coord.rounds[rnd]
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        auth(request, ("coordinator", "party"))
+        return dict(coord.counters)
+
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", required=True, help="where the coordinator keeps its round state")
+    parser.add_argument("--listen", default="127.0.0.1:8790", help="HOST:PORT to serve on")
+    parser.add_argument("--registry", required=True, help="principal registry JSON (keys, revocations)")
+    parser.add_argument("--key-file", required=True, help="the coordinator's Ed25519 key file")
+    parser.add_argument("--party", action="append", required=True, dest="parties",
+                        help="a party's base URL, in index order (repeat)")
+    parser.add_argument("--model", required=True, help="model JSON: arch, config, spec, init_seed")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-timeout", type=float, default=60.0, help="seconds from open to deadline")
+    parser.add_argument("--min-hospitals", type=int, default=1)
+    parser.add_argument("--strategy", default="fedavg", help="fedavg or fedprox")
+    parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal weight")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--tls-ca", help="CA bundle to verify the parties")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from cloud_aggregator.party import split_listen
+    host, port = split_listen(args.listen)
+    try:
+        settings = CoordinatorSettings(data_dir=args.data_dir, host=host, port=port, registry=args.registry,
+                                       key_file=args.key_file, party_urls=args.parties, rounds=args.rounds,
+                                       round_timeout=args.round_timeout, min_hospitals=args.min_hospitals,
+                                       strategy=args.strategy, prox_mu=args.prox_mu, model_file=args.model,
+                                       tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+        app = create_app(settings)
+    except (ValueError, ConfigError, OSError) as err:
+        log.error("bad coordinator settings: %s", err)
+        return EXIT_CONFIG
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
+    return EXIT_OK

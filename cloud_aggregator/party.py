@@ -1,0 +1,281 @@
+"""`iomt cloud party`: one non-colluding party of the secure aggregation.
+
+It receives from each hospital only its own share (party 0: the full share; party j>0: a
+32-byte seed it expands), stores it durably before acknowledging, and when the
+coordinator fixes a round's participant set sums exactly those shares into its share of
+the new global model, which it keeps (see :mod:`cloud_aggregator.store`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import time
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+
+from cloud_aggregator.settings import PartySettings
+from cloud_aggregator.store import PartyStore, StoreError, check_id, latest_version
+from cloud_aggregator.strategies import get_strategy
+from protocols.aggregation_messages import (AggregateRequest, AggregateResult, Receipts, RoundConfig,
+                                            RoundStatus, UploadAck, upload_from_wire)
+from protocols.auth import AuthError, Registry, Signer
+from protocols.errors import ConfigError, ShareError
+from protocols.params import normalise_spec, spec_size, unflatten
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_CONFIG = 0, 2
+
+
+class RoundRefused(Exception):
+    """An upload for a round this party will not take (stale, closed, unknown)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+class Party:
+    """The state behind one party's HTTP API (store, registry, counters)."""
+
+    def __init__(self, settings: PartySettings) -> None:
+        self.settings = settings
+        self.store = PartyStore(settings.data_dir)
+        self.registry = Registry(settings.registry)
+        self.signer = Signer.from_file(settings.key_file) if settings.key_file else None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.lock = asyncio.Lock()
+        self.audience = settings.principal
+
+    def auth(self, request: Request, roles: tuple[str, ...]) -> str:
+        try:
+            return self.registry.verify_header(request.headers.get("authorization"), self.audience, roles).sub
+        except AuthError as err:
+            self.counters[f"auth_rejected_{err.status}"] += 1
+            log.warning("party %d refused %s %s: %s", self.settings.index, request.method,
+                        request.url.path, err.reason)
+            raise
+
+    # round configs come from the coordinator and are cached durably ---------------------
+    def round_config(self, rnd: int) -> RoundConfig:
+        cfg = self.store.load_config(rnd)
+        if cfg is not None:
+            return cfg
+        if not (self.settings.coordinator_url and self.signer):
+            raise RoundRefused("unknown_round", f"round {rnd} unknown and no coordinator configured")
+        try:
+            with httpx.Client(verify=str(self.settings.tls_ca) if self.settings.tls_ca else True,
+                              timeout=10.0) as client:
+                resp = client.get(f"{self.settings.coordinator_url}/rounds/{rnd}",
+                                  headers=self.signer.headers("coordinator"))
+        except httpx.HTTPError as err:
+            raise RoundRefused("coordinator_unreachable", f"cannot fetch round {rnd}: {err}") from err
+        if resp.status_code == 404:
+            raise RoundRefused("unknown_round", f"the coordinator has no round {rnd}")
+        resp.raise_for_status()
+        status = RoundStatus.model_validate_json(resp.content)
+        if status.state != "open":
+            raise RoundRefused("round_closed", f"round {rnd} is {status.state}")
+        self.store.save_config(status.config)
+        return status.config
+
+    def accept(self, hospital: str, rnd: int, raw: bytes):
+        """Validate and durably store one upload; returns its receipt."""
+        upload = upload_from_wire(raw)
+        h = upload.header
+        if h.hospital != hospital:
+            raise AuthError(f"token is for {hospital!r} but the upload says {h.hospital!r}", 403)
+        check_id(h.hospital)
+        if h.round != rnd:
+            raise ShareError("wrong_round", f"upload says round {h.round}, URL says {rnd}")
+        if h.party_index != self.settings.index or h.parties != self.settings.parties:
+            raise ShareError("wrong_party", f"share for party {h.party_index}/{h.parties}, "
+                             f"this is party {self.settings.index}/{self.settings.parties}")
+        cfg = self.round_config(rnd)
+        if self.store.global_dir(cfg.version).exists():
+            raise RoundRefused("round_closed", f"round {rnd} is already aggregated")
+        if time.time() > cfg.deadline:
+            raise RoundRefused("round_closed", f"round {rnd}'s deadline has passed")
+        spec = normalise_spec(cfg.spec)
+        if h.spec_hash != cfg.spec_hash or h.size != spec_size(spec):
+            raise ShareError("wrong_shape", f"update has {h.size} parameters / spec {h.spec_hash[:12]}, "
+                             f"round {rnd} expects {spec_size(spec)} / {cfg.spec_hash[:12]}")
+        return self.store.save_upload(upload, raw)
+
+    def aggregate(self, req: AggregateRequest) -> AggregateResult:
+        cfg = req.config
+        rnd = cfg.round
+        if self.store.load_config(rnd) is None:
+            self.store.save_config(cfg)
+        receipts = {r.hospital: r for r in self.store.receipts(rnd)}
+        missing = [p for p in req.participants if p not in receipts]
+        if missing:
+            raise StoreError("missing_shares", f"no upload from {missing} for round {rnd}")
+        denominator = sum(receipts[p].n_samples for p in req.participants)
+        if denominator != req.denominator:
+            raise StoreError("inconsistent", f"sample counts sum to {denominator}, coordinator says "
+                             f"{req.denominator}")
+        strategy = get_strategy(cfg.strategy)
+        spec = normalise_spec(cfg.spec)
+        t0 = time.perf_counter()
+        total = strategy.aggregate(self.store.load_upload(rnd, p).share() for p in req.participants)
+        meta = {"version": cfg.version, "round": rnd, "parties": self.settings.parties,
+                "party_index": self.settings.index, "denominator": denominator,
+                "participants": list(req.participants), "spec": [[n, list(s)] for n, s in spec],
+                "model": cfg.model.model_dump(), "strategy": strategy.name}
+        digest = self.store.write_global(cfg.version, unflatten(total, spec), meta)
+        self.counters["rounds_aggregated"] += 1
+        log.info("party %d aggregated round %d (%d hospitals) into v%d in %.2fs", self.settings.index,
+                 rnd, len(req.participants), cfg.version, time.perf_counter() - t0)
+        return AggregateResult(round=rnd, version=cfg.version, party_index=self.settings.index,
+                               participants=list(req.participants), denominator=denominator,
+                               share_sha256=digest)
+
+
+def _error(status: int, reason: str, detail: str = "") -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+
+def create_app(settings: PartySettings) -> FastAPI:
+    """The party's FastAPI app (plus the encrypted-inference router when installed)."""
+    party = Party(settings)
+    app = FastAPI(title=f"iomt party {settings.index}/{settings.parties}")
+    app.state.party = party
+    app.state.settings = settings
+
+    @app.exception_handler(AuthError)
+    async def _auth(request: Request, err: AuthError):
+        return _error(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason)
+
+    @app.exception_handler(ShareError)
+    async def _share(request: Request, err: ShareError):
+        party.counters[f"rejected_{err.reason}"] += 1
+        log.warning("party %d rejected %s: %s", settings.index, request.url.path, err)
+        return _error(400 if err.reason != "too_large" else 413, err.reason, err.detail)
+
+    @app.exception_handler(RoundRefused)
+    async def _refused(request: Request, err: RoundRefused):
+        party.counters[f"rejected_{err.reason}"] += 1
+        log.warning("party %d refused %s: %s", settings.index, request.url.path, err.detail)
+        return _error(503 if err.reason == "coordinator_unreachable" else 409, err.reason, err.detail)
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, err: StoreError):
+        party.counters[f"rejected_{err.reason}"] += 1
+        log.warning("party %d refused %s: %s", settings.index, request.url.path, err)
+        return _error(409 if err.reason != "bad_id" else 400, err.reason, str(err))
+
+    @app.exception_handler(ConfigError)
+    async def _config(request: Request, err: ConfigError):
+        return _error(400, "bad_config", str(err))
+
+    @app.get("/health")
+    async def health():
+        return {"party_index": settings.index, "parties": settings.parties,
+                "latest_version": latest_version(settings.data_dir)}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        party.auth(request, ("coordinator", "party"))
+        return dict(party.counters)
+
+    @app.put("/rounds/{rnd}/share", response_model=UploadAck)
+    async def upload(rnd: int, request: Request):
+        hospital = party.auth(request, ("hospital",))
+        length = int(request.headers.get("content-length") or 0)
+        if length > settings.max_upload_bytes:
+            raise ShareError("too_large", f"{length} bytes > {settings.max_upload_bytes}")
+        raw = await request.body()
+        async with party.lock:  # one upload at a time: the replay check and the write are atomic
+            receipt = await run_in_threadpool(party.accept, hospital, rnd, raw)
+        party.counters["uploads_stored"] += 1
+        log.info("party %d stored round %d share from %s (%d bytes)", settings.index, rnd, hospital, len(raw))
+        return UploadAck(round=rnd, hospital=hospital, party_index=settings.index, sha256=receipt.sha256)
+
+    @app.get("/rounds/{rnd}/receipts", response_model=Receipts)
+    async def receipts(rnd: int, request: Request):
+        party.auth(request, ("coordinator", "party"))
+        return Receipts(round=rnd, party_index=settings.index, receipts=party.store.receipts(rnd))
+
+    @app.post("/rounds/{rnd}/aggregate", response_model=AggregateResult)
+    async def aggregate(rnd: int, req: AggregateRequest, request: Request):
+        party.auth(request, ("coordinator",))
+        if req.config.round != rnd:
+            raise ShareError("wrong_round", "body and URL name different rounds")
+        async with party.lock:
+            return await run_in_threadpool(party.aggregate, req)
+
+    def _version(version: str) -> int:
+        if version == "latest":
+            latest = latest_version(settings.data_dir)
+            if latest is None:
+                raise StoreError("no_model", "no global model yet")
+            return latest
+        return int(version)
+
+    @app.get("/global/{version}/meta")
+    async def global_meta(version: str, request: Request):
+        party.auth(request, ("hospital", "party", "coordinator"))
+        path = party.store.global_dir(_version(version)) / "meta.json"
+        if not path.exists():
+            return _error(404, "no_such_version", version)
+        return FileResponse(path, media_type="application/json")
+
+    @app.get("/global/{version}/share")
+    async def global_share(version: str, request: Request):
+        party.auth(request, ("hospital",))
+        path = party.store.global_dir(_version(version)) / "share.npz"
+        if not path.exists():
+            return _error(404, "no_such_version", version)
+        party.counters["global_downloads"] += 1
+        return FileResponse(path, media_type="application/octet-stream")
+
+    try:  # encrypted inference lives in its own package and is optional here
+        from cloud_aggregator.inference.router import build_router
+    except ImportError:
+        log.debug("encrypted inference router not installed")
+    else:
+        app.include_router(build_router(settings))
+    return app
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", type=int, required=True, help="this party's index, 0..n-1")
+    parser.add_argument("--parties", type=int, required=True, help="number of parties n")
+    parser.add_argument("--data-dir", required=True, help="where shares and global versions are stored")
+    parser.add_argument("--listen", default="127.0.0.1:8800", help="HOST:PORT to serve on")
+    parser.add_argument("--registry", required=True, help="principal registry JSON (keys, revocations)")
+    parser.add_argument("--key-file", help="this party's Ed25519 key file")
+    parser.add_argument("--coordinator", help="coordinator base URL (https://host:port)")
+    parser.add_argument("--tls-cert", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", help="server private key (PEM)")
+    parser.add_argument("--tls-ca", help="CA bundle to verify the coordinator")
+    parser.add_argument("--mpc-master", help="host:port of the MPC rendezvous for encrypted inference")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    host, port = split_listen(args.listen)
+    try:
+        settings = PartySettings(index=args.index, parties=args.parties, data_dir=args.data_dir, host=host,
+                                 port=port, registry=args.registry, key_file=args.key_file,
+                                 coordinator_url=args.coordinator, tls_cert=args.tls_cert,
+                                 tls_key=args.tls_key, tls_ca=args.tls_ca, mpc_master=args.mpc_master)
+    except ValueError as err:
+        logging.getLogger(__name__).error("bad party settings: %s", err)
+        return EXIT_CONFIG
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
+    return EXIT_OK

@@ -1,0 +1,80 @@
+"""Settings of the cloud services: one party (:class:`PartySettings`) and the coordinator
+(:class:`CoordinatorSettings`). Values come from CLI flags, ``IOMT_PARTY_*`` /
+``IOMT_COORD_*`` environment variables, or keyword arguments in tests; unknown keys fail."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _TLS(BaseSettings):
+    #: Server certificate and key (PEM). Both unset means plain HTTP (development only).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: CA bundle this service uses to verify the services it calls.
+    tls_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
+class PartySettings(_TLS):
+    """One non-colluding party: where it stores shares and whom it trusts."""
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_PARTY_", extra="forbid")
+
+    index: int = Field(ge=0)
+    parties: int = Field(ge=2)
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8800
+    #: Principal registry (public keys, roles, revocations), see protocols.auth.Registry.
+    registry: Path
+    #: This party's own Ed25519 key file (to call the coordinator).
+    key_file: Path | None = None
+    #: Base URL of the coordinator, which publishes round configs.
+    coordinator_url: str | None = None
+    #: host:port of torch.distributed's rendezvous for encrypted inference (CrypTen).
+    mpc_master: str | None = None
+    #: Largest accepted upload body in bytes.
+    max_upload_bytes: int = 1 << 31
+
+    @property
+    def principal(self) -> str:
+        return f"party-{self.index}"
+
+    @model_validator(mode="after")
+    def _index(self):
+        if self.index >= self.parties:
+            raise ValueError("index must be < parties")
+        return self
+
+
+class CoordinatorSettings(_TLS):
+    """The coordinator: registers principals, opens and closes rounds. Holds no shares."""
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_COORD_", extra="forbid")
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8790
+    registry: Path
+    key_file: Path
+    principal: str = "coordinator"
+    #: Base URLs of the parties, in party-index order.
+    party_urls: list[str] = Field(min_length=2)
+    rounds: int = Field(default=3, ge=1)
+    #: Seconds between a round opening and its deadline.
+    round_timeout: float = Field(default=60.0, gt=0)
+    #: Hospitals that must have registered before the first round opens.
+    min_hospitals: int = Field(default=1, ge=1)
+    strategy: str = "fedavg"
+    prox_mu: float = Field(default=0.0, ge=0)
+    #: JSON file: {"arch": str, "config": {...}, "spec": [[name, shape], ...], "init_seed": int}.
+    model_file: Path
+    poll_interval: float = Field(default=0.25, gt=0)

@@ -1,0 +1,175 @@
+"""A party's durable store: uploaded shares per round, round configs, and the
+secret-shared global model versions.
+
+Layout under the party's data dir ``D``::
+
+    D/rounds/r{round:06d}/config.json           round config fetched from the coordinator
+    D/rounds/r{round:06d}/{hospital}.share      upload exactly as received (wire format)
+    D/rounds/r{round:06d}/{hospital}.json       receipt: header + sha256 (written last)
+    D/global/v{version:06d}/share.npz           this party's int64 share of S = sum n_k theta_k
+    D/global/v{version:06d}/meta.json           version, round, parties, denominator, spec, ...
+    D/global/LATEST                             the newest version number
+
+Every write is temp file + fsync + rename + fsync of the directory, so an acknowledged
+upload or a published version survives a crash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from protocols.aggregation_messages import Receipt, RoundConfig, Upload, upload_from_wire
+from protocols.errors import IomtError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class StoreError(IomtError):
+    """The store refuses an operation (``reason`` is a counter label)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it is either absent or complete after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def check_id(hospital: str) -> str:
+    if not _ID.match(hospital):
+        raise StoreError("bad_id", f"hospital id {hospital!r} is not a safe name")
+    return hospital
+
+
+class PartyStore:
+    """Everything one party keeps on disk."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.root = Path(data_dir)
+        (self.root / "rounds").mkdir(parents=True, exist_ok=True)
+        (self.root / "global").mkdir(parents=True, exist_ok=True)
+
+    def _round_dir(self, rnd: int) -> Path:
+        return self.root / "rounds" / f"r{rnd:06d}"
+
+    # round configs -------------------------------------------------------------------
+    def save_config(self, cfg: RoundConfig) -> None:
+        atomic_write(self._round_dir(cfg.round) / "config.json", cfg.model_dump_json().encode())
+
+    def load_config(self, rnd: int) -> RoundConfig | None:
+        path = self._round_dir(rnd) / "config.json"
+        return RoundConfig.model_validate_json(path.read_bytes()) if path.exists() else None
+
+    # uploads -------------------------------------------------------------------------
+    def has_upload(self, rnd: int, hospital: str) -> bool:
+        return (self._round_dir(rnd) / f"{check_id(hospital)}.json").exists()
+
+    def save_upload(self, upload: Upload, raw: bytes) -> Receipt:
+        """Store one decoded upload durably; refuses a second upload for the same round."""
+        h = upload.header
+        if self.has_upload(h.round, h.hospital):
+            raise StoreError("replay", f"{h.hospital} already uploaded for round {h.round}")
+        digest = hashlib.sha256(raw).hexdigest()
+        rdir = self._round_dir(h.round)
+        atomic_write(rdir / f"{h.hospital}.share", raw)
+        receipt = Receipt(hospital=h.hospital, n_samples=h.n_samples, sha256=digest)
+        atomic_write(rdir / f"{h.hospital}.json", receipt.model_dump_json().encode())
+        return receipt
+
+    def receipts(self, rnd: int) -> list[Receipt]:
+        rdir = self._round_dir(rnd)
+        if not rdir.exists():
+            return []
+        return [Receipt.model_validate_json(p.read_bytes()) for p in sorted(rdir.glob("*.json"))
+                if p.name != "config.json"]
+
+    def load_upload(self, rnd: int, hospital: str) -> Upload:
+        return upload_from_wire((self._round_dir(rnd) / f"{check_id(hospital)}.share").read_bytes())
+
+    # global model --------------------------------------------------------------------
+    def global_dir(self, version: int) -> Path:
+        return self.root / "global" / f"v{version:06d}"
+
+    def write_global(self, version: int, arrays: dict[str, np.ndarray], meta: dict) -> str:
+        """Publish version ``version`` atomically; returns the sha256 of ``share.npz``."""
+        final = self.global_dir(version)
+        if final.exists():
+            return file_sha256(final / "share.npz")
+        tmp = Path(tempfile.mkdtemp(dir=self.root / "global", prefix=f".v{version:06d}."))
+        try:
+            with open(tmp / "share.npz", "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(final.parent)
+        latest = latest_version(self.root)
+        if latest is None or version > latest:
+            atomic_write(self.root / "global" / "LATEST", f"{version}\n".encode())
+        return file_sha256(final / "share.npz")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def latest_version(data_dir: str | Path) -> int | None:
+    path = Path(data_dir) / "global" / "LATEST"
+    return int(path.read_text().strip()) if path.exists() else None
+
+
+def load_global_share(data_dir: str | Path, version: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(meta, {name: int64 share})`` of a published global version (the newest by default).
+
+    The share is this party's additive share in Z_2^64 (16 fractional bits) of
+    ``S = sum_k n_k theta_k``; the model is ``S / meta["denominator"]``.
+    """
+    root = Path(data_dir)
+    version = latest_version(root) if version is None else version
+    if version is None:
+        raise FileNotFoundError(f"no global model published under {root}")
+    vdir = root / "global" / f"v{version:06d}"
+    meta = json.loads((vdir / "meta.json").read_text())
+    with np.load(vdir / "share.npz") as z:
+        arrays = {name: z[name].astype(np.int64, copy=False) for name, _ in meta["spec"]}
+    return meta, arrays

@@ -1,0 +1,239 @@
+"""Credentials for hospitals, parties and the coordinator: Ed25519-signed tokens, a
+registry of principals with a revocation list, and a loopback TLS helper.
+
+A token is ``base64url(claims JSON) "." base64url(Ed25519 signature)``; the claims name the
+subject (``sub``), its role, the audience (the one service it is for, so a party cannot
+replay a hospital's token to another party), issue and expiry times and a nonce. The
+verifier looks the subject up in a :class:`Registry` (public keys and revocations, a JSON
+file re-read when it changes, so revoking needs no restart).
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509.oid import NameOID
+
+from protocols.errors import IomtError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("hospital", "party", "coordinator")
+TOKEN_TTL_S = 300.0
+CLOCK_SKEW_S = 30.0
+
+
+class AuthError(IomtError):
+    """A credential was refused. ``status`` is 401 (who are you?) or 403 (not allowed)."""
+
+    def __init__(self, reason: str, status: int = 401) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64d(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    sub: str
+    role: str
+    aud: str
+    iat: float
+    exp: float
+    nonce: str
+
+
+class Signer:
+    """Holds one principal's private key and mints short-lived tokens."""
+
+    def __init__(self, principal: str, role: str, key: Ed25519PrivateKey) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        self.principal, self.role, self._key = principal, role, key
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Signer":
+        """Load a key file written by :func:`make_credentials` (JSON: id, role, private key PEM)."""
+        data = json.loads(Path(path).read_text())
+        key = serialization.load_pem_private_key(data["private_key"].encode(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError("credential key must be Ed25519")
+        return cls(data["id"], data["role"], key)
+
+    def token(self, audience: str, ttl: float = TOKEN_TTL_S) -> str:
+        now = time.time()
+        claims = {"sub": self.principal, "role": self.role, "aud": audience, "iat": now,
+                  "exp": now + ttl, "nonce": secrets.token_hex(8)}
+        body = _b64e(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{body}.{_b64e(self._key.sign(body.encode()))}"
+
+    def headers(self, audience: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(audience)}"}
+
+
+class Registry:
+    """Public keys and roles of every principal, plus revocations, from a JSON file.
+
+    File format: ``{"principals": {id: {"role": r, "public_key": PEM}}, "revoked": [id, ...]}``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._mtime: float | None = None
+        self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
+        self._revoked: set[str] = set()
+        self._reload()
+
+    def _reload(self) -> None:
+        mtime = self.path.stat().st_mtime_ns
+        if mtime == self._mtime:
+            return
+        data = json.loads(self.path.read_text())
+        keys = {}
+        for pid, entry in data.get("principals", {}).items():
+            pub = serialization.load_pem_public_key(entry["public_key"].encode())
+            keys[pid] = (entry["role"], pub)
+        self._keys, self._revoked, self._mtime = keys, set(data.get("revoked", [])), mtime
+
+    def principals(self, role: str | None = None) -> list[str]:
+        with self._lock:
+            self._reload()
+            return sorted(p for p, (r, _) in self._keys.items() if role in (None, r) and p not in self._revoked)
+
+    def verify(self, token: str, audience: str, roles: tuple[str, ...]) -> Claims:
+        """The token's claims, or :class:`AuthError` (401 unknown/bad/expired, 403 revoked/role)."""
+        with self._lock:
+            self._reload()
+            keys, revoked = self._keys, self._revoked
+        try:
+            body, sig = token.split(".")
+            claims = Claims(**json.loads(_b64d(body)))
+        except (ValueError, TypeError) as err:
+            raise AuthError("malformed token") from err
+        entry = keys.get(claims.sub)
+        if entry is None:
+            raise AuthError(f"unknown principal {claims.sub!r}")
+        role, pub = entry
+        try:
+            pub.verify(_b64d(sig), body.encode())
+        except (InvalidSignature, ValueError) as err:
+            raise AuthError("bad signature") from err
+        if claims.sub in revoked:
+            raise AuthError(f"{claims.sub!r} is revoked", 403)
+        if claims.role != role or role not in roles:
+            raise AuthError(f"role {role!r} may not do this", 403)
+        if claims.aud != audience:
+            raise AuthError(f"token is for {claims.aud!r}, not {audience!r}")
+        now = time.time()
+        if claims.exp < now - CLOCK_SKEW_S or claims.iat > now + CLOCK_SKEW_S:
+            raise AuthError("token expired or not yet valid")
+        return claims
+
+    def verify_header(self, header: str | None, audience: str, roles: tuple[str, ...]) -> Claims:
+        if not header or not header.startswith("Bearer "):
+            raise AuthError("missing bearer token")
+        return self.verify(header[len("Bearer "):], audience, roles)
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.write_text(text)
+    os.chmod(path, 0o600)
+
+
+def make_credentials(out: str | Path, hospitals: list[str], parties: int,
+                     coordinator: str = "coordinator") -> Path:
+    """Write an Ed25519 key file per principal (``keys/<id>.json``) and ``registry.json``.
+
+    Parties are named ``party-<i>``. Returns the registry path.
+    """
+    out = Path(out)
+    (out / "keys").mkdir(parents=True, exist_ok=True)
+    principals = {}
+    names = [(h, "hospital") for h in hospitals] + [(f"party-{i}", "party") for i in range(parties)]
+    names.append((coordinator, "coordinator"))
+    for pid, role in names:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+        _write_private(out / "keys" / f"{pid}.json", json.dumps({"id": pid, "role": role, "private_key": pem}))
+        pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        principals[pid] = {"role": role, "public_key": pub}
+    registry = out / "registry.json"
+    registry.write_text(json.dumps({"principals": principals, "revoked": []}, indent=1))
+    return registry
+
+
+def revoke(registry: str | Path, principal: str) -> None:
+    """Add ``principal`` to the registry's revocation list (atomic rewrite)."""
+    path = Path(registry)
+    data = json.loads(path.read_text())
+    data["revoked"] = sorted(set(data.get("revoked", [])) | {principal})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def make_tls(out: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+             days: int = 30) -> dict[str, Path]:
+    """A self-signed CA and one server certificate for ``hosts``; returns the PEM paths.
+
+    Keys: ``ca`` (CA certificate, for clients' ``verify``), ``cert`` and ``key`` (server).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iomt federation CA")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False,
+                                            encipher_only=False, decipher_only=False), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt = []
+    for h in hosts:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            alt.append(x509.DNSName(h))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()).decode())
+    return paths

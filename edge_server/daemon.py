@@ -1,0 +1,319 @@
+"""`iomt edge run`: the hospital's ingest daemon.
+
+It subscribes to ``iomt/{hospital}/#`` with QoS 1 on a persistent MQTT 5 session (clean
+start off, a session expiry, a client id stable per hospital and data directory) and acks
+manually: deliveries are validated into a batch, the batch is committed to the store, and
+only then are its PUBACKs sent. A daemon killed at any point therefore loses nothing the
+broker delivered (unacknowledged messages are redelivered to the resumed session) and
+stores nothing twice (redeliveries hit the store's UNIQUE constraints and count as
+duplicates).
+
+Exit codes: 0 stopped by SIGTERM/SIGINT after a final commit; 2 bad configuration (or a
+data directory that belongs to another hospital); 3 the store failed (nothing of the
+failed batch was acknowledged); 4 the broker refused the connection (credentials, client
+id or authorisation).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from protocols.errors import ConfigError
+from protocols.topics import subscription
+
+from edge_server.ingest import Ingestor
+from edge_server.metrics import EdgeMetrics, MetricsServer, create_app
+from edge_server.settings import EdgeSettings, InfluxSettings, load_settings
+from edge_server.sqlite_store import SqliteStore
+from edge_server.store import Batch, Store
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_STORE = 3
+EXIT_BROKER_REFUSED = 4
+
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 10.0
+LOOP_TIMEOUT_S = 0.05
+KEEPALIVE_S = 30
+#: CONNACK reason codes after which retrying cannot help.
+FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
+
+
+class EdgeDaemon:
+    """One hospital's ingest loop; :meth:`run` blocks until :meth:`request_stop`."""
+
+    def __init__(self, settings: EdgeSettings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous)
+        owner = self.store.get_meta("hospital")
+        if owner and owner != settings.hospital:
+            raise ConfigError(f"data dir {settings.data_dir} holds hospital {owner!r}, not {settings.hospital!r}")
+        self.store.set_meta("hospital", settings.hospital)
+        self.metrics = EdgeMetrics()
+        self.ingestor = Ingestor(settings.hospital, self.store.devices(), settings.max_payload)
+        self._stop = threading.Event()
+        self._batch = Batch()
+        self._acks: list[tuple[int, int]] = []
+        self._batch_started = 0.0
+        self._connected = False
+        self._subscribed = False
+        self._connections = 0
+        self._fatal: str | None = None
+        self._client: mqtt.Client | None = None
+        self._sink = None
+
+    # -- public ----------------------------------------------------------------------------
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+    def health(self) -> dict:
+        return {"ok": self._connected and self._subscribed, "connected": self._connected,
+                "subscribed": self._subscribed, "hospital": self.settings.hospital,
+                "pending": self._batch.received}
+
+    def run(self) -> int:
+        s = self.settings
+        server = preprocessor = None
+        if s.metrics_port is not None:
+            server = MetricsServer(create_app(self.metrics, self.health), s.metrics_host, s.metrics_port).start()
+            log.info("metrics on http://%s:%d/metrics", s.metrics_host, server.port)
+        if s.influx.enabled:
+            from edge_server.influx import InfluxSink
+            self._sink = InfluxSink(s.influx, s.hospital)
+        if s.preprocess_interval_s > 0:
+            preprocessor = _Preprocessor(s)
+            preprocessor.start()
+        self._client = self._make_client()
+        try:
+            return self._loop()
+        finally:
+            if preprocessor:
+                preprocessor.stop()
+            if self._sink:
+                self._sink.close()
+            if server:
+                server.stop()
+            self.store.close()
+
+    # -- MQTT ------------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.stable_client_id(),
+                             protocol=mqtt.MQTTv5, manual_ack=True)
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        host, _, tls = s.broker_address()
+        if tls or s.tls_ca:
+            client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _connect(self) -> bool:
+        s = self.settings
+        host, port, _ = s.broker_address()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = s.session_expiry_s
+        props.ReceiveMaximum = s.receive_maximum
+        try:
+            if self._connections == 0:
+                self._client.connect(host, port, keepalive=KEEPALIVE_S, clean_start=False, properties=props)
+            else:
+                self._client.reconnect()
+        except OSError as err:
+            log.warning("broker %s:%d unreachable: %s", host, port, err)
+            return False
+        self._connections += 1
+        if self._connections > 1:
+            self.metrics.reconnects.inc()
+        return True
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            if str(reason_code) in FATAL_CONNACK:
+                self._fatal = str(reason_code)
+            return
+        self._connected = True
+        log.info("connected to %s (session present: %s)", self.settings.broker, flags.session_present)
+        client.subscribe(subscription(self.settings.hospital), options=SubscribeOptions(qos=1))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        bad = [rc for rc in reason_codes if rc.is_failure]
+        if bad:
+            log.error("subscription to %s refused: %s", subscription(self.settings.hospital), bad)
+            self._fatal = str(bad[0])
+            return
+        self._subscribed = True
+        self.metrics.connected.set(1)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected:
+            log.warning("disconnected from broker: %s", reason_code)
+        self._connected = self._subscribed = False
+        self.metrics.connected.set(0)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if not self._batch.received:
+            self._batch_started = time.monotonic()
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = msg._topic.decode("utf-8", "replace")
+        self.ingestor.handle(topic, msg.payload, self._batch, time.time())
+        if msg.qos > 0:
+            self._acks.append((msg.mid, msg.qos))
+
+    # -- batching --------------------------------------------------------------------------
+    def _flush(self, ack: bool = True) -> None:
+        """Commit the pending batch, then (still connected) acknowledge its deliveries."""
+        batch, acks = self._batch, self._acks
+        if not batch.received:
+            return
+        self._batch, self._acks = Batch(), []
+        started = time.perf_counter()
+        result = self.store.commit(batch)
+        self.metrics.observe_commit(batch, result, time.perf_counter() - started)
+        if ack:
+            for mid, qos in acks:
+                self._client.ack(mid, qos)
+        if self._sink is not None and batch.frames:
+            self._sink.write_frames(batch.frames)
+        log.debug("committed %d deliveries: stored %s, %d duplicates, %d rejected", batch.received,
+                  result.stored, result.duplicates, len(batch.rejections))
+
+    def _loop(self) -> int:
+        s = self.settings
+        batch_s = s.batch_ms / 1000.0
+        backoff = RECONNECT_MIN_S
+        try:
+            while not self._stop.is_set():
+                if self._fatal:
+                    return EXIT_BROKER_REFUSED
+                if self._client.socket() is None:
+                    if not self._connect():
+                        self._stop.wait(backoff * (0.5 + random.random()))
+                        backoff = min(backoff * 2, RECONNECT_MAX_S)
+                        continue
+                    backoff = RECONNECT_MIN_S
+                timeout = LOOP_TIMEOUT_S
+                if self._batch.received:
+                    timeout = max(0.0, min(timeout, self._batch_started + batch_s - time.monotonic()))
+                rc = self._client.loop(timeout)
+                pending = self._batch.received
+                if pending and (pending >= s.batch_max or time.monotonic() - self._batch_started >= batch_s):
+                    self._flush()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    # Acks of a lost connection cannot be sent: store what we have; the broker
+                    # redelivers it to the resumed session and the store drops the copies.
+                    self._flush(ack=False)
+                    self._connected = self._subscribed = False
+                    if self._client.socket() is not None:
+                        self._client.disconnect()
+            self._flush()
+            self._close_client()
+            return EXIT_OK
+        except Exception:
+            log.exception("store failed; the uncommitted batch was not acknowledged")
+            return EXIT_STORE
+
+    def _close_client(self) -> None:
+        if self._client.socket() is None:
+            return
+        self._client.disconnect()
+        for _ in range(20):
+            if self._client.loop(0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+
+
+class _Preprocessor:
+    """Rebuilds stale patient records in the background, on its own store connection."""
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-preprocess", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        from edge_server.dataset import refresh_records
+        from edge_server.preprocess import load_text_embedder
+
+        s = self.settings
+        embedder = load_text_embedder(s.text_embedder)
+        store = SqliteStore(s.data_dir, synchronous=s.sqlite_synchronous)
+        try:
+            while not self._stop.wait(s.preprocess_interval_s):
+                try:
+                    refresh_records(store, s.hospital, embedder)
+                except Exception:  # noqa: BLE001 - keep ingesting whatever preprocessing does
+                    log.exception("preprocessing failed; will retry")
+        finally:
+            store.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hospital", required=True, help="hospital id (topic prefix iomt/{hospital}/#)")
+    parser.add_argument("--broker", default=None, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    parser.add_argument("--data-dir", required=True, type=Path, help="where the store lives")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve /healthz and /metrics on this loopback port")
+    parser.add_argument("--metrics-host", default=None, help="address for the metrics endpoint")
+    parser.add_argument("--batch-max", type=int, default=None, help="commit after this many messages")
+    parser.add_argument("--batch-ms", type=float, default=None, help="... or after this many milliseconds")
+    parser.add_argument("--username", default=None)
+    parser.add_argument("--password", default=None, help="better: IOMT_EDGE_PASSWORD in the environment")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="CA bundle for mqtts://")
+    parser.add_argument("--preprocess-interval", type=float, default=None, dest="preprocess_interval_s",
+                        help="seconds between background rebuilds of patient records (0: off)")
+    parser.add_argument("--text-embedder", default=None, help="module:function embedding a note's text")
+    parser.add_argument("--client-id", default=None, help="MQTT client id (default: stable per data dir)")
+    parser.add_argument("--influx-url", default=None, help="also write frame points to this InfluxDB 2 URL")
+    parser.add_argument("--influx-token", default=None, help="better: IOMT_EDGE_INFLUX_TOKEN")
+    parser.add_argument("--influx-org", default=None)
+    parser.add_argument("--influx-bucket", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        influx = InfluxSettings(**{k: v for k, v in {
+            "url": args.influx_url, "token": args.influx_token, "org": args.influx_org,
+            "bucket": args.influx_bucket}.items() if v is not None})
+        if args.influx_url:
+            influx = influx.model_copy(update={"enabled": True})
+        settings = load_settings(
+            hospital=args.hospital, broker=args.broker, data_dir=args.data_dir, metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host, batch_max=args.batch_max, batch_ms=args.batch_ms,
+            username=args.username, password=args.password, tls_ca=args.tls_ca,
+            preprocess_interval_s=args.preprocess_interval_s, text_embedder=args.text_embedder,
+            client_id=args.client_id, influx=influx)
+        daemon = EdgeDaemon(settings)
+    except (ConfigError, ValueError) as err:
+        log.error("configuration: %s", err)
+        return EXIT_CONFIG
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    log.info("edge %s ingesting from %s into %s", settings.hospital, settings.broker, settings.data_dir)
+    return daemon.run()

@@ -1,0 +1,117 @@
+"""Validation of one delivery at a time: topic and payload in, a store row or a rejection out.
+
+No MQTT here, so the rules are tested directly and the daemon stays a thin loop. Every
+failure becomes a :class:`~edge_server.store.RejectionRow` with the
+:class:`~protocols.errors.ProtocolError` reason (or ``unknown_device``, ``wrong_hospital``,
+``internal_error``) and a WARNING log line with the payload clipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from protocols.errors import ProtocolError
+from protocols.logsetup import clip
+from protocols.messages import (
+    ClinicalNote,
+    DeviceRegistration,
+    EhrRecord,
+    ImagingStudy,
+    Presence,
+    SignalFrame,
+    from_wire,
+)
+from protocols.topics import Topic
+
+from edge_server.store import Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
+
+log = logging.getLogger(__name__)
+
+#: Bytes of a rejected payload kept in the store for diagnosis.
+REJECTED_HEAD = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What :meth:`Ingestor.handle` did: ``accepted`` with the stream, or the rejection reason."""
+
+    accepted: bool
+    stream: str | None = None
+    reason: str | None = None
+
+
+class Ingestor:
+    """Turns deliveries into rows of a :class:`Batch`; remembers which devices registered.
+
+    ``known`` maps device id -> registration and is updated as registrations arrive, so a
+    device's frames that follow its registration in the same batch are accepted.
+    """
+
+    def __init__(self, hospital: str, known: dict[str, DeviceRow] | None = None,
+                 max_payload: int = 4 * 1024 * 1024) -> None:
+        self.hospital = hospital
+        self.known: dict[str, DeviceRow] = dict(known or {})
+        self.max_payload = max_payload
+
+    def handle(self, topic: str, payload: bytes, batch: Batch, received_at: float) -> Outcome:
+        """Validate one delivery and add its row (or rejection) to ``batch``; never raises."""
+        batch.received += 1
+        device_id = None
+        try:
+            if len(payload) > self.max_payload:
+                raise ProtocolError("oversized", f"{len(payload)} bytes > {self.max_payload}")
+            parsed = Topic.parse(topic)
+            device_id = parsed.device_id
+            if parsed.hospital != self.hospital:
+                raise ProtocolError("wrong_hospital", f"{parsed.hospital!r} is not {self.hospital!r}")
+            msg = from_wire(parsed, payload)
+            return self._accept(parsed, msg, payload, batch, received_at)
+        except ProtocolError as err:
+            return self._reject(err.reason, err.detail, topic, device_id, payload, batch, received_at)
+        except Exception as err:  # noqa: BLE001 - one bad message must never stop ingest
+            log.exception("unexpected error on %s", clip(topic))
+            return self._reject("internal_error", f"{type(err).__name__}: {err}", topic, device_id,
+                                payload, batch, received_at)
+
+    def _accept(self, topic: Topic, msg, payload: bytes, batch: Batch, now: float) -> Outcome:
+        if isinstance(msg, DeviceRegistration):
+            row = DeviceRow(msg.device_id, msg.device_class, msg.patient_id, tuple(msg.streams), now, bytes(payload))
+            self.known[msg.device_id] = row
+            batch.devices.append(row)
+            return Outcome(True, topic.stream)
+        if isinstance(msg, Presence):
+            batch.presence.append(PresenceRow(msg.device_id, msg.online, now))
+            return Outcome(True, topic.stream)
+        device = self.known.get(topic.device_id)
+        if device is None:
+            raise ProtocolError("unknown_device", f"{topic.device_id!r} has not registered")
+        if device.device_class != topic.device_class:
+            raise ProtocolError("topic_mismatch",
+                                f"{topic.device_id!r} registered as {device.device_class!r}, topic says "
+                                f"{topic.device_class!r}")
+        if isinstance(msg, SignalFrame):
+            batch.frames.append(FrameRow(msg.device_id, msg.stream, msg.seq, device.patient_id, msg.start_ts,
+                                         msg.sample_rate, msg.n_samples, msg.channels, now, bytes(payload)))
+        elif isinstance(msg, ImagingStudy):
+            natural = msg.sop_instance_uid or msg.study_uid
+            batch.documents.append(DocumentRow("image", natural, topic.device_id, topic.stream, msg.patient_id,
+                                               now, bytes(payload)))
+        elif isinstance(msg, EhrRecord):
+            natural = msg.bundle.get("id") if isinstance(msg.bundle.get("id"), str) else None
+            natural = natural or "sha256:" + hashlib.sha256(payload).hexdigest()
+            batch.documents.append(DocumentRow("ehr", natural, topic.device_id, topic.stream, msg.patient_id,
+                                               now, bytes(payload)))
+        elif isinstance(msg, ClinicalNote):
+            batch.documents.append(DocumentRow("note", msg.note_id, topic.device_id, topic.stream, msg.patient_id,
+                                               now, bytes(payload)))
+        else:
+            raise ProtocolError("unknown_stream", f"no store for {type(msg).__name__}")
+        return Outcome(True, topic.stream)
+
+    def _reject(self, reason: str, detail: str, topic: str, device_id: str | None, payload: bytes,
+                batch: Batch, now: float) -> Outcome:
+        log.warning("rejected %s on %s: %s (payload %s)", reason, clip(topic, 120), detail, clip(payload))
+        batch.rejections.append(RejectionRow(reason, str(topic)[:300], device_id, detail, len(payload), now,
+                                             bytes(payload[:REJECTED_HEAD])))
+        return Outcome(False, reason=reason)

@@ -1,0 +1,101 @@
+"""Configuration of one hospital's edge daemon (pydantic-settings: TOML file, env, CLI)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocols.errors import ConfigError
+
+
+class InfluxSettings(BaseSettings):
+    """Optional time-series sink (InfluxDB 2 write API); off unless ``url`` is set and enabled."""
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_EDGE_INFLUX_", extra="forbid")
+
+    enabled: bool = False
+    url: str = ""
+    token: str = ""
+    org: str = "iomt"
+    bucket: str = "iomt"
+    batch_size: int = Field(1000, ge=1)
+    flush_interval_ms: int = Field(1000, ge=10)
+    max_retries: int = Field(5, ge=0)
+    retry_interval_ms: int = Field(500, ge=1)
+
+
+class EdgeSettings(BaseSettings):
+    """Everything ``iomt edge run`` needs; every field can come from ``IOMT_EDGE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_EDGE_", extra="forbid")
+
+    hospital: str
+    broker: str = "mqtt://127.0.0.1:1883"
+    data_dir: Path
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    username: str | None = None
+    password: str | None = None
+    tls_ca: Path | None = None
+    #: Commit (and then acknowledge) after this many messages ...
+    batch_max: int = Field(500, ge=1)
+    #: ... or once the oldest uncommitted message is this old.
+    batch_ms: float = Field(25.0, gt=0)
+    #: Per-connection cap on unacknowledged QoS 1 deliveries (MQTT 5 Receive Maximum).
+    receive_maximum: int = Field(2000, ge=1, le=65535)
+    #: Seconds the broker keeps our session (subscription + queued messages) while we are away.
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=1)
+    #: Payloads larger than this are rejected unread (reason ``oversized``).
+    max_payload: int = Field(4 * 1024 * 1024, ge=1024)
+    #: SQLite ``synchronous``: NORMAL survives a killed process; FULL also a power cut.
+    sqlite_synchronous: str = "NORMAL"
+    #: Seconds between rebuilds of preprocessed patient records while running (0 = only at exit).
+    preprocess_interval_s: float = Field(30.0, ge=0)
+    #: ``module:function`` taking a note's text and returning a vector; empty = raw note only.
+    text_embedder: str = ""
+    client_id: str | None = None
+    influx: InfluxSettings = Field(default_factory=InfluxSettings)
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _sync(cls, value: str) -> str:
+        if value.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(f"sqlite_synchronous {value!r} not in OFF/NORMAL/FULL/EXTRA")
+        return value.upper()
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        url = urlparse(value if "://" in value else f"mqtt://{value}")
+        if url.scheme not in {"mqtt", "mqtts", "tcp", "ssl"} or not url.hostname:
+            raise ValueError(f"broker {value!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
+        return url.geturl()
+
+    def broker_address(self) -> tuple[str, int, bool]:
+        """(host, port, tls) of the broker URL."""
+        url = urlparse(self.broker)
+        tls = url.scheme in {"mqtts", "ssl"}
+        return url.hostname or "127.0.0.1", url.port or (8883 if tls else 1883), tls
+
+    def stable_client_id(self) -> str:
+        """Client id that survives restarts, so the broker resumes our persistent session.
+
+        It is derived from the hospital and the resolved data directory: two edges on one
+        broker with different stores never share a session, and a restarted edge on the same
+        store picks up exactly the messages its predecessor had not acknowledged.
+        """
+        if self.client_id:
+            return self.client_id
+        digest = hashlib.sha256(str(Path(self.data_dir).resolve()).encode()).hexdigest()[:12]
+        return f"iomt-edge-{self.hospital}-{digest}"
+
+
+def load_settings(**overrides) -> EdgeSettings:
+    """Settings from the environment with ``overrides`` (CLI flags) on top."""
+    try:
+        return EdgeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as err:
+        raise ConfigError(str(err)) from err

@@ -236,6 +236,7 @@ class EdgeDaemon:
     def _close_client(self) -> None:
         if self._client.socket() is None:
             return
+        self._connected = self._subscribed = False
         self._client.disconnect()
         for _ in range(20):
             if self._client.loop(0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:

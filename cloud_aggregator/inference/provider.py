@@ -1,0 +1,53 @@
+"""`iomt cloud triples`: the trusted third party that deals Beaver triples to the parties.
+
+In production mode the parties use CrypTen's TTP provider: this process joins the MPC
+group as the extra rank ``parties`` and runs ``crypten.mpc.provider.ttp_provider.TTPServer``,
+which hands each party correlated randomness (multiplication triples, wrap counts, B2A
+masks) derived from per-party seeds. It never receives a share of any input, model or
+output. Each CrypTen group gets a fresh server process; when a group breaks (a party
+restarts) the server is replaced and joins the next group.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import time
+
+from cloud_aggregator.inference.worker import RESTART_BACKOFF_S, configure_distributed
+
+log = logging.getLogger(__name__)
+
+
+def serve_once(parties: int, master: str) -> None:
+    """Child-process body: one TTPServer for one MPC group (returns when the group ends)."""
+    import torch
+
+    torch.set_num_threads(1)
+    configure_distributed(parties, parties, master, "TTP")
+    from crypten.mpc.provider.ttp_provider import TTPServer
+
+    TTPServer()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parties", type=int, required=True, help="number of computing parties n")
+    parser.add_argument("--mpc-master", required=True, help="HOST:PORT of party 0's MPC rendezvous")
+    parser.add_argument("--max-groups", type=int, default=0, help="stop after serving this many groups (0: forever)")
+
+
+def run(args: argparse.Namespace) -> int:
+    ctx = mp.get_context("spawn")
+    served = 0
+    try:
+        while not args.max_groups or served < args.max_groups:
+            proc = ctx.Process(target=serve_once, args=(args.parties, args.mpc_master), name="iomt-ttp")
+            proc.start()
+            log.info("triples provider pid %d waiting for %d parties at %s", proc.pid, args.parties, args.mpc_master)
+            proc.join()
+            served += 1
+            log.warning("triples provider group ended (exit %s)", proc.exitcode)
+            time.sleep(RESTART_BACKOFF_S)
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -144,17 +144,18 @@ def split_records(records: list[PatientRecord], seed: int = 0,
     for pid in sorted(by_patient):
         label = by_patient[pid][0].label
         by_label[-1 if label is None else int(label)].append(pid)
+    # Stratify: shuffle each class, give every patient its quantile within its class, and
+    # cut the quantile-sorted list at 70% and 85%, so each part gets its share of each class.
     rng = np.random.default_rng(seed)
-    parts: tuple[list[str], list[str], list[str]] = ([], [], [])
+    ranked: list[tuple[float, float, str]] = []
     for label in sorted(by_label):
         pids = list(by_label[label])
         rng.shuffle(pids)
-        n = len(pids)
-        n_val = int(round(fractions[1] * n))
-        n_test = int(round(fractions[2] * n))
-        n_train = n - n_val - n_test
-        parts[0].extend(pids[:n_train])
-        parts[1].extend(pids[n_train:n_train + n_val])
-        parts[2].extend(pids[n_train + n_val:])
+        ranked.extend(((i + 0.5) / len(pids), float(rng.random()), pid) for i, pid in enumerate(pids))
+    ordered = [pid for _, _, pid in sorted(ranked)]
+    n = len(ordered)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    parts = (ordered[:n_train], ordered[n_train:n_train + n_val], ordered[n_train + n_val:])
     train, val, test = ([rec for pid in sorted(p) for rec in by_patient[pid]] for p in parts)
     return train, val, test

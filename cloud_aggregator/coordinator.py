@@ -16,6 +16,7 @@ import collections
 import contextlib
 import json
 import logging
+import ssl
 import time
 from pathlib import Path
 
@@ -198,7 +199,7 @@ class Coordinator:
             log.info("round %d done: global version %d", cur.config.round, cur.config.version)
 
     async def loop(self) -> None:
-        verify = str(self.settings.tls_ca) if self.settings.tls_ca else True
+        verify = ssl.create_default_context(cafile=str(self.settings.tls_ca)) if self.settings.tls_ca else True
         async with httpx.AsyncClient(verify=verify, timeout=10.0) as client:
             while True:
                 try:

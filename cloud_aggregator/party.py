@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import ssl
 import time
 
 import httpx
@@ -69,7 +70,7 @@ class Party:
         if not (self.settings.coordinator_url and self.signer):
             raise RoundRefused("unknown_round", f"round {rnd} unknown and no coordinator configured")
         try:
-            with httpx.Client(verify=str(self.settings.tls_ca) if self.settings.tls_ca else True,
+            with httpx.Client(verify=ssl.create_default_context(cafile=str(self.settings.tls_ca)) if self.settings.tls_ca else True,
                               timeout=10.0) as client:
                 resp = client.get(f"{self.settings.coordinator_url}/rounds/{rnd}",
                                   headers=self.signer.headers("coordinator"))

@@ -1,0 +1,170 @@
+"""Source paper 000's experiments: Table II (baselines), Table III (modality ablation),
+Table IV (accuracy across rounds) and Fig. 4 (privacy-utility trade-off)."""
+from __future__ import annotations
+
+import logging
+import math
+
+from iomt.experiments import report
+from iomt.experiments.data import restrict_split, split
+from iomt.experiments.settings import Settings, load
+from iomt.federation import run_federation, train_centralized
+
+log = logging.getLogger(__name__)
+
+METRICS = report.METRICS
+TABLE2_METHODS = ("centralized", "fedavg", "fedprox", "unimodal_federated", "ours")
+ABLATION = (("image",), ("image", "ehr"), ("image", "ehr", "signals"), ("image", "ehr", "signals", "text"))
+ABLATION_NAMES = ("images", "images+ehr", "images+ehr+sensors", "images+ehr+sensors+text")
+#: Fig. 4 sweep of DP noise multipliers (0 = no noise, epsilon infinite).
+FIG4_NOISE = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+QUICK_FIG4_NOISE = (0.0, 0.1, 1.0)
+
+
+def _evaluate(model_cfg, state, records) -> dict:
+    from edge_server.training.loop import evaluate
+    if not records:
+        return {m: float("nan") for m in METRICS} | {"n": 0}
+    return dict(evaluate(model_cfg, state, records))
+
+
+def _metrics(m: dict) -> dict:
+    """The five paper metrics as floats (NaN where undefined, e.g. AUC on a one-class test set)."""
+    return {k: float("nan") if m.get(k) is None else float(m[k]) for k in METRICS} | {"n": int(m.get("n") or 0)}
+
+
+def table2(settings: Settings) -> dict:
+    """Centralized, FedAvg, FedProx, best unimodal federated and ours on held-out patients."""
+    runs = []
+    for seed, fold in settings.runs():
+        fed = load(settings, seed)
+        cfg = fed.model_config(**settings.model)
+        s = split(fed, seed, settings.folds, fold)
+        test = s.pooled("test")
+        base = {"seed": seed, "fold": fold}
+
+        state = train_centralized(cfg, s.pooled("train"), settings.spec("fedavg", seed))
+        runs.append(base | {"method": "centralized", "detail": "pooled data, same model"}
+                    | _metrics(_evaluate(cfg, state, test)))
+        for strategy in ("fedavg", "fedprox"):
+            res = run_federation(cfg, s.train, settings.spec(strategy, seed))
+            runs.append(base | {"method": strategy, "detail": "multimodal, plaintext, no DP"}
+                        | _metrics(_evaluate(cfg, res.state, test)))
+
+        # Unimodal federated: FedAvg on each single modality; the best on *validation* is reported.
+        best = None
+        for modality in fed.present_modalities():
+            sub = restrict_split(s, (modality,))
+            if not any(sub.train.values()):
+                continue
+            res = run_federation(cfg, sub.train, settings.spec("fedavg", seed))
+            val = _evaluate(cfg, res.state, sub.pooled("val"))
+            log.info("unimodal %s: validation accuracy %.3f", modality, val["accuracy"])
+            if best is None or val["accuracy"] > best[0]:
+                best = (val["accuracy"], modality, res.state, sub)
+        if best is not None:
+            _, modality, st, sub = best
+            runs.append(base | {"method": "unimodal_federated", "detail": f"{modality} only (best on validation)"}
+                        | _metrics(_evaluate(cfg, st, sub.pooled("test"))))
+
+        res = run_federation(cfg, s.train, settings.spec("ours", seed))
+        runs.append(base | {"method": "ours", "detail": f"multimodal + attention + DP (eps={res.epsilon:.3g}) + SMPC",
+                            "epsilon": res.epsilon} | _metrics(_evaluate(cfg, res.state, test)))
+
+    return report.finish(settings, "table2", runs, keys=("method",), values=(*METRICS,),
+                   run_columns=("seed", "fold", "method", "detail", *METRICS, "n", "epsilon"),
+                   plot=lambda summary: _bars(settings, "table2", summary, "method",
+                                              "Table II: methods on held-out patients"))
+
+
+def table3(settings: Settings) -> dict:
+    """Ours (DP + SMPC) trained and tested on growing sets of modalities."""
+    runs = []
+    for seed, fold in settings.runs():
+        fed = load(settings, seed)
+        cfg = fed.model_config(**settings.model)
+        s = split(fed, seed, settings.folds, fold)
+        for name, modalities in zip(ABLATION_NAMES, ABLATION):
+            sub = restrict_split(s, modalities)
+            if not any(sub.train.values()):
+                log.warning("no patient has any of %s: skipped", modalities)
+                continue
+            res = run_federation(cfg, sub.train, settings.spec("ours", seed))
+            runs.append({"seed": seed, "fold": fold, "modalities": name, "epsilon": res.epsilon}
+                        | _metrics(_evaluate(cfg, res.state, sub.pooled("test"))))
+    return report.finish(settings, "table3", runs, keys=("modalities",), values=(*METRICS,),
+                   run_columns=("seed", "fold", "modalities", *METRICS, "n", "epsilon"),
+                   plot=lambda summary: _bars(settings, "table3", summary, "modalities",
+                                              "Table III: modality ablation (ours)"))
+
+
+def table4(settings: Settings) -> dict:
+    """Global test accuracy every ``step`` rounds (paper: 10..60) for FedAvg, FedProx and ours."""
+    step = max(1, settings.rounds // 6)
+    runs = []
+    for seed, fold in settings.runs():
+        fed = load(settings, seed)
+        cfg = fed.model_config(**settings.model)
+        s = split(fed, seed, settings.folds, fold)
+        for strategy in ("fedavg", "fedprox", "ours"):
+            res = run_federation(cfg, s.train, settings.spec(strategy, seed), eval_records=s.pooled("test"),
+                                 eval_every=step)
+            for h in res.history:
+                if "accuracy" in h:
+                    runs.append({"seed": seed, "fold": fold, "strategy": strategy, "round": h["round"],
+                                 "epsilon": h.get("epsilon")} | _metrics(h))
+
+    def plot(summary):
+        rounds = sorted({r["round"] for r in summary})
+        series = {}
+        for strategy in ("fedavg", "fedprox", "ours"):
+            rows = sorted((r for r in summary if r["strategy"] == strategy), key=lambda r: r["round"])
+            series[strategy] = ([100 * r["accuracy_mean"] for r in rows], [100 * r["accuracy_std"] for r in rows])
+        return report.line_chart(settings.out / "table4.png", rounds, series, "communication round",
+                                 "global test accuracy (%)", "Table IV: accuracy across rounds")
+
+    return report.finish(settings, "table4", runs, keys=("strategy", "round"), values=(*METRICS,),
+                   run_columns=("seed", "fold", "strategy", "round", *METRICS, "n", "epsilon"), plot=plot)
+
+
+def fig4(settings: Settings, noise: tuple[float, ...] | None = None) -> dict:
+    """Ours at several DP noise multipliers: epsilon from the accountant against accuracy."""
+    noise = noise or (QUICK_FIG4_NOISE if settings.quick else FIG4_NOISE)
+    runs = []
+    for seed, fold in settings.runs():
+        fed = load(settings, seed)
+        cfg = fed.model_config(**settings.model)
+        s = split(fed, seed, settings.folds, fold)
+        for sigma in noise:
+            res = run_federation(cfg, s.train, settings.spec("ours", seed, noise_multiplier=sigma))
+            eps = res.epsilon if res.epsilon is not None and sigma > 0 else math.inf
+            runs.append({"seed": seed, "fold": fold, "noise_multiplier": sigma, "epsilon": eps}
+                        | _metrics(_evaluate(cfg, res.state, s.pooled("test"))))
+
+    def plot(summary):
+        plt = report.pyplot()
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        finite = [r for r in summary if math.isfinite(r["epsilon_mean"])]
+        ax.errorbar([r["epsilon_mean"] for r in finite], [100 * r["accuracy_mean"] for r in finite],
+                    yerr=[100 * r["accuracy_std"] for r in finite], marker="o", capsize=3, label="ours (DP + SMPC)")
+        for r in summary:
+            if not math.isfinite(r["epsilon_mean"]):
+                ax.axhline(100 * r["accuracy_mean"], ls="--", color="grey", label="no DP noise (eps = inf)")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"epsilon after {settings.rounds} rounds (delta = 1e-5)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Fig. 4: privacy-utility trade-off")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(settings.out / "fig4.png", dpi=110)
+        plt.close(fig)
+
+    return report.finish(settings, "fig4", runs, keys=("noise_multiplier",), values=(*METRICS, "epsilon"),
+                   run_columns=("seed", "fold", "noise_multiplier", "epsilon", *METRICS, "n"), plot=plot)
+
+
+def _bars(settings: Settings, name: str, summary: list[dict], key: str, title: str):
+    labels = [r[key] for r in summary]
+    groups = {m: ([100 * r[f"{m}_mean"] if m != "roc_auc" else 100 * r[f"{m}_mean"] for r in summary],
+                  [100 * r[f"{m}_std"] for r in summary]) for m in ("accuracy", "f1", "roc_auc")}
+    return report.bar_chart(settings.out / f"{name}.png", labels, [], [], "score (%; AUC x 100)", title, groups)

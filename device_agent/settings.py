@@ -1,0 +1,96 @@
+"""Configuration of one device agent: environment (``IOMT_DEVICE_*``), an optional TOML file, arguments."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from protocols.topics import DATA_STREAMS, DEVICE_CLASSES, ID_PATTERN
+
+_ID = f"^{ID_PATTERN.pattern}$"
+
+
+class AgentSettings(BaseSettings):
+    """Everything a device agent needs to know. Unknown keys are an error (``extra="forbid"``)."""
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_DEVICE_", extra="forbid", toml_file=None)
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    hospital: str = Field(pattern=_ID)
+    device_id: str = Field(pattern=_ID)
+    device_class: str = "wearable"
+    patient_id: str = Field(default="unassigned", pattern=_ID)
+    #: stream -> sample rate (Hz; 0 for event streams such as studies and notes)
+    streams: dict[str, float] = Field(default_factory=dict)
+    model: str | None = None
+    manufacturer: str | None = None
+    mqtt_version: Literal["3.1.1", "5"] = "3.1.1"
+    client_id: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = False
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    #: SQLite file of the on-disk buffer; None keeps the buffer in memory (lost on a crash).
+    buffer_path: Path | None = None
+    #: Messages waiting in memory for the buffer; past this, publish() blocks or drops.
+    queue_max: int = Field(default=10_000, ge=1)
+    #: Rows the on-disk buffer may hold; past this, new messages are dropped and counted.
+    buffer_max: int = Field(default=1_000_000, ge=1)
+    #: QoS 1 messages handed to the client and not yet acknowledged.
+    max_inflight: int = Field(default=256, ge=1, le=65_000)
+
+    @field_validator("device_class")
+    @classmethod
+    def _known_class(cls, value: str) -> str:
+        if value not in DEVICE_CLASSES:
+            raise ValueError(f"device_class must be one of {DEVICE_CLASSES}")
+        return value
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError(f"broker must look like mqtt://host:port or mqtts://host:port, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _streams_fit_class(self) -> "AgentSettings":
+        bad = set(self.streams) - set(DATA_STREAMS[self.device_class])
+        if bad:
+            raise ValueError(f"streams {sorted(bad)} do not belong to a {self.device_class} device")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.broker).scheme in ("mqtts", "ssl")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.broker).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.broker).port or (8883 if self.tls else 1883)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        # arguments beat environment, which beats the TOML file named by from_toml()
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @classmethod
+    def from_toml(cls, path: Path | None, **overrides) -> "AgentSettings":
+        """Settings from a TOML file (its keys are the field names), environment and ``overrides``."""
+        if path is None:
+            return cls(**overrides)
+        scoped = type("FileAgentSettings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}})
+        return scoped(**overrides)

@@ -36,6 +36,8 @@ from protocols.params import normalise_spec, spec_hash
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG = 0, 2
+#: Seconds uvicorn waits for open (keep-alive) connections on SIGTERM before closing them.
+GRACE_S = 2
 
 
 class Coordinator:
@@ -297,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError, OSError) as err:
         log.error("bad coordinator settings: %s", err)
         return EXIT_CONFIG
-    uvicorn.run(app, host=host, port=port, log_level="warning",
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
                 ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
                 ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
     return EXIT_OK

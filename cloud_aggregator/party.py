@@ -31,6 +31,8 @@ from protocols.params import normalise_spec, spec_size, unflatten
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG = 0, 2
+#: Seconds uvicorn waits for open (keep-alive) connections on SIGTERM before closing them.
+GRACE_S = 2
 
 
 class RoundRefused(Exception):
@@ -276,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).error("bad party settings: %s", err)
         return EXIT_CONFIG
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level="warning",
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
                 ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
                 ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
     return EXIT_OK

@@ -1,0 +1,135 @@
+"""Bad input and bad credentials against real party/coordinator processes: each gets a
+clear 4xx, a counter and a log line, nothing is stored, and the service keeps serving."""
+from __future__ import annotations
+
+import ssl
+
+import httpx
+import pytest
+
+from protocols.aggregation_messages import UploadHeader, upload_to_wire
+from protocols.auth import Signer, make_credentials, revoke
+from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
+
+HOSPITALS = ["h1", "h2", "h3"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("badinput")
+    c = Cluster(root, 2, HOSPITALS, round_timeout=600.0, min_hospitals=2).start()
+    clients = {h: c.client(h) for h in HOSPITALS}
+    clients["h1"].register()
+    clients["h2"].register()  # round 1 opens expecting h1 and h2; h3 registers later
+    cfg = c.wait_round(clients["h1"], 1, states=("open",)).config
+    yield c, clients, cfg
+    for cl in clients.values():
+        cl.close()
+    c.stop()
+
+
+def _put(c, i, body, signer, rnd=1, audience=None):
+    headers = signer.headers(audience or f"party-{i}") if signer else {}
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+        return http.put(f"{c.party_urls[i]}/rounds/{rnd}/share", content=body, headers=headers)
+
+
+def _receipts(c, i):
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+        r = http.get(f"{c.party_urls[i]}/rounds/1/receipts", headers=c.signer("coordinator").headers(f"party-{i}"))
+    return {x["hospital"] for x in r.json()["receipts"]}
+
+
+def _metrics(c, i):
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+        return http.get(f"{c.party_urls[i]}/metrics", headers=c.signer("coordinator").headers(f"party-{i}")).json()
+
+
+def _bodies(clients, cfg, hospital="h1", n=10):
+    return clients[hospital].make_uploads(cfg, toy_state(1), n)
+
+
+def test_truncated_share_is_refused_and_nothing_stored(cluster):
+    c, clients, cfg = cluster
+    body = _bodies(clients, cfg)[0]
+    resp = _put(c, 0, body[:-100], c.signer("h1"))
+    assert resp.status_code == 400 and resp.json()["error"] == "truncated"
+    assert "h1" not in _receipts(c, 0)
+    assert _metrics(c, 0)["rejected_truncated"] >= 1
+
+
+def test_wrong_shape_and_wire_version_are_refused(cluster):
+    c, clients, cfg = cluster
+    wrong = toy_state(1, shape=(20, 20))
+    spec = [(k, list(v.shape)) for k, v in wrong.items()]
+    bad_cfg = cfg.model_copy(update={"spec": spec})
+    resp = _put(c, 0, clients["h1"].make_uploads(bad_cfg, wrong, 10)[0], c.signer("h1"))
+    assert resp.status_code == 400 and resp.json()["error"] == "wrong_shape"
+    body = bytearray(_bodies(clients, cfg)[1])
+    body[4] = 7  # wire version byte
+    resp = _put(c, 1, bytes(body), c.signer("h1"))
+    assert resp.status_code == 400 and resp.json()["error"] == "bad_version"
+    # a seed sent to party 0 (wrong party) is refused too
+    resp = _put(c, 0, _bodies(clients, cfg)[1], c.signer("h1"))
+    assert resp.status_code == 400 and resp.json()["error"] == "wrong_party"
+    assert "h1" not in _receipts(c, 0) and "h1" not in _receipts(c, 1)
+
+
+def test_bad_credentials_are_refused_and_counted(cluster, tmp_path):
+    c, clients, cfg = cluster
+    body = _bodies(clients, cfg)[0]
+    before = _metrics(c, 0)
+    assert _put(c, 0, body, None).status_code == 401  # no token
+    outsider = make_credentials(tmp_path, ["h1", "mallory"], 0)  # keys unknown to the registry
+    forged = Signer.from_file(outsider.parent / "keys" / "h1.json")
+    assert _put(c, 0, body, forged).status_code == 401  # a registered name, the wrong key
+    mallory = Signer.from_file(outsider.parent / "keys" / "mallory.json")
+    assert _put(c, 0, body, mallory).status_code == 401  # an unknown hospital
+    assert _put(c, 0, body, c.signer("h1"), audience="party-1").status_code == 401  # token for another party
+    assert _put(c, 0, body, c.signer("h2")).status_code == 403  # h2's token, h1's upload
+    assert _put(c, 0, body, c.signer("party-1")).status_code == 403  # a party is not a hospital
+    after = _metrics(c, 0)
+    assert after["auth_rejected_401"] - before.get("auth_rejected_401", 0) == 4
+    assert after["auth_rejected_403"] - before.get("auth_rejected_403", 0) >= 1
+    assert "h1" not in _receipts(c, 0)
+    log = (c.root / "party0.log").read_text()
+    assert "bad signature" in log and "unknown principal 'mallory'" in log
+    assert "refused PUT /rounds/1/share" in log
+
+
+def test_valid_upload_after_bad_ones_then_replay_refused(cluster):
+    c, clients, cfg = cluster
+    for i, body in enumerate(_bodies(clients, cfg)):
+        assert _put(c, i, body, c.signer("h1")).status_code == 200
+    assert "h1" in _receipts(c, 0) and "h1" in _receipts(c, 1)
+    first = (c.party_dir(0) / "rounds/r000001/h1.share").read_bytes()
+    replay = _put(c, 0, _bodies(clients, cfg)[0], c.signer("h1"))
+    assert replay.status_code == 409 and replay.json()["error"] == "replay"
+    assert (c.party_dir(0) / "rounds/r000001/h1.share").read_bytes() == first  # original kept
+
+
+def test_unknown_round_and_stale_round_are_refused(cluster):
+    c, clients, cfg = cluster
+    future = cfg.model_copy(update={"round": 9})
+    resp = _put(c, 0, clients["h2"].make_uploads(future, toy_state(2), 5)[0], c.signer("h2"), rnd=9)
+    assert resp.status_code == 409 and resp.json()["error"] == "unknown_round"
+    # h2 completes round 1; then a late upload for round 1 is stale
+    clients["h2"].upload(cfg, toy_state(2), 5)
+    assert c.wait_round(clients["h2"], 1).state == "done"
+    clients["h3"].register()
+    resp = _put(c, 0, clients["h3"].make_uploads(cfg, toy_state(3), 5)[0], c.signer("h3"))
+    assert resp.status_code == 409 and resp.json()["error"] == "round_closed"
+
+
+def test_revoked_hospital_cannot_upload_or_fetch(cluster):
+    c, clients, cfg = cluster
+    assert clients["h3"].fetch_global(1)[0]["version"] == 1  # registered: may fetch
+    revoke(c.registry, "h3")
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+        resp = http.get(f"{c.party_urls[0]}/global/1/share", headers=c.signer("h3").headers("party-0"))
+        assert resp.status_code == 403
+        resp = http.get(f"{c.party_urls[0]}/global/1/share")
+        assert resp.status_code == 401
+        resp = http.post(f"{c.coord_url}/hospitals/register", headers=c.signer("h3").headers("coordinator"))
+        assert resp.status_code == 403
+    assert "revoked" in (c.root / "party0.log").read_text()

@@ -79,7 +79,8 @@ def mosquitto_path() -> str | None:
 class Mosquitto:
     """A real Mosquitto on a free loopback port, restartable on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persistence: bool = False) -> None:
+        """``persistence=True`` keeps sessions and queued messages across :meth:`stop`/:meth:`start`."""
         exe = mosquitto_path()
         if exe is None:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it")
@@ -87,9 +88,16 @@ class Mosquitto:
         self.port = free_port()
         self.workdir = workdir
         self.conf = workdir / "mosquitto.conf"
+        store = workdir / "mosquitto-data"
+        if persistence:
+            # Started as root, Mosquitto drops to its own user, which must be able to write here.
+            store.mkdir(exist_ok=True)
+            store.chmod(0o777)
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            + (f"persistence true\npersistence_location {store}/\nautosave_interval 1\n" if persistence
+               else "persistence false\n")
+            + "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
         )
         self.proc: subprocess.Popen | None = None
 

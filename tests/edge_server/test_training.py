@@ -103,3 +103,16 @@ def test_metrics_are_exact_on_known_predictions():
     single = classification_metrics(np.array([1, 1]), np.array([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1]]))
     assert single["roc_auc"] is None and single["accuracy"] == 1.0
     assert classification_metrics(np.zeros(0), np.zeros((0, 3)))["n"] == 0
+
+
+def test_saved_model_round_trips(tmp_path):
+    from edge_server.training import load_saved_model, save_model
+
+    cfg = ModelConfig(dim=16)
+    state = initial_state(cfg, seed=3)
+    paths = save_model(tmp_path, cfg, state, name="global", info={"round": 4}, onnx=False)
+    assert paths["state"].exists() and "onnx" not in paths
+    cfg2, state2 = load_saved_model(tmp_path, "global")
+    assert cfg2 == cfg and list(state2) == list(state)
+    for k in state:
+        np.testing.assert_array_equal(state2[k], state[k])

@@ -209,7 +209,7 @@ class DeviceAgent:
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._stopping.is_set():
             log.warning("disconnected from %s: %s", self.settings.broker, reason_code)
             self.stats["disconnects"] += 1
         self._connected.clear()

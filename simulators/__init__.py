@@ -1,2 +1,5 @@
 """Simulated hospitals: patients whose latent condition shows in every modality, driven
-through the real device agent."""
+through the real device agent. :func:`generate_cohort` is the pure, in-process generator."""
+from simulators.cohort import SimPatient, generate_cohort, hospital_profile
+
+__all__ = ["SimPatient", "generate_cohort", "hospital_profile"]

@@ -36,6 +36,9 @@ BN_SQRT_ITERS = 16
 #: a (1 + x/256)^256 limit and must stay positive).
 MISSING_SCORE = -64.0
 FUSION_PREFIXES = ("fusion.", "head.")
+#: Newton iterations for LayerNorm's 1/sqrt(var): fused features can have variance ~1e-3,
+#: where CrypTen's default 3 iterations are far off; 12 reach 1e-4 relative from there.
+LN_SQRT_ITERS = 12
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,9 @@ class EncryptedFusionHead:
         fused = (weights.unsqueeze(-1) * feats).sum(dim=1)  # (B, D)
         centred = fused - fused.mean(dim=1, keepdim=True)
         var = centred.square().mean(dim=1, keepdim=True)
-        normed = centred * (var + 1e-5).inv_sqrt() * p["head.0.weight"] + p["head.0.bias"]
+        with load_crypten().cfg.temp_override({"functions.sqrt_nr_iters": LN_SQRT_ITERS}):
+            inv_std = (var + 1e-5).inv_sqrt()
+        normed = centred * inv_std * p["head.0.weight"] + p["head.0.bias"]
         hidden = (normed.matmul(p["head.1.weight"].t()) + p["head.1.bias"]).relu()
         logits = hidden.matmul(p["head.4.weight"].t()) + p["head.4.bias"]
         return {"logits": logits, "modality_weights": weights}

@@ -269,8 +269,12 @@ class WorkerSupervisor:
         return self._ready.is_set()
 
     def start(self) -> WorkerSupervisor:
-        self._thread = threading.Thread(target=self._run, name=f"mpc-supervisor-{self.cfg.rank}", daemon=True)
-        self._thread.start()
+        # idempotent: FastAPI may run a router's startup handlers twice (event + lifespan)
+        with self._lock:
+            if self._thread is not None:
+                return self
+            self._thread = threading.Thread(target=self._run, name=f"mpc-supervisor-{self.cfg.rank}", daemon=True)
+            self._thread.start()
         return self
 
     def _spawn(self) -> Any:

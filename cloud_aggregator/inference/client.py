@@ -1,0 +1,84 @@
+"""The clinician's side: secret-share a query, send share i to party i, reconstruct the answer.
+
+Inputs are encoded in CrypTen's 16-bit fixed point (protocols.fixedpoint) and split into
+additive shares in Z_2^64 (protocols.sharing); each party receives only its own share. The
+answer comes back as one share per party; only the client sums them. Class probabilities
+are computed here, in the clear, from the reconstructed logits.
+"""
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from cloud_aggregator.inference.errors import InferenceError
+from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
+from cloud_aggregator.inference.publish import split_shares
+from protocols.auth import Signer
+from protocols.fixedpoint import decode, encode
+from protocols.sharing import reconstruct
+
+TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    request_id: str
+    model_version: int
+    outputs: dict[str, np.ndarray]  # reconstructed, float64
+    seconds: float  # slowest party's compute time
+    rounds: int
+    bytes: int
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        z = self.outputs["logits"] - self.outputs["logits"].max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def share_inputs(inputs: dict[str, np.ndarray], parties: int) -> list[dict[str, TensorShare]]:
+    """Per party, its share of every (float) input."""
+    per_party: list[dict[str, TensorShare]] = [{} for _ in range(parties)]
+    for name, value in inputs.items():
+        for i, part in enumerate(split_shares(encode(np.asarray(value, dtype=np.float64)), parties)):
+            per_party[i][name] = TensorShare.from_array(part)
+    return per_party
+
+
+def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray], model_version: int | None = None,
+            timeout: float = TIMEOUT_S, verify: bool | str = True) -> Prediction:
+    """Encrypted inference: ``inputs`` never leave this process except as shares."""
+    rid = uuid.uuid4().hex
+    shares = share_inputs(inputs, len(party_urls))
+
+    def call(i: int) -> InferenceResponse:
+        body = InferenceRequest(request_id=rid, model_version=model_version, inputs=shares[i])
+        try:
+            resp = httpx.post(f"{party_urls[i].rstrip('/')}/inference/v1/predict", content=body.model_dump_json(),
+                              headers={**signer.headers(f"party-{i}"), "content-type": "application/json"},
+                              timeout=timeout, verify=verify)
+        except httpx.HTTPError as err:
+            raise InferenceError("party_unreachable", f"party {i} at {party_urls[i]}: {err}") from err
+        if resp.status_code != 200:
+            try:
+                detail = resp.json().get("detail", {})
+            except ValueError:
+                detail = {}
+            code = detail.get("error", "refused") if isinstance(detail, dict) else "refused"
+            msg = detail.get("detail", resp.text[:200]) if isinstance(detail, dict) else str(detail)
+            raise InferenceError(code, f"party {i} answered {resp.status_code}: {msg}")
+        return InferenceResponse.model_validate_json(resp.content)
+
+    with ThreadPoolExecutor(len(party_urls)) as pool:
+        futures = [pool.submit(call, i) for i in range(len(party_urls))]
+        answers = [f.result() for f in futures]
+    versions = {a.model_version for a in answers}
+    if len(versions) != 1 or any(set(a.outputs) != set(answers[0].outputs) for a in answers):
+        raise InferenceError("inconsistent_parties", "parties answered for different models")
+    outputs = {name: decode(reconstruct([a.outputs[name].to_array() for a in answers])) for name in answers[0].outputs}
+    return Prediction(rid, versions.pop(), outputs, max(a.seconds for a in answers),
+                      max(a.rounds for a in answers), sum(a.bytes for a in answers))

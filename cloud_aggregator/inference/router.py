@@ -1,0 +1,85 @@
+"""FastAPI router for encrypted inference, included in every party's app.
+
+``POST /inference/v1/predict`` takes this party's share of a query (hospital tokens
+only; audience ``party-<i>``), hands it to the party's CrypTen worker and returns this
+party's share of the answer. ``GET /inference/v1/status`` reports whether the MPC group is
+up. Worker settings not in ``PartySettings`` come from the environment:
+``IOMT_MPC_PROVIDER`` (``TTP``, default, or ``TFP`` for single-host development) and
+``IOMT_MPC_DEVICE`` (``cpu`` or ``cuda``).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+
+from cloud_aggregator.inference.audit import AuditLog
+from cloud_aggregator.inference.errors import InferenceError
+from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
+from cloud_aggregator.inference.worker import Job, WorkerConfig, WorkerSupervisor
+from protocols.auth import AuthError, Registry
+
+log = logging.getLogger(__name__)
+
+_STATUS = {"mpc_unavailable": 503, "party_unreachable": 503, "timeout": 504, "not_scheduled": 504,
+           "duplicate_request": 409, "no_model": 404, "missing_share": 409, "client_mismatch": 409}
+
+
+def build_router(settings: Any) -> APIRouter:
+    """The inference router of party ``settings.index`` (starts its MPC worker at app startup)."""
+    router = APIRouter(prefix="/inference/v1", tags=["encrypted inference"])
+    registry = Registry(settings.registry)
+    audience = f"party-{settings.index}"
+    audit = AuditLog(Path(settings.data_dir) / "audit" / "inference.jsonl")
+    counters: collections.Counter = collections.Counter()
+    supervisor: WorkerSupervisor | None = None
+    if settings.mpc_master:
+        supervisor = WorkerSupervisor(WorkerConfig(
+            rank=settings.index, world_size=settings.parties, master=settings.mpc_master,
+            data_dir=str(settings.data_dir), provider=os.environ.get("IOMT_MPC_PROVIDER", "TTP"),
+            device=os.environ.get("IOMT_MPC_DEVICE", "cpu")))
+        router.on_startup.append(supervisor.start)
+        router.on_shutdown.append(supervisor.stop)
+
+    def _refuse(client: str, rid: str, version: int | None, code: str, message: str, status: int) -> HTTPException:
+        counters[f"rejected_{code}"] += 1
+        audit.record(client, rid, version, code, None)
+        log.warning("party %d refused inference %s from %s: %s", settings.index, rid, client, message)
+        return HTTPException(status, detail={"error": code, "detail": message})
+
+    @router.post("/predict", response_model=InferenceResponse)
+    def predict(body: InferenceRequest, request: Request) -> InferenceResponse:
+        """Compute on this party's share of the query; returns this party's share of the answer."""
+        try:
+            client = registry.verify_header(request.headers.get("authorization"), audience, ("hospital",)).sub
+        except AuthError as err:
+            counters[f"auth_rejected_{err.status}"] += 1
+            raise HTTPException(err.status, detail={"error": "unauthorized", "detail": err.reason}) from err
+        if supervisor is None:
+            raise _refuse(client, body.request_id, body.model_version, "mpc_unavailable",
+                          "encrypted inference is not configured (no mpc_master)", 503)
+        try:
+            inputs = {name: share.to_array() for name, share in body.inputs.items()}
+            shares, info = supervisor.submit(Job(body.request_id, client, body.model_version, inputs))
+        except InferenceError as err:
+            raise _refuse(client, body.request_id, body.model_version, err.code, err.message,
+                          _STATUS.get(err.code, 400)) from err
+        counters["served"] += 1
+        batch = next(iter(inputs.values())).shape[0]
+        audit.record(client, body.request_id, info["version"], "ok", batch)
+        return InferenceResponse(request_id=body.request_id, party=settings.index, model_version=info["version"],
+                                 outputs={k: TensorShare.from_array(v) for k, v in shares.items()},
+                                 seconds=info["seconds"], rounds=info["rounds"], bytes=info["bytes"])
+
+    @router.get("/status")
+    def status() -> dict:
+        """Whether this party's MPC worker has joined its group, restarts, and request counters."""
+        return {"party": settings.index, "configured": supervisor is not None,
+                "ready": bool(supervisor and supervisor.ready),
+                "restarts": supervisor.restarts if supervisor else 0, "counters": dict(counters)}
+
+    return router

@@ -1,0 +1,198 @@
+"""Encrypted inference end to end: real party processes (uvicorn), a real TTP process, 2 parties."""
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from cloud_aggregator.inference.client import predict
+from cloud_aggregator.inference.errors import InferenceError
+from cloud_aggregator.inference.publish import publish_shared_model
+from protocols.auth import Signer, make_credentials
+from protocols.model import ModelConfig, build_model, state_to_numpy
+from protocols.vision import resnet18
+from tests.utils.procs import free_port, spawn_iomt, stop, wait_port
+
+torch.set_num_threads(1)
+
+
+class Cloud:
+    """Two parties and the triples provider, each its own `iomt` process."""
+
+    def __init__(self, tmp, parties: int = 2) -> None:
+        self.tmp, self.n = tmp, parties
+        self.registry = make_credentials(tmp / "creds", ["hospital-a"], parties)
+        self.signer = Signer.from_file(tmp / "creds" / "keys" / "hospital-a.json")
+        self.dirs = [tmp / f"party{i}" for i in range(parties)]
+        self.master = f"127.0.0.1:{free_port()}"
+        self.ports = [free_port() for _ in range(parties)]
+        self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+        self.procs: dict[str, object] = {}
+
+    def start_party(self, i: int) -> None:
+        self.procs[f"party{i}"] = spawn_iomt(
+            "cloud", "party", "--index", str(i), "--parties", str(self.n), "--data-dir", str(self.dirs[i]),
+            "--listen", f"127.0.0.1:{self.ports[i]}", "--registry", str(self.registry),
+            "--mpc-master", self.master, log=self.tmp / f"party{i}.log")
+
+    def start(self) -> Cloud:
+        self.procs["ttp"] = spawn_iomt("cloud", "triples", "--parties", str(self.n), "--mpc-master", self.master,
+                                       log=self.tmp / "ttp.log")
+        for i in range(self.n):
+            self.start_party(i)
+        for p in self.ports:
+            wait_port(p, timeout=60)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if all(httpx.get(f"{u}/inference/v1/status", timeout=5).json()["ready"] for u in self.urls):
+                    return
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError("MPC group not ready:\n" + "\n".join(
+            (self.tmp / f"{name}.log").read_text()[-2000:] for name in self.procs))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+
+@pytest.fixture
+def fusion_cloud(tmp_path):
+    torch.manual_seed(1)
+    cfg = ModelConfig(dim=16)
+    models = [build_model(cfg).eval() for _ in range(2)]
+    cloud = Cloud(tmp_path)
+    publish_shared_model(cloud.dirs, [state_to_numpy(m) for m in models], [40, 24], "multimodal",
+                         json.loads(cfg.to_json()))
+    avg = build_model(cfg).eval()
+    sa, sb = state_to_numpy(models[0]), state_to_numpy(models[1])
+    avg.load_state_dict({k: torch.from_numpy((40 * sa[k] + 24 * sb[k]) / 64) for k in sa}, strict=False)
+    cloud.start()
+    yield cloud, avg
+    cloud.stop()
+
+
+def _features(model, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modality features the edge computes, and a random modality mask (>= 1 present)."""
+    cfg = model.cfg
+    with torch.no_grad():
+        image = torch.randn(batch, 1, cfg.image_size, cfg.image_size, generator=gen)
+        ehr = torch.randn(batch, cfg.ehr_dim, generator=gen)
+        sig = torch.randn(batch, cfg.signal_len, cfg.signal_channels, generator=gen)
+        tokens = torch.randint(2, cfg.text_vocab, (batch, cfg.text_len), generator=gen)
+        feats = torch.stack([model.image_encoder(image), model.ehr_encoder(ehr), model.signal_encoder(sig),
+                             model.text_encoder(tokens)], dim=1)
+    mask = (torch.rand(batch, 4, generator=gen) > 0.3).float()
+    mask[mask.sum(1) == 0, 0] = 1.0
+    return feats, mask
+
+
+def test_fusion_head_matches_plaintext_and_cloud_never_sees_model(fusion_cloud):
+    cloud, model = fusion_cloud
+    gen = torch.Generator().manual_seed(7)
+    feats, mask = _features(model, 25, gen)
+    # Execute: three encrypted requests (batches 25, 25, 25 -> 75 cases)
+    got_logits, got_w, ref_logits, ref_w = [], [], [], []
+    for _ in range(3):
+        feats, mask = _features(model, 25, gen)
+        pred = predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
+        with torch.no_grad():
+            fused, weights = model.fusion(feats, mask)
+            logits = model.head(fused)
+        got_logits.append(pred.outputs["logits"]), got_w.append(pred.outputs["modality_weights"])
+        ref_logits.append(logits.numpy()), ref_w.append(weights.numpy())
+    got, ref = np.concatenate(got_logits), np.concatenate(ref_logits)
+    assert np.abs(got - ref).max() < 1e-2
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    gw, rw = np.concatenate(got_w), np.concatenate(ref_w)
+    assert np.abs(gw - rw).max() < 1e-2
+    assert np.all(gw[rw == 0] == 0) or np.abs(gw[rw == 0]).max() < 1e-3  # absent modalities weigh nothing
+    # Assert: no party holds the model in the clear; its share is not the plaintext S
+    for d in cloud.dirs:
+        assert not list(d.rglob("*.onnx")) and not list(d.rglob("*.pt"))
+        with np.load(next(d.rglob("share.npz"))) as z:
+            share = z["head.4.weight"].astype(np.float64) / 2**16 / 64
+        assert np.abs(share - model.head[4].weight.detach().numpy()).min() > 1.0  # uniform ring noise
+    # the audit log has who/when/which version, never content
+    entries = [json.loads(x) for x in (cloud.dirs[1] / "audit" / "inference.jsonl").read_text().splitlines()]
+    assert [e["client"] for e in entries] == ["hospital-a"] * 3 and all(e["model_version"] == 1 for e in entries)
+    assert set(entries[0]) == {"time", "client", "request_id", "model_version", "status", "batch"}
+
+
+def test_bad_inputs_get_clear_errors_and_service_survives(fusion_cloud, tmp_path):
+    cloud, model = fusion_cloud
+    feats, mask = _features(model, 2, torch.Generator().manual_seed(3))
+    with pytest.raises(InferenceError) as err:  # wrong shape
+        predict(cloud.urls, cloud.signer, {"features": feats[:, :3].numpy(), "mask": mask.numpy()})
+    assert err.value.code == "bad_shape"
+    with pytest.raises(InferenceError) as err:  # missing input
+        predict(cloud.urls, cloud.signer, {"features": feats.numpy()})
+    assert err.value.code == "bad_input"
+    make_credentials(tmp_path / "other", ["intruder"], 2)  # a key the parties do not know
+    intruder = Signer.from_file(tmp_path / "other" / "keys" / "intruder.json")
+    with pytest.raises(InferenceError) as err:
+        predict(cloud.urls, intruder, {"features": feats.numpy(), "mask": mask.numpy()})
+    assert err.value.code == "unauthorized"
+    truncated = {"request_id": "abcdefgh12", "inputs": {"mask": {"shape": [2, 4], "data": "AAAA"}}}
+    resp = httpx.post(f"{cloud.urls[0]}/inference/v1/predict", json=truncated,
+                      headers=cloud.signer.headers("party-0"), timeout=30)
+    assert resp.status_code == 400 and resp.json()["detail"]["error"] == "truncated_share"
+    # a share only party 1 ever receives: never scheduled by party 0 -> times out cleanly there
+    # still serving
+    pred = predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
+    assert pred.outputs["logits"].shape == (2, 3)
+
+
+def test_party_disappearing_mid_request_is_an_error_then_recovers(fusion_cloud):
+    cloud, model = fusion_cloud
+    feats, mask = _features(model, 2, torch.Generator().manual_seed(5))
+    # party 1 dies: party 0 gets the share, the group breaks or party 1 never answers
+    stop(cloud.procs["party1"])
+    with pytest.raises(InferenceError) as err:
+        predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()}, timeout=60)
+    assert err.value.code in {"party_unreachable", "missing_share", "mpc_unavailable"}
+    status = httpx.get(f"{cloud.urls[0]}/inference/v1/status", timeout=5).json()
+    assert status["party"] == 0  # party 0's service is still up
+    cloud.start_party(1)
+    wait_port(cloud.ports[1], timeout=60)
+    cloud.wait_ready()
+    pred = predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
+    with torch.no_grad():
+        ref = model.head(model.fusion(feats, mask)[0]).numpy()
+    assert np.abs(pred.outputs["logits"] - ref).max() < 1e-2
+
+
+def test_resnet18_from_shares_matches_plaintext(tmp_path):
+    torch.manual_seed(2)
+    nets = [resnet18(num_classes=3, in_channels=1).eval() for _ in range(2)]
+    for net in nets:
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    states = [state_to_numpy(n) for n in nets]
+    cloud = Cloud(tmp_path)
+    publish_shared_model(cloud.dirs, states, [3, 5], "resnet18", {"num_classes": 3, "in_channels": 1, "image_size": 16})
+    ref = resnet18(num_classes=3, in_channels=1).eval()
+    ref.load_state_dict({k: torch.from_numpy((3 * states[0][k] + 5 * states[1][k]) / 8) for k in states[0]}, strict=False)
+    cloud.start()
+    try:
+        x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        pred = predict(cloud.urls, cloud.signer, {"image": x.numpy()})
+    finally:
+        cloud.stop()
+    with torch.no_grad():
+        expected = ref(x).numpy()
+    assert np.abs(pred.outputs["logits"] - expected).max() < 1e-2
+    assert (pred.outputs["logits"].argmax(1) == expected.argmax(1)).all()
+    assert pred.rounds > 0 and pred.bytes > 0

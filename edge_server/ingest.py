@@ -7,6 +7,7 @@ failure becomes a :class:`~edge_server.store.RejectionRow` with the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: Bytes of a rejected payload kept in the store for diagnosis.
 REJECTED_HEAD = 256
+#: Distinct topics whose parse is cached (devices x streams; bad topics are never cached).
+TOPIC_CACHE = 65_536
+
+_parse_topic = functools.lru_cache(maxsize=TOPIC_CACHE)(Topic.parse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +66,7 @@ class Ingestor:
         try:
             if len(payload) > self.max_payload:
                 raise ProtocolError("oversized", f"{len(payload)} bytes > {self.max_payload}")
-            parsed = Topic.parse(topic)
+            parsed = _parse_topic(topic)
             device_id = parsed.device_id
             if parsed.hospital != self.hospital:
                 raise ProtocolError("wrong_hospital", f"{parsed.hospital!r} is not {self.hospital!r}")

@@ -115,8 +115,7 @@ class SqliteStore(Store):
                         " sample_rate, n_samples, channels, received_at, stored_at, payload)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                         " ON CONFLICT (device_id, stream, seq) DO NOTHING",
-                        [(f.device_id, f.stream, f.seq, f.patient_id, f.start_ts, f.sample_rate,
-                          f.n_samples, f.channels, f.received_at, now, f.payload) for f in rows])
+                        [(*f[:9], now, f[9]) for f in rows])
                     stored[stream] = stored.get(stream, 0) + db.total_changes - before
                     attempted += len(rows)
             if batch.documents:

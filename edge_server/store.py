@@ -12,14 +12,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 #: Modality (as in protocols.schema.MODALITIES) of each document kind; frames are "signals".
 DOCUMENT_MODALITY: dict[str, str] = {"image": "image", "ehr": "ehr", "note": "text"}
 
 
-@dataclass(frozen=True, slots=True)
-class FrameRow:
-    """One signal frame as received (``payload`` is the exact wire bytes)."""
+class FrameRow(NamedTuple):
+    """One signal frame as received (``payload`` is the exact wire bytes).
+
+    A named tuple rather than a dataclass: one is built per frame on the hot path.
+    """
 
     device_id: str
     stream: str

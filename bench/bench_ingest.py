@@ -1,0 +1,273 @@
+"""Device -> edge ingest through a real Mosquitto, against a bare paho subscriber on the same broker.
+
+Run: ``python bench/bench_ingest.py [--devices 50 --seconds 60 --publishers 2 --rate 0]``.
+
+Each simulated device publishes one-second frames of all six wearable streams (ECG 250 Hz,
+PPG 64 Hz, EDA 4 Hz, 3-axis accelerometer 32 Hz, temperature 4 Hz, respiration 25 Hz) with
+QoS 1 from ``--publishers`` plain paho processes (the device agent's on-disk outbox is not
+what is measured here). A frame's ``start_ts`` is its publish time, so publish -> stored
+latency is ``stored_at - start_ts`` (one clock, one machine).
+
+Two consumers drain the same stream in turn, each pinned to CPU 0 (publishers and broker to
+the other CPUs when there are any):
+
+* baseline: a bare paho subscriber (QoS 1, auto-ack, counts and timestamps messages);
+* edge: ``iomt edge run`` (validation, dedupe, SQLite commit, ack after commit).
+
+``--rate 0`` publishes as fast as the publishers can (saturation: the consumer rates and
+their ratio); ``--rate R`` offers R frames/s in total (latency at that load). Results are
+printed as JSON; lost = published - stored (distinct).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from protocols.frames import DTYPES, pack_raw  # noqa: E402
+from protocols.messages import DeviceRegistration, to_wire  # noqa: E402
+from protocols.schema import SIGNAL_STREAMS  # noqa: E402
+from tests.utils.procs import Mosquitto, free_port, iomt_cmd, iomt_env, stop, wait_port  # noqa: E402
+
+HOSPITAL = "bench"
+_START_TS = struct.Struct("<d")
+START_TS_OFFSET = 13  # magic(4) + version(1) + seq(8), see protocols.frames
+
+
+def _pin(cpus: set[int]) -> None:
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (AttributeError, OSError):
+        pass
+
+
+def _other_cpus() -> set[int]:
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else {0}
+    return (cpus - {0}) or cpus
+
+
+def device_ids(n: int) -> list[str]:
+    return [f"b-w{i:04d}" for i in range(n)]
+
+
+def register_devices(port: int, devices: list[str]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-registrar", protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    streams = {s: rate for s, (_, rate) in SIGNAL_STREAMS.items()}
+    infos = [client.publish(f"iomt/{HOSPITAL}/wearable/{d}/registration",
+                            to_wire(DeviceRegistration(hospital=HOSPITAL, device_id=d, device_class="wearable",
+                                                       patient_id=f"p-{d}", streams=streams)),
+                            qos=1, retain=True) for d in devices]
+    for info in infos:
+        info.wait_for_publish(30)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _publisher(port: int, devices: list[str], seconds: int, rate: float, out: mp.Queue) -> None:
+    """Publish every device's frames for ``seconds`` simulated seconds; ``rate`` frames/s (0: max)."""
+    _pin(_other_cpus())
+    rng = np.random.default_rng(len(devices))
+    blocks = {s: rng.normal(size=(int(r), c)).astype("<f4").tobytes() for s, (c, r) in SIGNAL_STREAMS.items()}
+    code = DTYPES["float32"][0]
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}", protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    sent, t0, last = 0, time.monotonic(), None
+    for second in range(seconds):
+        for dev in devices:
+            for stream, (channels, hz) in SIGNAL_STREAMS.items():
+                if rate > 0:
+                    ahead = t0 + sent / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                payload = pack_raw(dev, stream, second, time.time(), hz, channels, code, int(hz), blocks[stream])
+                last = client.publish(f"iomt/{HOSPITAL}/wearable/{dev}/{stream}", payload, qos=1)
+                sent += 1
+    if last is not None:
+        last.wait_for_publish(120)
+    while client._out_messages:  # every PUBACK in
+        time.sleep(0.01)
+    out.put((sent, time.monotonic() - t0))
+    client.disconnect()
+    client.loop_stop()
+
+
+def publish_all(port: int, devices: list[str], seconds: int, publishers: int, rate: float) -> dict:
+    out: mp.Queue = mp.Queue()
+    groups = [devices[i::publishers] for i in range(publishers)]
+    procs = [mp.Process(target=_publisher, args=(port, g, seconds, rate / publishers, out)) for g in groups]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join()
+    sent = sum(r[0] for r in results)
+    wall = max(r[1] for r in results)
+    return {"published": sent, "publish_wall_s": round(wall, 3), "publish_rate": round(sent / wall, 1)}
+
+
+def _bare_subscriber(port: int, expected: int, ready, out: mp.Queue) -> None:
+    """The baseline: subscribe with QoS 1, auto-ack, note arrival time and start_ts of each frame."""
+    _pin({0})
+    arrivals = np.zeros(expected, dtype=np.float64)
+    lat = np.zeros(expected, dtype=np.float64)
+    count = [0]
+
+    def on_message(client, userdata, msg):
+        i = count[0]
+        if msg.topic.endswith("/registration") or i >= expected:
+            return
+        now = time.time()
+        arrivals[i] = now
+        lat[i] = now - _START_TS.unpack_from(msg.payload, START_TS_OFFSET)[0]
+        count[0] = i + 1
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=mqtt.MQTTv5)
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: ready.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe(f"iomt/{HOSPITAL}/#", qos=1)
+    idle_since = time.monotonic()
+    seen = 0
+    while count[0] < expected:
+        client.loop(0.05)
+        if count[0] != seen:
+            seen, idle_since = count[0], time.monotonic()
+        elif time.monotonic() - idle_since > 30:
+            break
+    n = count[0]
+    out.put({"stored": n, "span_s": float(arrivals[n - 1] - arrivals[0]) if n > 1 else 0.0,
+             "latency_s": lat[:n].tolist()})
+    client.disconnect()
+
+
+def run_bare(port: int, devices: list[str], seconds: int, publishers: int, rate: float) -> dict:
+    expected = len(devices) * seconds * len(SIGNAL_STREAMS)
+    ready, out = mp.Event(), mp.Queue()
+    sub = mp.Process(target=_bare_subscriber, args=(port, expected, ready, out))
+    sub.start()
+    ready.wait(30)
+    pub = publish_all(port, devices, seconds, publishers, rate)
+    res = out.get(timeout=900)
+    sub.join()
+    return _summary("bare paho subscriber", pub, res["stored"], res["span_s"], np.array(res["latency_s"]))
+
+
+def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: int, rate: float,
+             workdir: Path, extra: list[str]) -> dict:
+    data = workdir / f"edge-{time.time_ns()}"
+    mport = free_port()
+    log = open(workdir / "edge.log", "ab")
+    cmd = ["taskset", "-c", "0", *iomt_cmd()] if _has_taskset() else iomt_cmd()
+    edge = subprocess.Popen([*cmd, "edge", "run", "--hospital", HOSPITAL, "--broker", broker.url, "--data-dir",
+                             str(data), "--metrics-port", str(mport), "--preprocess-interval", "0", *extra],
+                            env=iomt_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_port(mport)
+        _wait_healthy(mport)
+        pub = publish_all(broker.port, devices, seconds, publishers, rate)
+        expected = pub["published"]
+        db = data / "edge.sqlite3"
+        idle_since, last = time.monotonic(), -1
+        while True:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+                n = con.execute("SELECT count(*) FROM frames").fetchone()[0]
+            if n >= expected:
+                break
+            if n != last:
+                last, idle_since = n, time.monotonic()
+            elif time.monotonic() - idle_since > 30:
+                break
+            time.sleep(0.2)
+    finally:
+        code = stop(edge)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        rows = np.array(con.execute("SELECT received_at, stored_at, start_ts FROM frames").fetchall())
+        samples = con.execute("SELECT sum(n_samples * channels) FROM frames").fetchone()[0]
+    span = float(rows[:, 1].max() - rows[:, 0].min())
+    out = _summary("iomt edge run", pub, len(rows), span, rows[:, 1] - rows[:, 2])
+    out["samples_per_s"] = round(samples / span, 1) if span else None
+    out["edge_exit_code"] = code
+    return out
+
+
+def _has_taskset() -> bool:
+    return subprocess.run(["which", "taskset"], capture_output=True).returncode == 0
+
+
+def _wait_healthy(port: int, timeout: float = 60) -> None:
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if json.loads(r.read()).get("ok"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("edge did not become healthy")
+
+
+def _summary(name: str, pub: dict, stored: int, span: float, latency: np.ndarray) -> dict:
+    return {
+        "consumer": name, **pub, "stored": stored, "lost": pub["published"] - stored,
+        "frames_per_s": round(stored / span, 1) if span else None,
+        "latency_p50_ms": round(float(np.percentile(latency, 50)) * 1000, 1) if len(latency) else None,
+        "latency_p99_ms": round(float(np.percentile(latency, 99)) * 1000, 1) if len(latency) else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=50)
+    ap.add_argument("--seconds", type=int, default=60, help="simulated seconds per device (6 frames each)")
+    ap.add_argument("--publishers", type=int, default=2)
+    ap.add_argument("--rate", type=float, default=0.0, help="offered frames/s in total (0: as fast as possible)")
+    ap.add_argument("--edge-arg", action="append", default=[], help="extra argument for `iomt edge run`")
+    args = ap.parse_args()
+    devices = device_ids(args.devices)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work)
+        broker.start()
+        if _has_taskset() and broker.proc is not None:
+            subprocess.run(["taskset", "-a", "-p", "-c", ",".join(map(str, sorted(_other_cpus()))),
+                            str(broker.proc.pid)], capture_output=True)
+        try:
+            register_devices(broker.port, devices)
+            bare = run_bare(broker.port, devices, args.seconds, args.publishers, args.rate)
+            edge = run_edge(broker, devices, args.seconds, args.publishers, args.rate, work, args.edge_arg)
+        finally:
+            broker.stop()
+    ratio = edge["frames_per_s"] / bare["frames_per_s"] if bare["frames_per_s"] and edge["frames_per_s"] else None
+    print(json.dumps({
+        "cpu_count": os.cpu_count(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
+        "offered_rate": args.rate or "max", "bare": bare, "edge": edge,
+        "edge_over_bare": round(ratio, 3) if ratio else None,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ from cloud_aggregator.inference.publish import publish_shared_model
 from protocols.auth import Signer, make_credentials
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from protocols.vision import resnet18
-from tests.utils.procs import free_port, spawn_iomt, stop, wait_port
+from tests.utils.procs import free_port, run_iomt, spawn_iomt, stop, wait_port
 
 torch.set_num_threads(1)
 
@@ -151,6 +151,13 @@ def test_bad_inputs_get_clear_errors_and_service_survives(fusion_cloud, tmp_path
     # still serving
     pred = predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
     assert pred.outputs["logits"].shape == (2, 3)
+    # and the command-line client gives the same answer
+    np.savez(tmp_path / "case.npz", features=feats.numpy(), mask=mask.numpy())
+    out = run_iomt("infer", "--patient", "p-1", "--input", str(tmp_path / "case.npz"), "--parties", ",".join(cloud.urls),
+                   "--key-file", str(tmp_path / "creds" / "keys" / "hospital-a.json"), "--json")
+    result = json.loads(out.stdout)
+    assert result["patient"] == "p-1" and len(result["probabilities"]) == 2
+    np.testing.assert_allclose(list(result["probabilities"][0].values()), pred.probabilities[0], atol=1e-2)
 
 
 def test_party_disappearing_mid_request_is_an_error_then_recovers(fusion_cloud):

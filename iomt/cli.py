@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulators.cli", "simulate a hospital's patients and devices"),
     "edge": ("edge_server.cli", "the hospital edge server: ingest, status, train, predict"),
     "cloud": ("cloud_aggregator.cli", "cloud parties and coordinator for secure aggregation"),
-    "infer": ("cloud_aggregator.infer_cli", "encrypted inference for a patient (clinician's client)"),
+    "infer": ("iomt.infer", "encrypted inference for a patient (clinician's client)"),
     "demo": ("iomt.demo", "a whole federation on this machine"),
     "experiment": ("iomt.experiments", "reproduce the source papers' experiments"),
 }

@@ -1,0 +1,97 @@
+"""`iomt infer`: the clinician's client for encrypted inference.
+
+The case is either a patient in this hospital's edge store (``--data-dir``: the edge runs
+the global model's modality encoders locally and only the fusion head runs encrypted; one
+query row per signal window, whose probabilities are averaged, as the local ONNX predictor
+does) or preprocessed model inputs in an ``.npz`` (``--input``: ``image`` for the image
+models; ``features`` and ``mask`` for the fusion head). The inputs are secret-shared,
+share i goes to party i, and only this client reconstructs the class probabilities and
+modality weights. No party sees the inputs, the answer or the model.
+
+Exit codes: 0 answered; 1 the cloud refused or failed; 2 bad arguments or no such patient/model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from protocols.schema import CONDITIONS, MODALITIES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None:
+    p = sub.add_parser(name, help=help_line, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--patient", required=True, help="patient id (looked up locally, never sent)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", type=Path, help="this hospital's edge data dir (store + global model)")
+    src.add_argument("--input", type=Path, help=".npz with the preprocessed model inputs of the case")
+    p.add_argument("--parties", required=True, help="comma-separated party base URLs, in party-index order")
+    p.add_argument("--key-file", required=True, help="this hospital's Ed25519 key file")
+    p.add_argument("--model-version", type=int, help="global model version (default: the newest)")
+    p.add_argument("--ca", help="CA bundle to verify the parties' TLS certificates")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def _inputs_from_store(data_dir: Path, patient: str) -> dict[str, np.ndarray]:
+    from edge_server.dataset import load_records
+    from edge_server.query import fusion_query
+    from edge_server.training import load_saved_model
+
+    try:
+        model_cfg, state = load_saved_model(data_dir / "models", name="global")
+    except FileNotFoundError as err:
+        raise LookupError(f"no global model in {data_dir / 'models'}: take part in a federated round first "
+                          f"(`iomt edge federate`)") from err
+    records = [r for r in load_records(data_dir) if r.patient_id == patient]
+    if not records:
+        raise LookupError(f"patient {patient!r} is not in {data_dir}")
+    return fusion_query(model_cfg, state, records[0])
+
+
+def run(args: argparse.Namespace) -> int:
+    from cloud_aggregator.inference.client import predict
+    from cloud_aggregator.inference.errors import InferenceError
+    from protocols.auth import Signer
+
+    try:
+        if args.data_dir is not None:
+            inputs, average = _inputs_from_store(args.data_dir, args.patient), True
+        else:
+            with np.load(args.input) as z:
+                inputs, average = {k: z[k] for k in z.files}, False
+    except (LookupError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        pred = predict(args.parties.split(","), Signer.from_file(args.key_file), inputs,
+                       model_version=args.model_version, verify=args.ca or True)
+    except InferenceError as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)
+        return EXIT_FAILED
+    probs = pred.probabilities
+    weights = pred.outputs.get("modality_weights")
+    if average:
+        probs = probs.mean(axis=0, keepdims=True)
+        weights = None if weights is None else weights.mean(axis=0, keepdims=True)
+    labels = list(CONDITIONS) if probs.shape[1] == len(CONDITIONS) else [str(i) for i in range(probs.shape[1])]
+    result = {"patient": args.patient, "request_id": pred.request_id, "model_version": pred.model_version,
+              "probabilities": [dict(zip(labels, map(float, row))) for row in probs],
+              "prediction": [labels[i] for i in probs.argmax(1)],
+              "seconds": pred.seconds, "rounds": pred.rounds, "bytes": pred.bytes}
+    if weights is not None:
+        result["modality_weights"] = [dict(zip(MODALITIES, map(float, row.round(4)))) for row in weights]
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
+    for i, row in enumerate(result["probabilities"]):
+        print(f"{args.patient}[{i}]: {result['prediction'][i]}  " + "  ".join(f"{k}={v:.3f}" for k, v in row.items()))
+    for row in result.get("modality_weights", []):
+        print("modality weights: " + "  ".join(f"{k}={v:.3f}" for k, v in row.items()))
+    return EXIT_OK

@@ -194,7 +194,9 @@ class FederatedClient:
     def _one_round(self, cfg: RoundConfig, train_fn: TrainFn) -> RoundRecord:
         rec = RoundRecord(round=cfg.round)
         t0 = time.perf_counter()
-        base = self.fetch_global(cfg.base_version)[1] if cfg.base_version else None
+        base = None
+        if cfg.base_version:  # a copy: training may update arrays in place, the cache must stay intact
+            base = {k: v.copy() for k, v in self.fetch_global(cfg.base_version)[1].items()}
         t1 = time.perf_counter()
         state, n_samples, metrics = train_fn(base, cfg)
         t2 = time.perf_counter()

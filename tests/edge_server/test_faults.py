@@ -165,4 +165,5 @@ def test_broker_restart_mid_stream_agent_drains_buffer_edge_gets_everything(tmp_
     assert _stored_seqs(data, "ecg") == list(range(n)) and _stored_seqs(data, "acc") == list(range(n))
     assert st["rejected"] == {}
     assert "iomt_edge_reconnects_total 1.0" in reconnects  # the edge, too, came back on its own
+    assert "session present: True" in (tmp_path / "edge.log").read_text()  # ... to its persisted session
     assert stats.get("dropped_queue_full", 0) == 0

@@ -90,14 +90,15 @@ class Mosquitto:
         self.conf = workdir / "mosquitto.conf"
         store = workdir / "mosquitto-data"
         if persistence:
-            # Started as root, Mosquitto drops to its own user, which must be able to write here.
             store.mkdir(exist_ok=True)
-            store.chmod(0o777)
+        # Started as root, Mosquitto would drop to user "mosquitto", which cannot write into a
+        # private temporary directory; "user root" keeps it as the user that started it.
+        as_root = "user root\n" if persistence and hasattr(os, "geteuid") and os.geteuid() == 0 else ""
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             + (f"persistence true\npersistence_location {store}/\nautosave_interval 1\n" if persistence
                else "persistence false\n")
-            + "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
+            + "max_queued_messages 1000000\nmax_inflight_messages 1000\n" + as_root
         )
         self.proc: subprocess.Popen | None = None
 

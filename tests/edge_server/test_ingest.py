@@ -83,3 +83,19 @@ def test_every_bad_payload_is_a_rejection_with_its_reason(caplog):
     assert all(len(r.payload_head) <= REJECTED_HEAD for r in batch.rejections)
     assert max(len(line) for line in caplog.text.splitlines()) < 600  # payloads are clipped
     assert _handle(ing, batch, (topic, good)).accepted  # and the ingestor carries on
+
+
+def test_daemon_refuses_bad_config_with_exit_code_2(tmp_path):
+    from edge_server.sqlite_store import SqliteStore
+    from tests.utils.procs import run_iomt
+
+    with SqliteStore(tmp_path / "other") as store:
+        store.set_meta("hospital", "h2")
+
+    foreign = run_iomt("edge", "run", "--hospital", "h1", "--data-dir", str(tmp_path / "other"), check=False,
+                       timeout=60)
+    bad_url = run_iomt("edge", "run", "--hospital", "h1", "--data-dir", str(tmp_path / "d"),
+                       "--broker", "http://x", check=False, timeout=60)
+
+    assert foreign.returncode == 2 and "holds hospital 'h2'" in foreign.stderr
+    assert bad_url.returncode == 2 and "broker" in bad_url.stderr

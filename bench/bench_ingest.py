@@ -1,6 +1,6 @@
 """Device -> edge ingest through a real Mosquitto, against a bare paho subscriber on the same broker.
 
-Run: ``python bench/bench_ingest.py [--devices 50 --seconds 60 --publishers 2 --rate 0]``.
+Run: ``python bench/bench_ingest.py [--devices 50 --seconds 60 --publishers 2 --rate 5000]``.
 
 Each simulated device publishes one-second frames of all six wearable streams (ECG 250 Hz,
 PPG 64 Hz, EDA 4 Hz, 3-axis accelerometer 32 Hz, temperature 4 Hz, respiration 25 Hz) with
@@ -8,15 +8,23 @@ QoS 1 from ``--publishers`` plain paho processes (the device agent's on-disk out
 what is measured here). A frame's ``start_ts`` is its publish time, so publish -> stored
 latency is ``stored_at - start_ts`` (one clock, one machine).
 
-Two consumers drain the same stream in turn, each pinned to CPU 0 (publishers and broker to
+Two consumers take the same stream in turn, each pinned to CPU 0 (publishers and broker to
 the other CPUs when there are any):
 
 * baseline: a bare paho subscriber (QoS 1, auto-ack, counts and timestamps messages);
 * edge: ``iomt edge run`` (validation, dedupe, SQLite commit, ack after commit).
 
-``--rate 0`` publishes as fast as the publishers can (saturation: the consumer rates and
-their ratio); ``--rate R`` offers R frames/s in total (latency at that load). Results are
-printed as JSON; lost = published - stored (distinct).
+Two phases per consumer:
+
+* drain (throughput): the consumer's persistent session exists but it is offline while
+  everything is published, so the broker holds a backlog; then the consumer starts and we
+  time it from its first delivery to its last stored frame. This measures what the consumer
+  can sustain, not how fast the publishers are.
+* live (latency): publishers offer ``--rate`` frames/s in total while the consumer runs;
+  publish -> stored latency p50/p99. If the publishers cannot reach ``--rate`` the achieved
+  rate is printed.
+
+Results are printed as JSON; lost = published - stored (distinct frames).
 """
 from __future__ import annotations
 
@@ -38,6 +46,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
 
 from protocols.frames import DTYPES, pack_raw  # noqa: E402
 from protocols.messages import DeviceRegistration, to_wire  # noqa: E402
@@ -125,8 +135,8 @@ def publish_all(port: int, devices: list[str], seconds: int, publishers: int, ra
     return {"published": sent, "publish_wall_s": round(wall, 3), "publish_rate": round(sent / wall, 1)}
 
 
-def _bare_subscriber(port: int, expected: int, ready, out: mp.Queue) -> None:
-    """The baseline: subscribe with QoS 1, auto-ack, note arrival time and start_ts of each frame."""
+def _bare_subscriber(port: int, expected: int, drain: bool, v5: bool, ready, go, out: mp.Queue) -> None:
+    """The baseline: QoS 1, auto-ack; notes arrival time and start_ts of each frame."""
     _pin({0})
     arrivals = np.zeros(expected, dtype=np.float64)
     lat = np.zeros(expected, dtype=np.float64)
@@ -141,13 +151,21 @@ def _bare_subscriber(port: int, expected: int, ready, out: mp.Queue) -> None:
         lat[i] = now - _START_TS.unpack_from(msg.payload, START_TS_OFFSET)[0]
         count[0] = i + 1
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=mqtt.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare",
+                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False)
     client.on_message = on_message
     client.on_subscribe = lambda *a: ready.set()
-    client.connect("127.0.0.1", port)
+    client.connect("127.0.0.1", port, **({"clean_start": True, "properties": props} if v5 else {}))
     client.subscribe(f"iomt/{HOSPITAL}/#", qos=1)
-    idle_since = time.monotonic()
-    seen = 0
+    if drain:  # leave the session (and subscription) on the broker while the backlog builds
+        while not ready.is_set():
+            client.loop(0.05)
+        client.disconnect()
+        go.wait()
+        client.connect("127.0.0.1", port, **({"clean_start": False, "properties": props} if v5 else {}))
+    idle_since, seen = time.monotonic(), 0
     while count[0] < expected:
         client.loop(0.05)
         if count[0] != seen:
@@ -160,31 +178,43 @@ def _bare_subscriber(port: int, expected: int, ready, out: mp.Queue) -> None:
     client.disconnect()
 
 
-def run_bare(port: int, devices: list[str], seconds: int, publishers: int, rate: float) -> dict:
+def run_bare(port: int, devices: list[str], seconds: int, publishers: int, rate: float, drain: bool,
+             v5: bool = True) -> dict:
     expected = len(devices) * seconds * len(SIGNAL_STREAMS)
-    ready, out = mp.Event(), mp.Queue()
-    sub = mp.Process(target=_bare_subscriber, args=(port, expected, ready, out))
+    ready, go, out = mp.Event(), mp.Event(), mp.Queue()
+    sub = mp.Process(target=_bare_subscriber, args=(port, expected, drain, v5, ready, go, out))
     sub.start()
     ready.wait(30)
-    pub = publish_all(port, devices, seconds, publishers, rate)
+    pub = publish_all(port, devices, seconds, publishers, 0.0 if drain else rate)
+    go.set()
     res = out.get(timeout=900)
     sub.join()
-    return _summary("bare paho subscriber", pub, res["stored"], res["span_s"], np.array(res["latency_s"]))
+    return _summary("bare paho subscriber", "drain" if drain else "live", pub, res["stored"], res["span_s"],
+                    np.array(res["latency_s"]))
 
 
-def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: int, rate: float,
-             workdir: Path, extra: list[str]) -> dict:
-    data = workdir / f"edge-{time.time_ns()}"
+def _spawn_edge(broker: Mosquitto, data: Path, workdir: Path, extra: list[str]) -> subprocess.Popen:
     mport = free_port()
-    log = open(workdir / "edge.log", "ab")
     cmd = ["taskset", "-c", "0", *iomt_cmd()] if _has_taskset() else iomt_cmd()
     edge = subprocess.Popen([*cmd, "edge", "run", "--hospital", HOSPITAL, "--broker", broker.url, "--data-dir",
                              str(data), "--metrics-port", str(mport), "--preprocess-interval", "0", *extra],
-                            env=iomt_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=iomt_env(), cwd=REPO, stdout=open(workdir / "edge.log", "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wait_port(mport)
+    _wait_healthy(mport)
+    return edge
+
+
+def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: int, rate: float,
+             workdir: Path, extra: list[str], drain: bool) -> dict:
+    data = workdir / f"edge-{time.time_ns()}"
+    edge = _spawn_edge(broker, data, workdir, extra)
     try:
-        wait_port(mport)
-        _wait_healthy(mport)
-        pub = publish_all(broker.port, devices, seconds, publishers, rate)
+        if drain:  # its session stays on the broker and collects the backlog
+            stop(edge)
+        pub = publish_all(broker.port, devices, seconds, publishers, 0.0 if drain else rate)
+        if drain:
+            edge = _spawn_edge(broker, data, workdir, extra)
         expected = pub["published"]
         db = data / "edge.sqlite3"
         idle_since, last = time.monotonic(), -1
@@ -204,7 +234,7 @@ def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: in
         rows = np.array(con.execute("SELECT received_at, stored_at, start_ts FROM frames").fetchall())
         samples = con.execute("SELECT sum(n_samples * channels) FROM frames").fetchone()[0]
     span = float(rows[:, 1].max() - rows[:, 0].min())
-    out = _summary("iomt edge run", pub, len(rows), span, rows[:, 1] - rows[:, 2])
+    out = _summary("iomt edge run", "drain" if drain else "live", pub, len(rows), span, rows[:, 1] - rows[:, 2])
     out["samples_per_s"] = round(samples / span, 1) if span else None
     out["edge_exit_code"] = code
     return out
@@ -228,13 +258,17 @@ def _wait_healthy(port: int, timeout: float = 60) -> None:
     raise TimeoutError("edge did not become healthy")
 
 
-def _summary(name: str, pub: dict, stored: int, span: float, latency: np.ndarray) -> dict:
-    return {
-        "consumer": name, **pub, "stored": stored, "lost": pub["published"] - stored,
+def _summary(name: str, phase: str, pub: dict, stored: int, span: float, latency: np.ndarray) -> dict:
+    out = {
+        "consumer": name, "phase": phase, **pub, "stored": stored, "lost": pub["published"] - stored,
         "frames_per_s": round(stored / span, 1) if span else None,
         "latency_p50_ms": round(float(np.percentile(latency, 50)) * 1000, 1) if len(latency) else None,
         "latency_p99_ms": round(float(np.percentile(latency, 99)) * 1000, 1) if len(latency) else None,
     }
+    if phase == "drain":  # backlog waited in the broker: latency says nothing about the consumer
+        out.pop("latency_p50_ms")
+        out.pop("latency_p99_ms")
+    return out
 
 
 def main() -> int:
@@ -242,11 +276,17 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=50)
     ap.add_argument("--seconds", type=int, default=60, help="simulated seconds per device (6 frames each)")
     ap.add_argument("--publishers", type=int, default=2)
-    ap.add_argument("--rate", type=float, default=0.0, help="offered frames/s in total (0: as fast as possible)")
+    ap.add_argument("--rate", type=float, default=5000.0, help="offered frames/s in total in the live phase")
+    ap.add_argument("--live-seconds", type=int, default=None, help="simulated seconds in the live phase")
+    ap.add_argument("--mqtt-version", choices=["5", "3.1.1"], default="5", help="for both consumers")
     ap.add_argument("--edge-arg", action="append", default=[], help="extra argument for `iomt edge run`")
     args = ap.parse_args()
+    v5 = args.mqtt_version == "5"
+    args.edge_arg += ["--mqtt-version", args.mqtt_version]
     devices = device_ids(args.devices)
+    live_s = args.live_seconds or args.seconds
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         broker = Mosquitto(work)
@@ -256,15 +296,18 @@ def main() -> int:
                             str(broker.proc.pid)], capture_output=True)
         try:
             register_devices(broker.port, devices)
-            bare = run_bare(broker.port, devices, args.seconds, args.publishers, args.rate)
-            edge = run_edge(broker, devices, args.seconds, args.publishers, args.rate, work, args.edge_arg)
+            results["drain_bare"] = run_bare(broker.port, devices, args.seconds, args.publishers, 0, True, v5)
+            results["drain_edge"] = run_edge(broker, devices, args.seconds, args.publishers, 0, work,
+                                             args.edge_arg, True)
+            results["live_bare"] = run_bare(broker.port, devices, live_s, args.publishers, args.rate, False, v5)
+            results["live_edge"] = run_edge(broker, devices, live_s, args.publishers, args.rate, work,
+                                            args.edge_arg, False)
         finally:
             broker.stop()
-    ratio = edge["frames_per_s"] / bare["frames_per_s"] if bare["frames_per_s"] and edge["frames_per_s"] else None
+    bare, edge = results["drain_bare"]["frames_per_s"], results["drain_edge"]["frames_per_s"]
     print(json.dumps({
-        "cpu_count": os.cpu_count(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
-        "offered_rate": args.rate or "max", "bare": bare, "edge": edge,
-        "edge_over_bare": round(ratio, 3) if ratio else None,
+        "mqtt_version": args.mqtt_version, "cpu_count": os.cpu_count(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
+        **results, "edge_over_bare_drain": round(edge / bare, 3) if bare and edge else None,
     }, indent=2))
     return 0
 

@@ -112,8 +112,10 @@ class EdgeDaemon:
     # -- MQTT ------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
         s = self.settings
+        v5 = s.mqtt_version == "5"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.stable_client_id(),
-                             protocol=mqtt.MQTTv5, manual_ack=True)
+                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                             clean_session=None if v5 else False, manual_ack=True)
         if s.username:
             client.username_pw_set(s.username, s.password)
         host, _, tls = s.broker_address()
@@ -128,12 +130,14 @@ class EdgeDaemon:
     def _connect(self) -> bool:
         s = self.settings
         host, port, _ = s.broker_address()
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = s.session_expiry_s
-        props.ReceiveMaximum = s.receive_maximum
         try:
-            if self._connections == 0:
+            if self._connections == 0 and s.mqtt_version == "5":
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = s.session_expiry_s
+                props.ReceiveMaximum = s.receive_maximum
                 self._client.connect(host, port, keepalive=KEEPALIVE_S, clean_start=False, properties=props)
+            elif self._connections == 0:  # MQTT 3.1.1: the session persists through clean_session=False
+                self._client.connect(host, port, keepalive=KEEPALIVE_S)
             else:
                 self._client.reconnect()
         except OSError as err:
@@ -152,7 +156,10 @@ class EdgeDaemon:
             return
         self._connected = True
         log.info("connected to %s (session present: %s)", self.settings.broker, flags.session_present)
-        client.subscribe(subscription(self.settings.hospital), options=SubscribeOptions(qos=1))
+        if self.settings.mqtt_version == "5":
+            client.subscribe(subscription(self.settings.hospital), options=SubscribeOptions(qos=1))
+        else:
+            client.subscribe(subscription(self.settings.hospital), qos=1)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         bad = [rc for rc in reason_codes if rc.is_failure]
@@ -291,6 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between background rebuilds of patient records (0: off)")
     parser.add_argument("--text-embedder", default=None, help="module:function embedding a note's text")
     parser.add_argument("--client-id", default=None, help="MQTT client id (default: stable per data dir)")
+    parser.add_argument("--mqtt-version", choices=["5", "3.1.1"], default=None,
+                        help="MQTT protocol (default 5: session expiry and receive maximum)")
     parser.add_argument("--influx-url", default=None, help="also write frame points to this InfluxDB 2 URL")
     parser.add_argument("--influx-token", default=None, help="better: IOMT_EDGE_INFLUX_TOKEN")
     parser.add_argument("--influx-org", default=None)
@@ -309,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_host=args.metrics_host, batch_max=args.batch_max, batch_ms=args.batch_ms,
             username=args.username, password=args.password, tls_ca=args.tls_ca,
             preprocess_interval_s=args.preprocess_interval_s, text_embedder=args.text_embedder,
-            client_id=args.client_id, influx=influx)
+            client_id=args.client_id, mqtt_version=args.mqtt_version, influx=influx)
         daemon = EdgeDaemon(settings)
     except (ConfigError, ValueError) as err:
         log.error("configuration: %s", err)

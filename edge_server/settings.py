@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
@@ -57,6 +58,8 @@ class EdgeSettings(BaseSettings):
     #: ``module:function`` taking a note's text and returning a vector; empty = raw note only.
     text_embedder: str = ""
     client_id: str | None = None
+    #: "5" (session expiry, receive maximum) or "3.1.1" (clean_session=False; cheaper to parse in paho).
+    mqtt_version: Literal["5", "3.1.1"] = "5"
     influx: InfluxSettings = Field(default_factory=InfluxSettings)
 
     @field_validator("sqlite_synchronous")

@@ -92,10 +92,12 @@ def _stored_seqs(data, stream="ecg") -> list[int]:
         return [f.seq for f in store.frames("p1") if f.stream == stream]
 
 
-def test_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice(mosquitto, tmp_path):
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice(mosquitto, tmp_path, version):
     data, n = tmp_path / "data", 3000
     # Long batches make it near certain the kill lands on delivered but uncommitted messages.
-    edge, _ = spawn_edge(mosquitto, data, tmp_path / "edge1.log", "h1", "--batch-ms", "400", "--batch-max", "5000")
+    edge, _ = spawn_edge(mosquitto, data, tmp_path / "edge1.log", "h1", "--batch-ms", "400", "--batch-max", "5000",
+                         "--mqtt-version", version)
     pub = Publisher(mosquitto)
     pub.publish([b.registration("w-1", "p1")], retain=True)
     frames = [b.frame("w-1", "ecg", i) for i in range(n)]
@@ -113,7 +115,7 @@ def test_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice(mosquitto, tmp
         assert edge.returncode == -signal.SIGKILL
         at_kill = status(data)["stored"]["total"]
         time.sleep(0.5)  # the broker queues for the persistent session meanwhile
-        edge, port = spawn_edge(mosquitto, data, tmp_path / "edge2.log")
+        edge, port = spawn_edge(mosquitto, data, tmp_path / "edge2.log", "h1", "--mqtt-version", version)
         publisher.join(60)
         st = wait_status(data, lambda s: s["stored"]["total"] >= n)
     finally:

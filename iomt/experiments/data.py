@@ -56,19 +56,12 @@ def _simulated(n_hospitals: int, n_patients: int, duration_s: float, seed: int) 
     from simulators.cohort import generate_cohort
 
     out: dict[str, tuple[PatientRecord, ...]] = {}
-    for name in hospital_names(n_hospitals):
-        patients = generate_cohort(name, n_patients, seed=seed, duration_s=duration_s)
-        out[name] = tuple(
-            _labelled(patient_record_from_raw(p.patient_id, name, p.streams, p.image, p.ehr, p.note), p.label)
-            for p in patients)
+    for index, name in enumerate(hospital_names(n_hospitals)):
+        patients = generate_cohort(name, n_patients, seed=seed, duration_s=duration_s, index=index)
+        out[name] = tuple(patient_record_from_raw(p.patient_id, name, p.streams, p.image, p.ehr, p.note,
+                                                  label=int(p.label)) for p in patients)
         log.info("simulated %s: %d patients", name, len(out[name]))
     return out
-
-
-def _labelled(record: PatientRecord, label: int) -> PatientRecord:
-    if record.label is None:
-        record.label = int(label)
-    return record
 
 
 def simulated_federation(n_hospitals: int, n_patients: int, duration_s: float, seed: int) -> Federation:

@@ -223,3 +223,31 @@ def test_json_messages_bad_inputs():
     bad = json.loads(to_wire(reg))
     bad["streams"] = {"study": 1.0}
     expect("invalid", Topic("h1", "wearable", "w-1", "registration"), json.dumps(bad).encode())
+
+
+def test_decoded_frame_is_the_same_model_as_a_validated_one():
+    # decode_frame builds frames without a second pydantic pass; they must behave like validated ones.
+    f = frame("acc", n=5, channels=3)
+    g = from_wire(ACC, to_wire(f))
+    assert type(g) is SignalFrame and g.model_fields_set == f.model_fields_set
+    assert g.model_dump().keys() == f.model_dump().keys()
+    assert SignalFrame(**{k: getattr(g, k) for k in SignalFrame.model_fields}).seq == g.seq
+    with pytest.raises(Exception):
+        g.seq = 8                                       # frozen like every message
+    assert not g.samples.flags.writeable                # a read-only view of the payload
+    assert g.model_copy(update={"seq": 9}).seq == 9 and g.seq == 7
+
+
+def test_non_finite_check_catches_every_position_and_mixed_infinities():
+    # NaN/inf anywhere, +inf and -inf together (which cancel in a sum),
+    # and float32 extremes (finite, must pass) are all decided correctly.
+    for values in ([1.0, np.nan, 2.0, 3.0], [np.inf, 0, 0, -np.inf], [0, 0, 0, -np.inf]):
+        expect("non_finite", ECG, pack_raw("w-1", "ecg", 1, 0.0, 500.0, 1, 1, 4,
+                                           np.array(values, dtype="<f4").tobytes()))
+    big = np.full(4, np.finfo(np.float32).max, dtype="<f4")
+    g = from_wire(ECG, pack_raw("w-1", "ecg", 1, 0.0, 500.0, 1, 1, 4, big.tobytes()))
+    np.testing.assert_array_equal(g.samples[:, 0], big)
+    expect("wrong_sample_count", ECG, pack_raw("w-1", "ecg", 1, 0.0, 500.0, 1, 1, 0, b""))
+    expect("bad_field", ECG, pack_raw("w/1", "ecg", 1, 0.0, 500.0, 1, 1, 1, bytes(4)))
+    expect("unknown_stream", ECG, pack_raw("w-1", "xray", 1, 0.0, 500.0, 1, 1, 1, bytes(4)))
+    expect("bad_field", ECG, pack_raw("w-1", "ecg", 1, 0.0, 0.0, 1, 1, 1, bytes(4)))

@@ -10,7 +10,10 @@ receives every message at least once and in order. Subscribers de-duplicate by
 (device, seq).
 
 All paho calls happen on the network thread (``client.loop``), so no callback races the
-bookkeeping of message ids. Reconnects use exponential backoff with full jitter.
+bookkeeping of message ids. Reconnects use exponential backoff with full jitter, also when the
+broker refuses the credentials or the TLS handshake fails (counted in ``stats`` as
+``auth_refused`` / ``connect_refused`` / ``tls_failures``, each logged with what to check);
+messages keep accumulating in the on-disk buffer meanwhile.
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 30.0
 LOOP_IDLE_S = 0.05
 MOVE_BATCH = 5_000
+
+
+#: CONNACK reasons (paho's names, MQTT 3.1.1 and 5) that mean the credentials are wrong.
+AUTH_REFUSALS = frozenset({"Not authorized", "Bad user name or password"})
 
 
 class AgentError(IomtError):
@@ -78,6 +85,7 @@ class DeviceAgent:
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._rng = random.Random()
+        self._refused: str | None = None  # reason of the last CONNACK refusal, until the next try
         self._client = self._make_client()
         self.add_registration(DeviceRegistration(
             hospital=s.hospital, device_id=s.device_id, device_class=s.device_class,
@@ -181,6 +189,9 @@ class DeviceAgent:
         client.max_queued_messages_set(0)
         if s.username:
             client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+            if not s.tls:
+                log.warning("user %s logs in to %s without TLS: the password crosses the network in clear "
+                            "(use mqtts://)", s.username, s.broker)
         if s.tls:
             client.tls_set(ca_certs=str(s.ca_file) if s.ca_file else None,
                            certfile=str(s.cert_file) if s.cert_file else None,
@@ -195,7 +206,16 @@ class DeviceAgent:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("broker %s refused the connection: %s", self.settings.broker, reason_code)
+            # The broker closes the connection next; _run() then backs off and retries.
+            self._refused = str(reason_code)
+            if self._refused in AUTH_REFUSALS:
+                self.stats["auth_refused"] += 1
+                log.error("broker %s refused user %r: %s (check username/password and the broker's "
+                          "password file); refusal %d", self.settings.broker, self.settings.username,
+                          reason_code, self.stats["auth_refused"])
+            else:
+                self.stats["connect_refused"] += 1
+                log.error("broker %s refused the connection: %s", self.settings.broker, reason_code)
             return
         self.stats["connects"] += 1
         log.info("connected to %s as %s", self.settings.broker, self.settings.device_id)
@@ -229,7 +249,16 @@ class DeviceAgent:
                     else:
                         client.reconnect()
                     opened = True
-                except (OSError, ssl.SSLError, ValueError) as err:
+                except ssl.SSLError as err:  # before OSError: SSLError is one
+                    self.stats["tls_failures"] += 1
+                    delay = backoff_delay(attempt, self._rng)
+                    log.error("TLS handshake with %s failed: %s (%s); retry %d in %.2fs",
+                              self.settings.broker, err, self._tls_hint(err), attempt + 1, delay)
+                    attempt += 1
+                    self._move_to_outbox()
+                    self._stopping.wait(delay)
+                    continue
+                except (OSError, ValueError) as err:
                     delay = backoff_delay(attempt, self._rng)
                     log.warning("cannot reach %s (%s); retry %d in %.2fs", self.settings.broker, err, attempt + 1, delay)
                     attempt += 1
@@ -249,9 +278,19 @@ class DeviceAgent:
             self._reset_inflight()
             delay = backoff_delay(attempt, self._rng)
             attempt += 1
-            log.warning("connection to %s lost (%s); reconnecting in %.2fs", self.settings.broker, rc, delay)
+            if self._refused is not None:
+                log.info("retrying %s in %.2fs after refusal (%s)", self.settings.broker, delay, self._refused)
+                self._refused = None
+            else:
+                log.warning("connection to %s lost (%s); reconnecting in %.2fs", self.settings.broker, rc, delay)
             self._stopping.wait(delay)
         self._shutdown()
+
+    def _tls_hint(self, err: ssl.SSLError) -> str:
+        if isinstance(err, ssl.SSLCertVerificationError):
+            where = self.settings.ca_file or "the system CA store"
+            return f"the broker's certificate is not trusted by {where} or does not name {self.settings.host}"
+        return "is the port a TLS listener, and do client and broker share a TLS version?"
 
     def _move_to_outbox(self) -> None:
         rows: list[tuple[str, bytes]] = []

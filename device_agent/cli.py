@@ -5,9 +5,12 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from device_agent.agent import DeviceAgent
 from device_agent.settings import AgentSettings
@@ -16,6 +19,9 @@ from protocols.messages import SignalFrame
 from protocols.schema import SIGNAL_STREAMS
 
 log = logging.getLogger(__name__)
+
+#: Exit code when the settings are invalid (unknown key, missing file, TLS option on mqtt://).
+EXIT_CONFIG = 2
 
 
 def _streams(text: str) -> dict[str, float]:
@@ -38,8 +44,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
     p.add_argument("--streams", type=_streams, help="wearable streams with rates, e.g. ecg:500,ppg:64,acc")
     p.add_argument("--buffer", type=Path, help="SQLite file of the on-disk buffer")
     p.add_argument("--mqtt-version", choices=["3.1.1", "5"])
-    p.add_argument("--username")
-    p.add_argument("--ca-file", type=Path)
+    p.add_argument("--username", help="MQTT user name (password: IOMT_DEVICE_PASSWORD or --password-file)")
+    p.add_argument("--password-file", type=Path, help="file whose first line is the MQTT password")
+    p.add_argument("--ca-file", type=Path, help="PEM CA that signed the broker's certificate (mqtts://)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds of signal to publish (0: until stopped)")
     p.add_argument("--fast", action="store_true", help="publish simulated time as fast as possible")
     p.add_argument("--start-ts", type=float, help="unix time of the first sample (default: now)")
@@ -54,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
         "mqtt_version": args.mqtt_version, "username": args.username, "ca_file": args.ca_file,
     }.items() if v is not None}
     overrides.setdefault("device_class", "wearable")
-    settings = AgentSettings.from_toml(args.config, **overrides)
+    try:
+        if args.password_file is not None:
+            overrides["password"] = (args.password_file.read_text().splitlines() or [""])[0]
+        settings = AgentSettings.from_toml(args.config, **overrides)
+    except (ValidationError, OSError) as err:
+        print(f"iomt device: bad configuration: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     streams = settings.streams or {"ecg": SIGNAL_STREAMS["ecg"][1]}
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
             second += 1
             if not args.fast:
                 stop.wait(max(0.0, wall0 + second - time.monotonic()))
-        if args.duration > 0 and not stop.is_set():
-            agent.flush()
+        if args.duration > 0:
+            while not stop.is_set() and not agent.flush(0.5):
+                pass  # SIGTERM/SIGINT still stop an agent whose broker refuses it
         stats = dict(agent.stats)
     if args.json:
         print(json.dumps({"seconds": second, **stats}))

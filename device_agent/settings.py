@@ -30,7 +30,9 @@ class AgentSettings(BaseSettings):
     mqtt_version: Literal["3.1.1", "5"] = "3.1.1"
     client_id: str | None = None
     username: str | None = None
+    #: Prefer IOMT_DEVICE_PASSWORD or a TOML file with tight permissions to a command line.
     password: SecretStr | None = None
+    #: PEM CA bundle that signed the broker's certificate (default: the system store).
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -67,6 +69,17 @@ class AgentSettings(BaseSettings):
             raise ValueError(f"streams {sorted(bad)} do not belong to a {self.device_class} device")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+        tls_only = [name for name in ("ca_file", "cert_file", "key_file") if getattr(self, name) is not None]
+        if self.tls_insecure:
+            tls_only.append("tls_insecure")
+        if tls_only and not self.tls:
+            raise ValueError(f"{', '.join(tls_only)} need a TLS broker: use mqtts://host:port, not {self.broker!r}")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        if self.password is not None and not self.username:
+            raise ValueError("password without username")
         return self
 
     @property

@@ -14,7 +14,8 @@ from protocols.topics import Topic
 class Collector:
     """``durable=True`` keeps a persistent session, so nothing is missed across a broker restart."""
 
-    def __init__(self, port: int, pattern: str = "iomt/#", durable: bool = False, **auth) -> None:
+    def __init__(self, port: int, pattern: str = "iomt/#", durable: bool = False, ca_file=None, **auth) -> None:
+        """``ca_file`` connects over TLS trusting that CA; ``username``/``password`` log in."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -22,6 +23,8 @@ class Collector:
                                   clean_session=not durable)
         if auth:
             self.client.username_pw_set(auth["username"], auth["password"])
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file))
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(pattern, qos=1)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message

@@ -48,6 +48,10 @@ EXIT_BROKER_REFUSED = 4
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 10.0
 LOOP_TIMEOUT_S = 0.05
+#: A pending batch is committed as soon as the socket has been idle this long: the broker
+#: stops sending once its in-flight window (Mosquitto's max_inflight_messages, 20 by
+#: default) is unacknowledged, so waiting for a full batch would only add latency.
+IDLE_FLUSH_S = 0.002
 KEEPALIVE_S = 30
 #: CONNACK reason codes after which retrying cannot help.
 FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
@@ -219,12 +223,14 @@ class EdgeDaemon:
                         backoff = min(backoff * 2, RECONNECT_MAX_S)
                         continue
                     backoff = RECONNECT_MIN_S
+                before = self._batch.received
                 timeout = LOOP_TIMEOUT_S
-                if self._batch.received:
-                    timeout = max(0.0, min(timeout, self._batch_started + batch_s - time.monotonic()))
+                if before:
+                    timeout = max(0.0, min(IDLE_FLUSH_S, self._batch_started + batch_s - time.monotonic()))
                 rc = self._client.loop(timeout)
                 pending = self._batch.received
-                if pending and (pending >= s.batch_max or time.monotonic() - self._batch_started >= batch_s):
+                if pending and (pending >= s.batch_max or pending == before
+                                or time.monotonic() - self._batch_started >= batch_s):
                     self._flush()
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     # Acks of a lost connection cannot be sent: store what we have; the broker

@@ -216,6 +216,23 @@ def write_model_file(path: str | Path, arch: str, config: dict, state: dict[str,
     Path(path).write_text(json.dumps({"arch": arch, "config": config, "spec": spec, "init_seed": init_seed}))
 
 
+def _keep_global(client: FederatedClient, latest: int, default_cfg, val, data_dir: Path) -> tuple[list, dict]:
+    """Evaluate every global version on this hospital's validation patients, and keep the
+    latest one at the edge (state, config and ONNX under ``models/global``) for
+    `iomt edge predict` and the clinician's `iomt infer`."""
+    from edge_server.training import ModelConfig, evaluate, save_model
+
+    history, meta, state, cfg = [], {}, {}, default_cfg
+    for version in range(1, latest + 1):
+        meta, state = client.fetch_global(version)
+        config = (meta.get("model") or {}).get("config")
+        cfg = ModelConfig.model_validate(config) if config else default_cfg
+        history.append({"version": version, "val": evaluate(cfg, state, val) if val else {}})
+    save_model(data_dir / "models", cfg, state, name="global",
+               info={"version": meta["version"], "sha256": meta["sha256"], "round": meta.get("round")})
+    return history, {"version": meta["version"], "sha256": meta["sha256"], "val": history[-1]["val"]}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="this edge's data dir (its stored patients)")
     parser.add_argument("--key-file", help="this hospital's Ed25519 key file")
@@ -233,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_server.training import (ModelConfig, PrivacyAccountant, TrainConfig, evaluate, initial_state,
+    from edge_server.training import (ModelConfig, PrivacyAccountant, TrainConfig, initial_state,
                                       split_records, train_local)
     model_cfg = ModelConfig.from_json(Path(args.model_config).read_text()) if args.model_config else ModelConfig()
     if args.write_model:
@@ -263,9 +280,8 @@ def run(args: argparse.Namespace) -> int:
         records_out, status = client.run(train_fn)
         report = {"hospital": client.hospital, "rounds": [r.__dict__ for r in records_out]}
         if status.latest_version:
-            meta, state = client.fetch_global(status.latest_version)
-            report["global"] = {"version": meta["version"], "sha256": meta["sha256"],
-                                "val": evaluate(model_cfg, state, val) if val else {}}
+            report["history"], report["global"] = _keep_global(client, status.latest_version, model_cfg, val,
+                                                               Path(args.data_dir))
     except IomtError as err:
         log.error("federation failed: %s", err)
         return EXIT_FAILED

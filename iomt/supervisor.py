@@ -77,21 +77,24 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              daemon: bool = True) -> Child:
+              daemon: bool = True, capture: bool = False) -> Child:
+        """Start ``argv``; its output goes to ``<name>.log`` (stdout to ``<name>.out`` if ``capture``)."""
         log_path = self.log_dir / f"{name}.log"
-        out = open(log_path, "ab")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        err = open(log_path, "ab")
+        out = open(self.log_dir / f"{name}.out", "wb") if capture else err
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 env=child_env(env), cwd=REPO_ROOT, start_new_session=True)
         out.close()
+        err.close()
         child = Child(name, proc, log_path, daemon)
         self.children.append(child)
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv[2:]))
         return child
 
     def run(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-            timeout: float | None = None) -> subprocess.CompletedProcess:
-        """Run a child to completion (its output kept in its log); raise if it fails."""
-        child = self.start(name, argv, env, daemon=False)
+            timeout: float | None = None) -> str:
+        """Run a child to completion; return its stdout (stderr is kept in its log); raise if it fails."""
+        child = self.start(name, argv, env, daemon=False, capture=True)
         try:
             rc = child.proc.wait(timeout)
         except subprocess.TimeoutExpired as err:
@@ -99,7 +102,7 @@ class Supervisor:
             raise ChildFailed(f"{name} did not finish within {timeout}s; see {child.log_path}") from err
         if rc != 0:
             raise ChildFailed(f"{name} exited with {rc}; last lines of {child.log_path}:\n{self.tail(child)}")
-        return subprocess.CompletedProcess(argv, rc)
+        return (self.log_dir / f"{name}.out").read_text()
 
     @staticmethod
     def tail(child: Child, lines: int = 15) -> str:

@@ -1,0 +1,109 @@
+"""The cloud half of `iomt demo`: parties, triple provider, coordinator, federated rounds
+and a clinician's encrypted inference, each role in its own process."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from iomt.supervisor import ChildFailed, Supervisor, free_port, iomt_argv, wait_port
+
+ROUND_TIMEOUT_S = 900.0
+POLL_S = 1.0
+
+
+def _tls_args(tls: dict) -> list[str]:
+    return ["--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]), "--tls-ca", str(tls["ca"])]
+
+
+def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup: Supervisor,
+              say: Callable[[str], None]) -> dict:
+    from protocols.auth import make_credentials, make_tls
+
+    cloud = out / "cloud"
+    registry = make_credentials(cloud / "creds", hospitals, args.parties)
+    keys = cloud / "creds" / "keys"
+    tls = make_tls(cloud / "tls")
+    model_file = cloud / "model.json"
+    sup.run("write-model", iomt_argv("edge", "federate", "--write-model", str(model_file),
+                                     "--seed", str(args.seed)))
+
+    # parties (each starts its CrypTen worker), the triple provider, the coordinator
+    party_ports = [free_port() for _ in range(args.parties)]
+    party_urls = [f"https://127.0.0.1:{p}" for p in party_ports]
+    coord_port = free_port()
+    coord_url = f"https://127.0.0.1:{coord_port}"
+    mpc_master = f"127.0.0.1:{free_port()}"
+    parties = []
+    for i, port in enumerate(party_ports):
+        parties.append(sup.start(f"party-{i}", iomt_argv(
+            "cloud", "party", "--index", str(i), "--parties", str(args.parties),
+            "--data-dir", str(cloud / f"party-{i}"), "--listen", f"127.0.0.1:{port}",
+            "--registry", str(registry), "--key-file", str(keys / f"party-{i}.json"),
+            "--coordinator", coord_url, "--mpc-master", mpc_master, *_tls_args(tls))))
+    sup.start("triples", iomt_argv("cloud", "triples", "--parties", str(args.parties),
+                                   "--mpc-master", mpc_master))
+    coord_argv = ["cloud", "coordinator", "--data-dir", str(cloud / "coordinator"),
+                  "--listen", f"127.0.0.1:{coord_port}", "--registry", str(registry),
+                  "--key-file", str(keys / "coordinator.json"), "--model", str(model_file),
+                  "--rounds", str(args.rounds), "--round-timeout", str(ROUND_TIMEOUT_S),
+                  "--min-hospitals", str(len(hospitals)), "--strategy", "fedavg", *_tls_args(tls)]
+    for url in party_urls:
+        coord_argv += ["--party", url]
+    coord = sup.start("coordinator", iomt_argv(*coord_argv))
+    for i, (port, child) in enumerate(zip(party_ports, parties)):
+        wait_port(port, proc=child.proc, timeout=120, name=f"party {i}")
+    wait_port(coord_port, proc=coord.proc, timeout=120, name="coordinator")
+    say(f"cloud up: {args.parties} parties, triple provider, coordinator (TLS, signed tokens)")
+
+    # federated rounds: one `iomt edge federate` per hospital -------------------------------
+    fed = {}
+    for h in hospitals:
+        fed[h] = sup.start(f"federate-{h}", iomt_argv(
+            "edge", "federate", "--data-dir", str(edges[h]), "--key-file", str(keys / f"{h}.json"),
+            "--coordinator", coord_url, "--tls-ca", str(tls["ca"]), "--epochs", str(args.epochs),
+            "--seed", str(args.seed), "--clip-norm", str(args.clip_norm),
+            "--noise-multiplier", str(args.noise_multiplier), "--json"), daemon=False)
+    _watch_rounds(sup, fed, keys / f"{hospitals[0]}.json", coord_url, tls["ca"], args.rounds, say)
+    results = {}
+    for h, child in fed.items():
+        if child.proc.wait() != 0:
+            raise ChildFailed(f"federated client of {h} exited with {child.proc.returncode}:\n{sup.tail(child)}")
+        lines = [ln for ln in child.log_path.read_text().splitlines() if ln.startswith("{")]
+        results[h] = json.loads(lines[-1])
+    say("federated training done: " + ", ".join(
+        f"{h} val acc {r.get('global', {}).get('val', {}).get('accuracy', float('nan')):.2f}"
+        for h, r in results.items()))
+
+    from iomt.demo_infer import clinician_inference
+    inference = clinician_inference(out, hospitals[0], edges[hospitals[0]], keys / f"{hospitals[0]}.json",
+                                    coord_url, party_urls, tls["ca"], args.seed, sup, say)
+    return {"cloud": {"parties": args.parties, "party_urls": party_urls, "coordinator": coord_url},
+            "federation": results, "inference": inference}
+
+
+def _watch_rounds(sup: Supervisor, fed: dict, key_file: Path, coord_url: str, ca: Path, rounds: int,
+                  say: Callable[[str], None]) -> None:
+    """Print each round's state changes until every federated client has exited."""
+    from edge_server.federated import FederatedClient
+    from protocols.auth import Signer
+
+    client = FederatedClient(Signer.from_file(key_file), coord_url, ca=ca)
+    seen: tuple | None = None
+    try:
+        while any(c.proc.poll() is None for c in fed.values()):
+            sup.check()
+            try:
+                cur = client.status().current
+            except Exception:  # the coordinator may be busy; the next poll will tell
+                cur = None
+            if cur is not None:
+                now = (cur.config.round, cur.state)
+                if now != seen:
+                    seen = now
+                    extra = f" participants {cur.participants}" if getattr(cur, "participants", None) else ""
+                    say(f"round {now[0]}/{rounds}: {now[1]}{extra}")
+            time.sleep(POLL_S)
+    finally:
+        client.close()

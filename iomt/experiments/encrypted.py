@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -143,7 +145,9 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
         size = int(x_train.shape[-1])
         for arch in archs:
             net = train_image_model(arch, x_train, y_train, len(fed.classes), epochs, seed)
-            cloud = _Cloud(settings.out / f"cloud-{arch}-{seed}")
+            # The parties' stores (hundreds of MB of shares for AlexNet) live in a temporary folder.
+            work = Path(tempfile.mkdtemp(prefix=f"iomt-encrypted-{arch}-"))
+            cloud = _Cloud(work)
             publish_shared_model(cloud.dirs, [state_to_numpy(net)], [1], arch,
                                  {"num_classes": len(fed.classes), "in_channels": 1, "image_size": size})
             cloud.start()
@@ -170,6 +174,7 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
                         log.info("%s batch %d: %.2fs, agreement %.2f", arch, batch, wall, runs[-1]["agreement"])
             finally:
                 cloud.stop()
+                shutil.rmtree(work, ignore_errors=True)
 
     values = ("seconds", "party_seconds", "seconds_per_image", "accuracy", "plaintext_accuracy", "agreement",
               "max_logit_error", "mpc_bytes")

@@ -106,5 +106,7 @@ def test_encrypted_inference_runs_or_says_it_is_not_available(tmp_path):
     if proc.returncode == 0:
         columns, rows = _check_outputs(tmp_path, "encrypted_inference")
         assert {"arch", "batch", "seconds_mean", "agreement_mean"} <= set(columns)
+        assert [r["batch"] for r in rows] == ["1", "2"] and float(rows[0]["agreement_mean"]) >= 0.5
+        assert not list(tmp_path.glob("cloud-*"))  # the parties' shares do not land in the results
     else:
         assert proc.returncode == 1 and "not yet available" in proc.stderr

@@ -161,7 +161,8 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
         load_numpy_state(model, global_state)
     model.to(device)
     reference = _float_state(model)
-    params_ref = {k: v for k, v in reference.items() if k in dict(model.named_parameters())}
+    param_names = {name for name, _ in model.named_parameters()}
+    params_ref = {k: v for k, v in reference.items() if k in param_names}
     stats = fit(model, data.to(device), cfg, device, params_ref, progress)
     trained = _float_state(model)
     update = {k: trained[k] - reference[k] for k in reference}

@@ -21,7 +21,7 @@ from protocols.messages import ClinicalNote
 from protocols.schema import PatientRecord
 
 from edge_server.preprocess import TextEmbedder, patient_record_from_raw, stream_from_frames
-from edge_server.sqlite_store import SqliteStore
+from edge_server.sqlite_store import DB_NAME, SqliteStore
 from edge_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,11 @@ def load_records(data_dir: Path | str, text_embedder: TextEmbedder | None = None
 
     The label is the index of the patient's FHIR Condition in ``schema.CONDITIONS`` (None when
     no EHR record carried one). Safe to call while ``iomt edge run`` writes the same store.
+    A directory without a store has no records (and is left untouched).
     """
+    if not (Path(data_dir) / DB_NAME).exists():
+        log.warning("no edge store in %s (has `iomt edge run --data-dir %s` run?): no records", data_dir, data_dir)
+        return []
     with SqliteStore(data_dir) as store:
         hospital = store.get_meta("hospital") or ""
         return refresh_records(store, hospital, text_embedder)

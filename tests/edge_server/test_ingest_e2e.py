@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from edge_server.dataset import load_records
+from edge_server.preprocess import patient_record_from_raw
 from edge_server.sqlite_store import SqliteStore
 from protocols.schema import CONDITIONS, WINDOW_SAMPLES, SIGNAL_CHANNELS
 from tests.edge_server.harness import metrics_text, spawn_edge, wait_status
@@ -53,3 +54,18 @@ def test_simulated_hospital_is_stored_exactly_as_published(mosquitto, tmp_path):
             assert len(rec.signal_windows) == 2  # 20 s of signal, 8 s windows
             assert np.isfinite(rec.signal_windows).all()
         assert set(rec.modalities()) == set(report["modalities"][pid])
+
+    # The same cohort generated in-process and preprocessed by the same pure function gives
+    # the same records as the MQTT path (up to float32 frames and DICOM integer pixels).
+    from simulators.cohort import generate_cohort, hospital_profile
+
+    for p in generate_cohort("hA", 4, 3, 20.0, profile=hospital_profile("hA", None)):
+        direct, stored = patient_record_from_raw(p.patient_id, "hA", p.streams, p.image, p.ehr, p.note), \
+            records[p.patient_id]
+        assert (direct.label, direct.note, direct.modalities()) == (stored.label, stored.note, stored.modalities())
+        if direct.signal_windows is not None:
+            assert np.allclose(direct.signal_windows, stored.signal_windows, atol=1e-4)
+        if direct.image is not None:
+            assert np.allclose(direct.image, stored.image, atol=2e-2)
+        if direct.ehr is not None:
+            assert np.allclose(direct.ehr, stored.ehr, atol=1e-3, equal_nan=True)

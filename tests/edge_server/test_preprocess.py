@@ -149,6 +149,11 @@ def test_load_records_caches_and_rebuilds_when_new_rows_arrive(tmp_path):
     assert len({r.patient_id: r for r in load_records(tmp_path)}["p1"].signal_windows) == 2
 
 
+def test_load_records_without_a_store_is_empty_and_creates_nothing(tmp_path):
+    assert load_records(tmp_path / "nothing") == []
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_record_bytes_round_trip():
     rec = pp.patient_record_from_raw("p1", "h1", None, np.eye(8), None, "x", label=2,
                                      text_embedder=lambda t: np.zeros(3))

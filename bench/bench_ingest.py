@@ -52,6 +52,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
+from edge_server.settings import load_settings  # noqa: E402
 from protocols.frames import DTYPES, pack_raw  # noqa: E402
 from protocols.messages import DeviceRegistration, to_wire  # noqa: E402
 from protocols.schema import SIGNAL_STREAMS  # noqa: E402
@@ -138,7 +139,8 @@ def publish_all(port: int, devices: list[str], seconds: int, publishers: int, ra
     return {"published": sent, "publish_wall_s": round(wall, 3), "publish_rate": round(sent / wall, 1)}
 
 
-def _bare_subscriber(port: int, expected: int, drain: bool, v5: bool, ready, go, out: mp.Queue) -> None:
+def _bare_subscriber(port: int, client_id: str, expected: int, drain: bool, v5: bool, ready, go,
+                     out: mp.Queue) -> None:
     """The baseline: QoS 1, auto-ack; notes arrival time and start_ts of each frame."""
     _pin({0})
     arrivals = np.zeros(expected, dtype=np.float64)
@@ -159,7 +161,7 @@ def _bare_subscriber(port: int, expected: int, drain: bool, v5: bool, ready, go,
 
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare",
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False)
     client.on_message = on_message
     client.on_subscribe = lambda *a: ready.set()
@@ -188,13 +190,15 @@ def run_bare(port: int, devices: list[str], seconds: int, publishers: int, rate:
              v5: bool = True) -> dict:
     expected = len(devices) * seconds * len(SIGNAL_STREAMS)
     ready, go, out = mp.Event(), mp.Event(), mp.Queue()
-    sub = mp.Process(target=_bare_subscriber, args=(port, expected, drain, v5, ready, go, out))
+    client_id = f"bench-bare-{time.time_ns()}"
+    sub = mp.Process(target=_bare_subscriber, args=(port, client_id, expected, drain, v5, ready, go, out))
     sub.start()
     ready.wait(30)
     pub = publish_all(port, devices, seconds, publishers, 0.0 if drain else rate)
     go.set()
     res = out.get(timeout=900)
     sub.join()
+    forget_session(port, client_id)
     out = _summary("bare paho subscriber", "drain" if drain else "live", pub, res["stored"], res["span_s"],
                    np.array(res["latency_s"]))
     if drain:
@@ -242,6 +246,7 @@ def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: in
         cpu = _cpu_seconds(edge.pid) - startup_cpu
     finally:
         code = stop(edge)
+        forget_session(broker.port, load_settings(hospital=HOSPITAL, data_dir=data).stable_client_id())
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         rows = np.array(con.execute("SELECT received_at, stored_at, start_ts FROM frames").fetchall())
         samples = con.execute("SELECT sum(n_samples * channels) FROM frames").fetchone()[0]
@@ -261,6 +266,17 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def forget_session(port: int, client_id: str) -> None:
+    """End a consumer's persistent session, so later phases do not queue messages for it."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                         clean_session=True)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    time.sleep(0.3)
+    client.disconnect()
+    client.loop_stop()
 
 
 def _has_taskset() -> bool:

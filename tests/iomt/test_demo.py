@@ -1,0 +1,42 @@
+"""`iomt demo` end to end at a small size: every role a real process, and a report that
+says what happened. Checks the content, not the speed."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.utils.procs import iomt_cmd, iomt_env, REPO
+
+
+@pytest.mark.slow
+def test_small_demo_runs_every_role_and_reports(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(iomt_cmd("demo", "--out", str(out), "--hospitals", "2", "--patients", "10",
+                                   "--duration", "16", "--rounds", "1", "--epochs", "1"),
+                          env=iomt_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for h, ing in report["ingest"].items():  # nothing lost between devices and edge
+        assert ing["stored"]["total"] == sum(ing["published"].values()) > 0, h
+    assert set(report["federation"]) == set(report["hospitals"])
+    shas = {res["global"]["sha256"] for res in report["federation"].values()}
+    assert len(shas) == 1  # every hospital reconstructed the same global model
+    for res in report["federation"].values():
+        assert res["rounds"][0]["uploaded_bytes"] > 0 and "epsilon" in res["rounds"][0]["train_metrics"]
+    inf = report["inference"]
+    assert inf["same_class"] and inf["max_prob_diff"] < 1e-2
+    assert (out / "report.md").read_text().startswith("# iomt demo report")
+    assert (out / "rounds.png").stat().st_size > 0 and (out / "inference.png").stat().st_size > 0
+    # every process was stopped: no child of the demo is left holding its output folder
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == []
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    proc = subprocess.run(iomt_cmd("demo", "--out", str(tmp_path)), env=iomt_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "not made by `iomt demo`" in proc.stderr + proc.stdout
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

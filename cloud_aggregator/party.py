@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
+from cloud_aggregator.accumulator import RoundAccumulator
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, latest_version
 from cloud_aggregator.strategies import get_strategy
@@ -49,6 +50,7 @@ class Party:
     def __init__(self, settings: PartySettings) -> None:
         self.settings = settings
         self.store = PartyStore(settings.data_dir)
+        self.sums = RoundAccumulator()
         self.registry = Registry(settings.registry)
         self.signer = Signer.from_file(settings.key_file) if settings.key_file else None
         self.counters: collections.Counter[str] = collections.Counter()
@@ -108,7 +110,12 @@ class Party:
         if h.spec_hash != cfg.spec_hash or h.size != spec_size(spec):
             raise ShareError("wrong_shape", f"update has {h.size} parameters / spec {h.spec_hash[:12]}, "
                              f"round {rnd} expects {spec_size(spec)} / {cfg.spec_hash[:12]}")
-        return self.store.save_upload(upload, raw)
+        receipt = self.store.save_upload(upload, raw)  # durable (fsync) before anything else
+        try:  # off the round-close path: the share joins the running sum now
+            self.sums.add(rnd, upload)
+        except (ValueError, MemoryError) as err:  # the close-time fix-up re-adds it from disk
+            log.warning("party %d: could not accumulate %s's share now: %s", self.settings.index, hospital, err)
+        return receipt
 
     def aggregate(self, req: AggregateRequest) -> AggregateResult:
         cfg = req.config
@@ -126,7 +133,8 @@ class Party:
         strategy = get_strategy(cfg.strategy)
         spec = normalise_spec(cfg.spec)
         t0 = time.perf_counter()
-        total = strategy.aggregate(self.store.load_upload(rnd, p).share() for p in req.participants)
+        total = self.sums.total(rnd, spec_size(spec), req.participants, lambda p: self.store.load_upload(rnd, p))
+        self.sums.forget_before(rnd + 1)
         meta = {"version": cfg.version, "round": rnd, "parties": self.settings.parties,
                 "party_index": self.settings.index, "denominator": denominator,
                 "participants": list(req.participants), "spec": [[n, list(s)] for n, s in spec],

@@ -1,7 +1,8 @@
 """Aggregation strategies the parties can run on additive shares.
 
 Every strategy here is linear in the hospitals' uploads, so each party applies it to its
-own shares without talking to the other parties:
+own shares without talking to the other parties (the sum itself is kept by
+:class:`cloud_aggregator.accumulator.RoundAccumulator` as uploads arrive):
 
 * ``fedavg``: weighted FedAvg (paper 000, eq. 2). Hospital k uploads shares of
   ``n_k * theta_k``; the parties sum them into shares of ``S = sum_k n_k theta_k`` and
@@ -16,10 +17,7 @@ implemented; they are refused by name rather than silently replaced.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-
-import numpy as np
 
 from protocols.errors import ConfigError
 
@@ -31,17 +29,6 @@ class Strategy:
     name: str
     client_prox: bool
 
-    def aggregate(self, shares: Iterable[np.ndarray]) -> np.ndarray:
-        """One party's share of ``sum_k n_k theta_k``: the wrap-around sum of its shares."""
-        total = None
-        for s in shares:
-            if total is None:
-                total = np.array(s, dtype=np.int64, copy=True)
-            else:
-                np.add(total, s, out=total)
-        if total is None:
-            raise ValueError("no shares to aggregate")
-        return total
 
 
 STRATEGIES = {"fedavg": Strategy("fedavg", client_prox=False),

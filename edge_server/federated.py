@@ -90,7 +90,10 @@ class FederatedClient:
     def make_uploads(self, cfg: RoundConfig, state: dict[str, np.ndarray], n_samples: int) -> list[bytes]:
         """One wire message per party: shares of ``n_samples * state`` (seed-compressed)."""
         spec = normalise_spec(cfg.spec)
-        encoded = fixedpoint.encode(flatten(state, spec), scale_by=n_samples)
+        # flatten in the state's own float type (no float64 copy of the model); encode widens per chunk
+        dtype = np.result_type(*state.values()) if state else np.float64
+        dtype = dtype if np.issubdtype(dtype, np.floating) else np.float64
+        encoded = fixedpoint.encode(flatten(state, spec, dtype=dtype), scale_by=n_samples)
         full, seeds = sharing.share(encoded, cfg.parties)
         common = dict(hospital=self.hospital, round=cfg.round, parties=cfg.parties, n_samples=n_samples,
                       size=spec_size(spec), spec_hash=spec_hash(spec))
@@ -156,8 +159,7 @@ class FederatedClient:
             with np.load(io.BytesIO(blob)) as z:
                 vec = flatten({n: z[n] for n, _ in spec}, spec, dtype=np.int64)
             total = vec.copy() if total is None else np.add(total, vec, out=total)
-        state = {k: v.astype(np.float32) for k, v in
-                 unflatten(fixedpoint.decode(total, first["denominator"]), spec).items()}
+        state = unflatten(fixedpoint.decode(total, first["denominator"], dtype=np.float32), spec)
         meta = {**metas[0], "sha256": state_sha256(state)}
         meta.pop("party_index", None)
         self._globals = {version: (meta, state)}  # keep only the newest

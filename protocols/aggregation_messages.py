@@ -50,18 +50,31 @@ class Upload(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
     header: UploadHeader
-    payload: bytes
+    #: a view into the received body (no copy of the 8-bytes-per-parameter share)
+    payload: memoryview | bytes
 
     def share(self) -> np.ndarray:
         """This party's share as int64 ring elements (expanding the seed if needed)."""
         from protocols.sharing import expand_seed
         if self.header.kind == "seed":
-            return expand_seed(self.payload, self.header.size)
+            return expand_seed(bytes(self.payload), self.header.size)
         return np.frombuffer(self.payload, dtype="<i8").astype(np.int64, copy=False)
+
+    def add_into(self, acc: np.ndarray, subtract: bool = False) -> np.ndarray:
+        """``acc += share`` (or ``-=``) in place modulo 2^64, without materialising a seed's share."""
+        from protocols.sharing import add_seed_into
+        if acc.shape != (self.header.size,):
+            raise ShareError("wrong_shape", f"accumulator has shape {acc.shape}, share has {self.header.size}")
+        if self.header.kind == "seed":
+            return add_seed_into(acc, bytes(self.payload), subtract=subtract)
+        (np.subtract if subtract else np.add)(acc, np.frombuffer(self.payload, dtype="<i8"), out=acc)
+        return acc
 
 
 def upload_to_wire(header: UploadHeader, payload: bytes | np.ndarray) -> bytes:
-    data = payload.astype("<i8", copy=False).tobytes() if isinstance(payload, np.ndarray) else bytes(payload)
+    # a memoryview of the array: bytes.join copies it once, straight into the body
+    data = memoryview(np.ascontiguousarray(payload, dtype="<i8")).cast("B") if isinstance(payload, np.ndarray) \
+        else bytes(payload)
     head = header.model_dump_json().encode()
     return b"".join([_PREFIX.pack(MAGIC, WIRE_VERSION, len(head)), head, _LEN.pack(len(data)), data])
 
@@ -85,7 +98,7 @@ def upload_from_wire(data: bytes) -> Upload:
     at += head_len
     (payload_len,) = _LEN.unpack_from(data, at)
     at += _LEN.size
-    payload = data[at:]
+    payload = memoryview(data)[at:]
     if len(payload) != payload_len:
         raise ShareError("truncated", f"payload has {len(payload)} bytes, header says {payload_len}")
     expected = SEED_BYTES if header.kind == "seed" else 8 * header.size

@@ -6,6 +6,11 @@ OpenSSL through the maintained ``cryptography`` package) into its share ``r_j``;
 ``x - sum_j r_j  (mod 2^64)``. Any ``n-1`` shares are uniformly distributed and
 independent of ``x``; the sum of all ``n`` is ``x``. So a hospital uploads one full share
 plus ``n-1`` seeds, about 8 bytes per parameter whatever ``n`` is.
+
+Keystreams are produced in cache-sized chunks straight into a reused buffer
+(``update_into``) and added into the destination in place, so expanding a seed into a
+running sum allocates nothing proportional to the model (about 3x faster than expanding the
+whole stream and adding it, bench/bench_secagg.py).
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ SEED_BYTES = 32
 #: so a fixed all-zero counter never repeats a (key, counter) pair. AES-CTR rather than
 #: ChaCha20 because with AES-NI it expands about twice as fast here (bench/bench_secagg.py).
 _COUNTER0 = bytes(16)
+#: Ring elements per keystream chunk (512 KiB: stays in L2 between AES and the add).
+CHUNK = 1 << 16
+_ZEROS = bytes(8 * CHUNK)
 
 
 def new_seed() -> bytes:
@@ -28,13 +36,36 @@ def new_seed() -> bytes:
     return secrets.token_bytes(SEED_BYTES)
 
 
-def expand_seed(seed: bytes, size: int) -> np.ndarray:
-    """``size`` uniformly random ring elements (int64) from a 32-byte seed (AES-256-CTR keystream)."""
+def _keystream(seed: bytes, size: int):
+    """Yield ``(start, stop, int64 view)`` chunks of the seed's keystream (the view is reused)."""
     if len(seed) != SEED_BYTES:
         raise ShareError("bad_seed", f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_COUNTER0)).encryptor()
-    # A read-only view over the keystream; callers only read it (or copy).
-    return np.frombuffer(encryptor.update(bytes(8 * size)), dtype="<i8").view(np.int64)
+    buf = bytearray(8 * CHUNK + 15)  # update_into wants block_size - 1 spare bytes
+    zeros = memoryview(_ZEROS)
+    for start in range(0, size, CHUNK):
+        m = min(CHUNK, size - start)
+        encryptor.update_into(zeros[:8 * m], buf)
+        yield start, start + m, np.frombuffer(buf, dtype="<i8", count=m)
+
+
+def expand_seed(seed: bytes, size: int) -> np.ndarray:
+    """``size`` uniformly random ring elements (int64) from a 32-byte seed (AES-256-CTR keystream)."""
+    out = np.empty(size, dtype=np.int64)
+    for a, b, chunk in _keystream(seed, size):
+        out[a:b] = chunk
+    return out
+
+
+def add_seed_into(acc: np.ndarray, seed: bytes, subtract: bool = False) -> np.ndarray:
+    """``acc += expand_seed(seed)`` (or ``-=``) in place, modulo 2^64, chunk by chunk."""
+    if acc.dtype != np.int64 or acc.ndim != 1 or not acc.flags.c_contiguous:
+        raise ValueError("the accumulator must be a contiguous 1-D int64 array")
+    op = np.subtract if subtract else np.add
+    for a, b, chunk in _keystream(seed, acc.size):
+        view = acc[a:b]
+        op(view, chunk, out=view)
+    return acc
 
 
 def share(x: np.ndarray, parties: int) -> tuple[np.ndarray, list[bytes]]:
@@ -45,7 +76,7 @@ def share(x: np.ndarray, parties: int) -> tuple[np.ndarray, list[bytes]]:
     seeds = [new_seed() for _ in range(parties - 1)]
     full = flat.copy()
     for seed in seeds:
-        np.subtract(full, expand_seed(seed, flat.size), out=full)  # wraps mod 2^64
+        add_seed_into(full, seed, subtract=True)  # wraps mod 2^64
     return full, seeds
 
 

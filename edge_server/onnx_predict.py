@@ -1,6 +1,7 @@
 """`iomt edge predict`: class probabilities and modality weights for one patient, with ONNX Runtime.
 
-Exit codes: 0 predicted; 2 no such model or patient, or the patient's data is unusable.
+Exit codes: 0 predicted; 2 no such model or patient, the patient's data is unusable, or the
+model needs the optional MiniLM text encoder and it is not installed.
 """
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ class OnnxPredictor:
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
 
     def run(self, image, ehr, signals, tokens, mask) -> tuple[np.ndarray, np.ndarray]:
-        """Raw graph outputs (logits, modality weights) for numpy inputs."""
+        """Raw graph outputs (logits, modality weights) for numpy inputs.
+
+        ``tokens`` is the ``(B, MINILM_DIM)`` float32 note embedding for a minilm model.
+        """
         feeds = dict(zip(INPUT_NAMES, (image, ehr, signals, tokens, mask)))
         logits, weights = self.session.run(None, feeds)
         return logits, weights
@@ -97,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {model}: {err}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    if predictor.model_cfg.text_encoder == "minilm":
+        from edge_server.text_embedding import CACHE_DIR, TextEmbeddingUnavailable, attach_note_embeddings
+        try:
+            attach_note_embeddings(records[:1], cache_dir=args.data_dir / CACHE_DIR)
+        except TextEmbeddingUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_NOT_FOUND
     ids, probs, weights = predictor.predict(records[:1])
     if not ids:
         print(f"error: the data of patient {args.patient!r} cannot be used by the model (see log)", file=sys.stderr)

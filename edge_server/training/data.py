@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from protocols.model import ModelConfig
+from protocols.model import MINILM_DIM, ModelConfig
 from protocols.schema import MODALITIES, PatientRecord
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,9 @@ MAX_WINDOWS = 8
 @dataclass
 class RecordTensors:
     """Dense model inputs for ``N`` patients.
+
+    ``tokens`` holds ``(N, L)`` token ids, or ``(N, MINILM_DIM)`` float32 note embeddings
+    for a ``text_encoder="minilm"`` model.
 
     ``windows`` is ``(N, W, T, C)`` with ``n_windows`` valid windows per patient (at least
     one row, all zeros when signals are missing); ``labels`` is -1 where unknown.
@@ -86,8 +89,12 @@ def records_to_tensors(records: list[PatientRecord], cfg: ModelConfig, need_labe
     ----------
     need_label:
         Skip records without a label (training and evaluation); prediction passes False.
+
+    For a ``text_encoder="minilm"`` model the notes' embeddings come from
+    ``rec.extra["text_embedding"]`` when present (the edge's text hook, or
+    :func:`~edge_server.text_embedding.attach_note_embeddings` with an on-disk cache), and
+    are computed by the frozen encoder otherwise (once per note and process).
     """
-    tokenizer = cfg.tokenizer()
     skipped: Counter = Counter()
     kept: list[PatientRecord] = []
     for rec in records:
@@ -118,13 +125,36 @@ def records_to_tensors(records: list[PatientRecord], cfg: ModelConfig, need_labe
             windows[i, : n_win[i]] = np.asarray(rec.signal_windows)[: n_win[i]]
         if rec.label is not None:
             labels[i] = int(rec.label)
-    tokens = tokenizer.encode_batch([rec.note for rec in kept]) if n else np.zeros((0, cfg.text_len), np.int64)
+    if cfg.text_encoder == "minilm":
+        tokens = _note_embeddings(kept)
+    else:
+        tokenizer = cfg.tokenizer()
+        tokens = tokenizer.encode_batch([rec.note for rec in kept]) if n else np.zeros((0, cfg.text_len), np.int64)
     return RecordTensors(
         patient_ids=[rec.patient_id for rec in kept],
         image=torch.from_numpy(image), ehr=torch.from_numpy(ehr), windows=torch.from_numpy(windows),
         n_windows=torch.from_numpy(n_win), tokens=torch.from_numpy(tokens), mask=torch.from_numpy(mask),
         labels=torch.from_numpy(labels), skipped=skipped,
     )
+
+
+def _note_embeddings(records: list[PatientRecord]) -> np.ndarray:
+    """``(N, MINILM_DIM)`` embeddings; zeros where there is no note (the text mask is 0 there)."""
+    from edge_server.text_embedding import embed_notes, precomputed
+
+    out = np.zeros((len(records), MINILM_DIM), np.float32)
+    todo: list[int] = []
+    for i, rec in enumerate(records):
+        if not rec.note:
+            continue
+        vec = precomputed(rec.extra)
+        if vec is None:
+            todo.append(i)
+        else:
+            out[i] = vec
+    if todo:
+        out[todo] = embed_notes([records[i].note for i in todo])
+    return out
 
 
 def split_records(records: list[PatientRecord], seed: int = 0,

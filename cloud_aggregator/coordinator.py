@@ -28,7 +28,7 @@ from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
 from protocols.aggregation_messages import (AggregateRequest, AggregateResult, FederationStatus, ModelInfo,
-                                            Receipts, RoundConfig, RoundStatus)
+                                            Receipts, RoundConfig, RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.errors import ConfigError
 from protocols.params import normalise_spec, spec_hash
@@ -45,7 +45,9 @@ class Coordinator:
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
-        get_strategy(settings.strategy)  # refuse unknown or unimplemented strategies up front
+        strategy = get_strategy(settings.strategy)  # refuse unknown or unimplemented strategies up front
+        self.server_opt = ServerOptConfig(lr=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2,
+                                          tau=settings.tau) if strategy.server_opt else None
         self.registry = Registry(settings.registry)
         self.signer = Signer.from_file(settings.key_file)
         model = json.loads(Path(settings.model_file).read_text())
@@ -106,6 +108,7 @@ class Coordinator:
         cfg = RoundConfig(round=rnd, version=rnd, base_version=self.latest_version(),
                           deadline=time.time() + self.settings.round_timeout,
                           strategy=self.settings.strategy, prox_mu=self.settings.prox_mu,
+                          server_opt=self.server_opt,
                           parties=len(self.settings.party_urls),
                           spec=[(n, list(s)) for n, s in self.spec], spec_hash=spec_hash(self.spec),
                           model=self.model, init_seed=self.init_seed)
@@ -278,7 +281,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-timeout", type=float, default=60.0, help="seconds from open to deadline")
     parser.add_argument("--min-hospitals", type=int, default=1)
-    parser.add_argument("--strategy", default="fedavg", help="fedavg or fedprox")
+    parser.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam or fedyogi "
+                        "(the last two need the parties' MPC group: --mpc-master and `iomt cloud triples`)")
+    parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam/FedYogi server learning rate")
+    parser.add_argument("--beta1", type=float, default=0.9)
+    parser.add_argument("--beta2", type=float, default=0.99)
+    parser.add_argument("--tau", type=float, default=1e-3, help="FedAdam/FedYogi adaptivity tau")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal weight")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
@@ -294,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
                                        key_file=args.key_file, party_urls=args.parties, rounds=args.rounds,
                                        round_timeout=args.round_timeout, min_hospitals=args.min_hospitals,
                                        strategy=args.strategy, prox_mu=args.prox_mu, model_file=args.model,
+                                       server_lr=args.server_lr, beta1=args.beta1, beta2=args.beta2, tau=args.tau,
                                        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:

@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from cloud_aggregator.accumulator import RoundAccumulator
 from cloud_aggregator.settings import PartySettings
-from cloud_aggregator.store import PartyStore, StoreError, check_id, latest_version
+from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
 from cloud_aggregator.strategies import get_strategy
 from protocols.aggregation_messages import (AggregateRequest, AggregateResult, Receipts, RoundConfig,
                                             RoundStatus, UploadAck, upload_from_wire)
@@ -51,6 +51,8 @@ class Party:
         self.settings = settings
         self.store = PartyStore(settings.data_dir)
         self.sums = RoundAccumulator()
+        #: the CrypTen worker of the encrypted-inference router (None without --mpc-master)
+        self.mpc = None
         self.registry = Registry(settings.registry)
         self.signer = Signer.from_file(settings.key_file) if settings.key_file else None
         self.counters: collections.Counter[str] = collections.Counter()
@@ -133,19 +135,41 @@ class Party:
         strategy = get_strategy(cfg.strategy)
         spec = normalise_spec(cfg.spec)
         t0 = time.perf_counter()
+        if self.store.global_dir(cfg.version).exists():  # a retry after success: same answer
+            return self._result(cfg, req, denominator, file_sha256(self.store.global_dir(cfg.version) / "share.npz"))
         total = self.sums.total(rnd, spec_size(spec), req.participants, lambda p: self.store.load_upload(rnd, p))
         self.sums.forget_before(rnd + 1)
         meta = {"version": cfg.version, "round": rnd, "parties": self.settings.parties,
                 "party_index": self.settings.index, "denominator": denominator,
                 "participants": list(req.participants), "spec": [[n, list(s)] for n, s in spec],
                 "model": cfg.model.model_dump(), "strategy": strategy.name}
+        if strategy.server_opt and cfg.base_version is not None:
+            total, meta["server_opt"] = self._server_step(strategy.server_opt, cfg, total, denominator)
+            meta["denominator"] = 1  # the stored share is of theta itself
+        elif strategy.server_opt:
+            meta["server_opt"] = {"opt": strategy.server_opt, "warm_start": "S / N, no previous global model"}
         digest = self.store.write_global(cfg.version, unflatten(total, spec), meta)
         self.counters["rounds_aggregated"] += 1
         log.info("party %d aggregated round %d (%d hospitals) into v%d in %.2fs", self.settings.index,
                  rnd, len(req.participants), cfg.version, time.perf_counter() - t0)
-        return AggregateResult(round=rnd, version=cfg.version, party_index=self.settings.index,
+        return self._result(cfg, req, denominator, digest)
+
+    def _result(self, cfg: RoundConfig, req: AggregateRequest, denominator: int, digest: str) -> AggregateResult:
+        return AggregateResult(round=cfg.round, version=cfg.version, party_index=self.settings.index,
                                participants=list(req.participants), denominator=denominator,
                                share_sha256=digest)
+
+    def _server_step(self, kind: str, cfg: RoundConfig, total, denominator: int):
+        """FedAdam/FedYogi on shares in the MPC group (:mod:`cloud_aggregator.server_opt`)."""
+        from cloud_aggregator.inference.errors import InferenceError
+        from cloud_aggregator.server_opt import update_on_shares
+        if self.mpc is None:
+            raise StoreError("no_mpc", f"strategy {cfg.strategy} needs the MPC group (start with --mpc-master)")
+        try:
+            return update_on_shares(self.mpc, self.settings.data_dir, kind, cfg, total, denominator)
+        except InferenceError as err:
+            self.counters["server_update_failed"] += 1
+            raise StoreError("mpc_failed", f"{err.code}: {err.message}") from err
 
 
 def _error(status: int, reason: str, detail: str = "") -> JSONResponse:
@@ -251,7 +275,9 @@ def create_app(settings: PartySettings) -> FastAPI:
     except ImportError:
         log.debug("encrypted inference router not installed")
     else:
-        app.include_router(build_router(settings))
+        router = build_router(settings)
+        party.mpc = getattr(router, "mpc_supervisor", None)
+        app.include_router(router)
     return app
 
 

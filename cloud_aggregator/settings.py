@@ -75,6 +75,11 @@ class CoordinatorSettings(_TLS):
     min_hospitals: int = Field(default=1, ge=1)
     strategy: str = "fedavg"
     prox_mu: float = Field(default=0.0, ge=0)
+    #: FedAdam / FedYogi server optimiser (used only by those strategies), see server_opt.py.
+    server_lr: float = Field(default=0.01, gt=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
     #: JSON file: {"arch": str, "config": {...}, "spec": [[name, shape], ...], "init_seed": int}.
     model_file: Path
     poll_interval: float = Field(default=0.25, gt=0)

@@ -1,7 +1,7 @@
 """Aggregation strategies the parties can run on additive shares.
 
-Every strategy here is linear in the hospitals' uploads, so each party applies it to its
-own shares without talking to the other parties (the sum itself is kept by
+Every strategy starts from the sum of the hospitals' uploads, which is linear, so each
+party computes its share of it without talking to the other parties (the sum is kept by
 :class:`cloud_aggregator.accumulator.RoundAccumulator` as uploads arrive):
 
 * ``fedavg``: weighted FedAvg (paper 000, eq. 2). Hospital k uploads shares of
@@ -10,10 +10,12 @@ own shares without talking to the other parties (the sum itself is kept by
   ``N`` in floating point.
 * ``fedprox``: identical on the server; the round config carries ``prox_mu`` and each
   hospital adds the proximal term ``mu/2 ||w - w_global||^2`` to its local loss.
+* ``fedadam`` / ``fedyogi`` (Reddi et al. 2021, "Adaptive Federated Optimization"): the
+  parties first sum shares as for FedAvg, then run the server optimiser together in
+  CrypTen on shares (:mod:`cloud_aggregator.server_opt`); the global model and the moments
+  stay secret-shared.
 
-Server optimisers with non-linear state (FedAdam, FedYogi: squares, square roots,
-division by a secret) would need an MPC protocol across the parties and are not
-implemented; they are refused by name rather than silently replaced.
+FedAvgM is not implemented and is refused by name rather than silently replaced.
 """
 from __future__ import annotations
 
@@ -21,18 +23,22 @@ from dataclasses import dataclass
 
 from protocols.errors import ConfigError
 
-NOT_IMPLEMENTED = ("fedadam", "fedyogi", "fedavgm")
+NOT_IMPLEMENTED = ("fedavgm",)
 
 
 @dataclass(frozen=True, slots=True)
 class Strategy:
     name: str
     client_prox: bool
+    #: "adam" / "yogi": a server optimiser run in MPC after the sum; None: FedAvg-style S/N
+    server_opt: str | None = None
 
 
 
 STRATEGIES = {"fedavg": Strategy("fedavg", client_prox=False),
-              "fedprox": Strategy("fedprox", client_prox=True)}
+              "fedprox": Strategy("fedprox", client_prox=True),
+              "fedadam": Strategy("fedadam", client_prox=False, server_opt="adam"),
+              "fedyogi": Strategy("fedyogi", client_prox=False, server_opt="yogi")}
 
 
 def get_strategy(name: str) -> Strategy:
@@ -40,5 +46,5 @@ def get_strategy(name: str) -> Strategy:
     if key in STRATEGIES:
         return STRATEGIES[key]
     if key in NOT_IMPLEMENTED:
-        raise ConfigError(f"strategy {name!r} needs non-linear MPC on the server and is not implemented")
+        raise ConfigError(f"strategy {name!r} is not implemented")
     raise ConfigError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")

@@ -117,6 +117,20 @@ class ModelInfo(_Msg):
     config: dict = Field(default_factory=dict)
 
 
+class ServerOptConfig(_Msg):
+    """Public hyper-parameters of a server optimiser run on shares (FedAdam / FedYogi).
+
+    ``scale`` K is a public power-of-two factor: the parties keep ``K*m`` and ``K^2*v`` so
+    that squared pseudo-gradients stay well above the 2^-16 fixed-point resolution.
+    """
+
+    lr: float = Field(default=0.01, gt=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+    scale: int = Field(default=256, ge=1, le=1 << 12)
+
+
 class RoundConfig(_Msg):
     """What the coordinator fixes when it opens a round."""
 
@@ -126,6 +140,7 @@ class RoundConfig(_Msg):
     deadline: float
     strategy: str = "fedavg"
     prox_mu: float = 0.0
+    server_opt: ServerOptConfig | None = None
     parties: int = Field(ge=2)
     spec: list[tuple[str, list[int]]]
     spec_hash: str

@@ -44,6 +44,7 @@ def build_router(settings: Any) -> APIRouter:
             device=os.environ.get("IOMT_MPC_DEVICE", "cpu")))
         router.on_startup.append(supervisor.start)
         router.on_shutdown.append(supervisor.stop)
+    router.mpc_supervisor = supervisor  # the party also runs server-optimiser jobs on this group
 
     def _refuse(client: str, rid: str, version: int | None, code: str, message: str, status: int) -> HTTPException:
         counters[f"rejected_{code}"] += 1

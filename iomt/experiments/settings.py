@@ -45,7 +45,7 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, name: str) -> Settings:
-        values = {k: getattr(args, k) for k in ("seeds", "hospitals", "patients", "rounds", "local_epochs",
+        values = {k: getattr(args, k) for k in ("seeds", "hospitals", "patients", "rounds", "local_epochs", "lr",
                                                   "folds", "noise_multiplier", "clip_norm", "duration")
                   if getattr(args, k, None) is not None}
         if "duration" in values:
@@ -92,6 +92,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds")
     parser.add_argument("--local-epochs", dest="local_epochs", type=int, default=None,
                         help="local epochs per round")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3, as the paper)")
     parser.add_argument("--folds", type=int, default=None,
                         help="k-fold cross-validation by patient (default 1: one 70/15/15 split)")
     parser.add_argument("--noise-multiplier", dest="noise_multiplier", type=float, default=None,

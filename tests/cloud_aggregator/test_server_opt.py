@@ -91,6 +91,8 @@ def test_server_optimizer_on_shares_matches_plaintext(tmp_path, opt):
             d = cluster.party_dir(i)
             vmeta = json.loads((d / "global" / f"v{ROUNDS:06d}" / "meta.json").read_text())
             assert vmeta["denominator"] == 1 and vmeta["server_opt"]["opt"] == opt
+            print(f"fed{opt} party {i}: MPC step {vmeta['server_opt']['mpc_seconds']:.2f}s, "
+                  f"{vmeta['server_opt']['mpc_rounds']} rounds, {vmeta['server_opt']['mpc_bytes']} bytes")
             with np.load(d / "global" / f"v{ROUNDS:06d}" / "share.npz") as z:
                 shares["theta"].append(flatten({k: z[k] for k, _ in spec}, spec, dtype=np.int64))
             with np.load(d / "server_opt" / f"v{ROUNDS:06d}.npz") as z:

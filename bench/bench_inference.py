@@ -1,7 +1,9 @@
 """Encrypted-inference latency: 2 CrypTen parties + TTP as separate processes on this host.
 
 Per image latency vs batch size, communication (rounds, bytes summed over parties) and the
-ratio to plaintext PyTorch inference of the same model in the same run. Image side and
+ratio to plaintext PyTorch inference of the same model in the same run; with Beaver triples
+fetched from the TTP on demand and prefetched while the parties are idle (the online phase
+alone; the bench pauses ``--idle`` seconds between requests so that the refill is done). Image side and
 models are arguments because a 224x224 ResNet-18 takes minutes per image on a small CPU.
 
     python bench/bench_inference.py --models fusion,resnet18 --side 224 --batches 1,5,10,25
@@ -39,7 +41,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_model(name: str, side: int, batches: list[int], device: str, repeats: int) -> list[dict]:
+def bench_model(name: str, side: int, batches: list[int], device: str, repeats: int,
+                prefetch: bool = True, idle: float = 0.0) -> list[dict]:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-inf-"))
     dirs = [tmp / "p0", tmp / "p1"]
@@ -66,7 +69,8 @@ def bench_model(name: str, side: int, batches: list[int], device: str, repeats: 
     master = f"127.0.0.1:{_free_port()}"
     ttp = mp.get_context("spawn").Process(target=serve_once, args=(2, master), daemon=True)
     ttp.start()
-    sups = [WorkerSupervisor(WorkerConfig(i, 2, master, str(dirs[i]), device=device, threads=1)).start()
+    sups = [WorkerSupervisor(WorkerConfig(i, 2, master, str(dirs[i]), device=device, threads=1,
+                                              prefetch_triples=prefetch)).start()
             for i in range(2)]
     rows = []
     try:
@@ -79,6 +83,7 @@ def bench_model(name: str, side: int, batches: list[int], device: str, repeats: 
             times, info = [], None
             for rep in range(repeats + 1):  # first request per batch shape builds/loads (warm-up)
                 counter += 1
+                time.sleep(idle)
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(2) as pool:
                     futs = [pool.submit(s.submit, Job(f"bench{counter:06d}", "bench", None,
@@ -95,6 +100,8 @@ def bench_model(name: str, side: int, batches: list[int], device: str, repeats: 
             t_plain = time.perf_counter() - t0
             enc = float(np.median(times))
             rows.append({"model": name, "side": side if name != "fusion" else None, "batch": b, "device": device,
+                         "triples": "prefetched" if prefetch else "on-demand",
+                         "party_s": float(np.median([r[1]["seconds"] for r in info])),
                          "encrypted_s": enc, "encrypted_s_per_item": enc / b, "plaintext_s": t_plain,
                          "ratio": enc / max(t_plain, 1e-9), "rounds": info[0][1]["rounds"],
                          "bytes": sum(r[1]["bytes"] for r in info), "max_abs_err": float(np.abs(logits - ref).max())})
@@ -113,10 +120,15 @@ def main() -> int:
     ap.add_argument("--batches", default="1,5,10,25")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--triples", default="on-demand,prefetched",
+                    help="comma list: on-demand (fetched from the TTP during the request), prefetched")
+    ap.add_argument("--idle", type=float, default=3.0,
+                    help="pause before each request, so that the previous refill of triples is done")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.models.split(","):
-        bench_model(name, args.side, batches, args.device, args.repeats)
+        for mode in args.triples.split(","):
+            bench_model(name, args.side, batches, args.device, args.repeats, mode == "prefetched", args.idle)
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cloud_aggregator.inference.errors import InferenceError
+from cloud_aggregator.inference.triples import TriplePrefetcher
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class WorkerConfig:
     provider: str = "TTP"  # "TTP" (production: a separate triples process) or "TFP" (dev)
     device: str = "cpu"
     threads: int = 1
+    #: fetch the next request's Beaver triples from the TTP while idle (inference.triples)
+    prefetch_triples: bool = True
 
 
 @dataclass
@@ -128,6 +131,7 @@ class _WorkerLoop:
         self.models: dict[int, tuple[dict, Any]] = {}
         self.current: str | None = None
         self.stopping = False
+        self.prefetch = TriplePrefetcher(crypten, enabled=cfg.prefetch_triples)
 
     def _drain(self, block_s: float = 0.0) -> Job | None:
         """Move queued jobs into the inbox; on party 0 return the next one in arrival order."""
@@ -215,8 +219,12 @@ class _WorkerLoop:
         self.current = rid
         job = self._wait_share(rid) if self.cfg.rank else self.inbox.pop(rid, None)
         code, message, model = self._check(header, job)
-        codes = self.comm.all_gather(torch.tensor([code]))
-        bad = [(r, int(c)) for r, c in enumerate(codes) if int(c)]
+        # with each party's status, the count of prefetched triples: they must be equal
+        codes = self.comm.all_gather(torch.tensor([code, self.prefetch.fingerprint()]))
+        if len({int(c[1]) for c in codes}) > 1:
+            log.warning("prefetched triples out of step across parties %s; dropping them", [int(c[1]) for c in codes])
+            self.prefetch.clear()
+        bad = [(r, int(c[0])) for r, c in enumerate(codes) if int(c[0])]
         if bad:
             own = message or f"party {bad[0][0]} refused: {_STATUS[bad[0][1]]}"
             self.results.put(("error", rid, (_STATUS[bad[0][1]], own)))
@@ -227,7 +235,8 @@ class _WorkerLoop:
         mpc = self.crypten.mpc.MPCTensor
         with self.crypten.no_grad():
             enc = {name: mpc.from_shares(torch.from_numpy(arr).to(self.cfg.device)) for name, arr in job.inputs.items()}
-            out = model.forward(enc)
+            signature = (header["version"], tuple(sorted((k, tuple(v)) for k, v in header["shapes"].items())))
+            out = self.prefetch.run(signature, lambda: model.forward(enc))
             shares = {}
             for name, value in out.items():
                 # re-randomise before release: the output share is fresh, whatever the circuit left
@@ -238,6 +247,9 @@ class _WorkerLoop:
                 "rounds": int(stats.get("rounds", 0)), "bytes": int(stats.get("bytes", 0))}
         self.results.put(("result", rid, (shares, info)))
         self.current = None
+        # offline phase for the next request of this shape (both parties, same order)
+        with self.crypten.no_grad():
+            self.prefetch.refill(signature)
 
     def _model(self, version: int | None) -> Any:
         if version is None:

@@ -109,9 +109,17 @@ class FederatedClient:
             raise FederationError(f"round needs {cfg.parties} parties, coordinator listed {len(self.party_urls)}")
 
         def send(i: int) -> None:
-            resp = self.http.put(f"{self.party_urls[i]}/rounds/{cfg.round}/share", content=bodies[i],
-                                 headers={**self.signer.headers(f"party-{i}"),
-                                          "content-type": "application/octet-stream"})
+            def put() -> httpx.Response:
+                return self.http.put(f"{self.party_urls[i]}/rounds/{cfg.round}/share", content=bodies[i],
+                                     headers={**self.signer.headers(f"party-{i}"),
+                                              "content-type": "application/octet-stream"})
+            try:
+                resp = put()
+            except httpx.RemoteProtocolError:
+                # an idle keep-alive connection the server closed as we reused it: the request
+                # was not processed, so send it once more on a fresh connection
+                log.info("%s: party %d closed an idle connection; resending", self.hospital, i)
+                resp = put()
             ack = self._check(resp, f"upload to party {i}").json()
             if ack.get("sha256") != hashlib.sha256(bodies[i]).hexdigest():
                 raise FederationError(f"party {i} acknowledged a different upload")

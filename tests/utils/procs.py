@@ -14,6 +14,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM us when the test process dies, so an interrupted
+    test run (Ctrl-C, a killed pytest) cannot leave brokers and services behind."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -55,7 +64,7 @@ def run_iomt(*args: str, timeout: float = 600, check: bool = True, **kw) -> subp
 def spawn_iomt(*args: str, log: Path | None = None, **kw) -> subprocess.Popen:
     out = open(log, "ab") if log else subprocess.DEVNULL
     return subprocess.Popen(iomt_cmd(*args), env=iomt_env(**kw.pop("env", {})), cwd=REPO,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+                            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, **kw)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
@@ -109,7 +118,7 @@ class Mosquitto:
     def start(self) -> "Mosquitto":
         log = open(self.workdir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     preexec_fn=_die_with_parent)
         wait_port(self.port)
         return self
 

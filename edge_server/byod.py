@@ -311,6 +311,17 @@ def read_note(path: Path) -> str:
         raise ByodError(path, f"not UTF-8 text ({err})") from err
 
 
+def is_hospital_folder(path: Path | str) -> bool:
+    """Whether ``path`` looks like a BYOD hospital folder (it has ``labels.csv``)."""
+    return (Path(path) / "labels.csv").is_file()
+
+
+def model_overrides(path: Path | str) -> dict:
+    """ModelConfig fields a BYOD hospital folder's ``dataset.json`` fixes (EHR width, classes)."""
+    schema = read_schema(Path(path).parent)
+    return {"ehr_dim": schema.ehr_dim, "num_classes": len(schema.classes)}
+
+
 def load_hospital_folder(path: Path | str, schema: ByodSchema | None = None,
                          hospital: str | None = None) -> list[PatientRecord]:
     """Validate and load one hospital folder into preprocessed :class:`PatientRecord` s.

@@ -106,9 +106,14 @@ def load_records(data_dir: Path | str, text_embedder: TextEmbedder | None = None
 
     The label is the index of the patient's FHIR Condition in ``schema.CONDITIONS`` (None when
     no EHR record carried one). Safe to call while ``iomt edge run`` writes the same store.
-    A directory without a store has no records (and is left untouched).
+    A directory without a store has no records (and is left untouched), unless it is a
+    bring-your-own-data hospital folder (``labels.csv``, see docs/byod.md), which is loaded
+    and validated with :func:`edge_server.byod.load_hospital_folder`.
     """
     if not (Path(data_dir) / DB_NAME).exists():
+        from edge_server.byod import is_hospital_folder, load_hospital_folder
+        if is_hospital_folder(data_dir):  # bring-your-own-data folder (docs/byod.md)
+            return sorted(load_hospital_folder(data_dir), key=lambda r: r.patient_id)
         log.warning("no edge store in %s (has `iomt edge run --data-dir %s` run?): no records", data_dir, data_dir)
         return []
     with SqliteStore(data_dir) as store:

@@ -17,7 +17,9 @@ EXIT_OK, EXIT_NO_DATA, EXIT_BUDGET = 0, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", required=True, type=Path, help="the edge's data directory (its store)")
+    parser.add_argument("--data-dir", required=True, type=Path,
+                        help="the edge's data directory (its store), or a bring-your-own-data hospital "
+                             "folder (docs/byod.md)")
     parser.add_argument("--epochs", type=int, default=10, help="local epochs (paper: 10)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -50,7 +52,15 @@ def run(args: argparse.Namespace) -> int:
         ModelConfig, TrainConfig, TrainingError, evaluate, save_model, split_records, train_local)
     from edge_server.training.store import MODELS_DIR
 
-    model_cfg = ModelConfig(image_encoder=args.image_encoder, text_encoder=args.text_encoder)
+    from edge_server.byod import ByodError, is_hospital_folder, model_overrides
+
+    byod = is_hospital_folder(args.data_dir)
+    try:
+        overrides = model_overrides(args.data_dir) if byod else {}
+    except ByodError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NO_DATA
+    model_cfg = ModelConfig(image_encoder=args.image_encoder, text_encoder=args.text_encoder, **overrides)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, prox_mu=args.prox_mu, clip_norm=args.clip_norm,
                       noise_multiplier=args.noise_multiplier, delta=args.delta,
@@ -58,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.data_dir.is_dir():
         print(f"error: data directory {args.data_dir} does not exist", file=sys.stderr)
         return EXIT_NO_DATA
-    records = [r for r in load_records(args.data_dir) if r.label is not None]
+    try:
+        records = [r for r in load_records(args.data_dir) if r.label is not None]
+    except ByodError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NO_DATA
     if len(records) < 3:
         print(f"error: {args.data_dir} holds {len(records)} labelled patients; at least 3 are needed",
               file=sys.stderr)

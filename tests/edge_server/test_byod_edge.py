@@ -1,0 +1,31 @@
+"""The edge accepts a bring-your-own-data hospital folder wherever it reads patients."""
+from __future__ import annotations
+
+import json
+
+from tests.utils.procs import run_iomt
+
+
+def test_edge_trains_and_predicts_from_a_byod_folder(tmp_path):
+    run_iomt("experiment", "export-breast-cancer", "--out", str(tmp_path / "bc"))
+    folder = tmp_path / "bc" / "hospital-00"
+    out = run_iomt("edge", "train", "--data-dir", str(folder), "--epochs", "15", "--lr", "0.01",
+                   "--json", "--no-progress")
+    result = json.loads(out.stdout)
+    assert result["patients"]["test"] > 0
+    assert result["test"]["accuracy"] >= result["test"]["majority_accuracy"]
+    patient = (folder / "labels.csv").read_text().splitlines()[1].split(",")[0]
+    pred = json.loads(run_iomt("edge", "predict", "--data-dir", str(folder), "--patient", patient,
+                               "--json").stdout)
+    assert abs(sum(pred["probabilities"].values()) - 1) < 1e-5
+
+
+def test_bad_byod_folder_names_the_file_and_row(tmp_path):
+    run_iomt("experiment", "export-breast-cancer", "--out", str(tmp_path / "bc"))
+    folder = tmp_path / "bc" / "hospital-01"
+    lines = (folder / "labels.csv").read_text().splitlines()
+    lines[2] = lines[2].split(",")[0] + ",not-a-class"
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    proc = run_iomt("edge", "train", "--data-dir", str(folder), "--json", check=False)
+    assert proc.returncode == 2
+    assert "labels.csv" in proc.stderr and "row 2" in proc.stderr

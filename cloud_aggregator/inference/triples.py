@@ -62,7 +62,9 @@ class TriplePrefetcher:
 
     def run(self, signature: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()``, tracing its provider calls if this signature has no trace yet."""
-        if not self.enabled or signature in self.plans:
+        if not self.enabled:
+            return compute()
+        if signature in self.plans:
             self.plans.move_to_end(signature)
             return compute()
         self.provider.request_cache = []

@@ -70,3 +70,41 @@ def test_prefetched_triples_cut_rounds_and_keep_results():
     assert exhausted == on_demand  # cache exhausted: back to on-demand triples, no failure
     for got in p0["logits"]:
         assert abs(got - p0["ref"]).max() < 1e-2
+
+
+class _Provider:
+    """Stands in for CrypTen's provider only where no MPC is needed (disabled prefetcher)."""
+
+    def __init__(self):
+        self.tuple_cache, self.request_cache, self.traced = {}, [], []
+
+    def trace(self, on):
+        self.traced.append(on)
+
+
+def test_disabled_prefetcher_neither_traces_nor_fills():
+    from types import SimpleNamespace
+
+    from cloud_aggregator.inference.triples import TriplePrefetcher
+
+    provider = _Provider()
+    fake = SimpleNamespace(mpc=SimpleNamespace(get_default_provider=lambda: provider))
+    pf = TriplePrefetcher(fake, enabled=False)
+    assert pf.run("sig", lambda: 42) == 42 and pf.run("sig", lambda: 43) == 43
+    assert pf.refill("sig") == 0 and pf.fingerprint() == 0 and provider.traced == []
+
+
+def test_validation_flag_is_cached_but_follows_config_changes(monkeypatch):
+    from crypten.cryptensor import CrypTensor
+
+    assert getattr(CrypTensor.__dict__["__getattribute__"], "_iomt_cached_flag", False)
+    calls = []
+    monkeypatch.setattr(crypten.debug, "validate_correctness",
+                        lambda tensor, function, name: calls.append(name) or function)
+    x = crypten.mpc.MPCTensor.__new__(crypten.mpc.MPCTensor)  # attribute access only, no MPC
+    x.add  # noqa: B018
+    assert calls == []
+    with crypten.cfg.temp_override({"debug.validation_mode": True}):
+        x.add  # noqa: B018
+    x.add  # noqa: B018
+    assert calls and calls[-1] == "add" and calls.count("add") == 1  # read while overridden only

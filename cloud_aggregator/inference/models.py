@@ -138,6 +138,9 @@ class EncryptedFusionHead:
     """
 
     outputs = ("logits", "modality_weights")
+    #: the worker fetches this model's Beaver triples between requests (inference.triples):
+    #: a few MB per request; the vision models' triples (GBs at 224x224) stay on demand
+    prefetch_triples = True
 
     def __init__(self, config: dict, params: dict[str, Any]) -> None:
         from protocols.schema import MODALITIES

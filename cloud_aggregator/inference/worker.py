@@ -37,7 +37,9 @@ INBOX_TTL_S = 60.0
 #: torch.distributed timeout: long, since dead peers are detected by closed connections
 #: and stalled groups by the supervisor (REQUEST_TIMEOUT_S), not by idle collectives.
 DIST_TIMEOUT_S = 7 * 24 * 3600.0
-REQUEST_TIMEOUT_S = 120.0
+#: How long a request may compute before it is failed and the group restarted; large
+#: batches of big models on CPUs need more (environment IOMT_MPC_REQUEST_TIMEOUT, seconds).
+REQUEST_TIMEOUT_S = float(os.environ.get("IOMT_MPC_REQUEST_TIMEOUT", "120"))
 RESTART_BACKOFF_S = 1.0
 MAX_BATCH = 64
 _STATUS = ("ok", "missing_share", "bad_shape", "no_model", "client_mismatch", "bad_input")

@@ -7,8 +7,7 @@ import logging
 import numpy as np
 
 from iomt.experiments import report
-from iomt.experiments.data import split
-from iomt.experiments.settings import Settings, load
+from iomt.experiments.settings import Settings, prepared_runs
 from iomt.federation import run_federation, train_centralized
 
 log = logging.getLogger(__name__)
@@ -20,10 +19,7 @@ def local_vs_global(settings: Settings) -> dict:
     from edge_server.training.loop import evaluate
 
     runs = []
-    for seed, fold in settings.runs():
-        fed = load(settings, seed)
-        cfg = fed.model_config(**settings.model)
-        s = split(fed, seed, settings.folds, fold)
+    for seed, fold, fed, cfg, s in prepared_runs(settings):
         globals_ = {
             "global_fedavg": run_federation(cfg, s.train, settings.spec("fedavg", seed)).state,
             "global_ours": run_federation(cfg, s.train, settings.spec("ours", seed)).state,

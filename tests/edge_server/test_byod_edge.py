@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from protocols.model import ModelConfig
+from protocols.schema import EHR_FEATURES
 from tests.utils.procs import run_iomt
 
 
@@ -29,3 +31,30 @@ def test_bad_byod_folder_names_the_file_and_row(tmp_path):
     proc = run_iomt("edge", "train", "--data-dir", str(folder), "--json", check=False)
     assert proc.returncode == 2
     assert "labels.csv" in proc.stderr and "row 2" in proc.stderr
+
+
+def test_federation_model_file_takes_the_byod_widths_and_text_encoder(tmp_path):
+    # Arrange: a BYOD hospital folder (30 EHR features, 2 classes)
+    run_iomt("experiment", "export-breast-cancer", "--out", str(tmp_path / "bc"))
+    folder = tmp_path / "bc" / "hospital-00"
+    schema = json.loads((tmp_path / "bc" / "dataset.json").read_text())
+    model_file = tmp_path / "model.json"
+
+    # Act
+    run_iomt("edge", "federate", "--write-model", str(model_file), "--data-dir", str(folder),
+             "--text-encoder", "minilm")
+
+    # Assert: the coordinator's model fits the folder, not the simulated schema
+    config = json.loads(model_file.read_text())["config"]
+    assert config["num_classes"] == len(schema["classes"]) == 2
+    assert config["ehr_dim"] == len(EHR_FEATURES) + len(schema["ehr_extra"]) != ModelConfig().ehr_dim
+    assert config["text_encoder"] == "minilm"
+
+
+def test_federation_model_file_rejects_an_unreadable_config(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    proc = run_iomt("edge", "federate", "--write-model", str(tmp_path / "m.json"),
+                    "--model-config", str(tmp_path / "bad.json"), check=False)
+    assert proc.returncode == 2
+    assert "model configuration" in proc.stderr
+    assert not (tmp_path / "m.json").exists()

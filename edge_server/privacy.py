@@ -10,6 +10,17 @@ clipped updates have norm ≤ C, so they differ by at most 2C and the effective 
 multiplier is σ/2. ``unit="hospital"``: neighbouring federations differ in one hospital's
 whole update, whose contribution to the aggregate has sensitivity C (DP-FedAvg, McMahan
 et al., 2018), so the noise multiplier is σ.
+
+Local or distributed noise. By default (``noise_fraction=1``) each hospital adds the whole
+``N(0, (σC)²)`` to its own update (the source paper's eq. 3): the guarantee holds even
+against a cloud that reconstructs that single update. Under secure aggregation nobody sees a
+single update, only the sum over the K hospitals of a round, so each may add a fraction
+``1/K`` of the variance and the sum still carries ``N(0, (σC)²)`` (distributed DP, as in
+Kairouz et al., 2021): the same ε against everyone who sees the aggregate, with √K less
+noise in the global model. That guarantee assumes the cloud parties do not collude and
+the other hospitals add their share; if a single update were ever revealed, its own
+noise multiplier would be only ``σ·√(1/K)``. :func:`distributed_noise_multiplier` gives the
+guarantee of a weighted aggregate.
 """
 from __future__ import annotations
 
@@ -65,11 +76,16 @@ def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def privatize_update(update: dict[str, torch.Tensor], clip_norm: float, noise_multiplier: float,
-                     generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], DpResult]:
-    """Clip ``update`` as a whole to L2 norm ``clip_norm`` and add ``N(0, (σ·C)²)`` noise.
+                     generator: torch.Generator | None = None,
+                     noise_fraction: float = 1.0) -> tuple[dict[str, torch.Tensor], DpResult]:
+    """Clip ``update`` as a whole to L2 norm ``clip_norm`` and add ``N(0, f·(σ·C)²)`` noise.
 
     Parameters
     ----------
+    noise_fraction:
+        ``f``, the share of the noise variance this hospital adds: 1 for local DP, ``1/K``
+        for distributed DP across the K hospitals of a securely aggregated round (module
+        docstring).
     generator:
         Source of the noise. ``None`` draws a seed from the operating system, which is
         what production needs; tests pass a seeded generator for reproducibility.
@@ -78,17 +94,34 @@ def privatize_update(update: dict[str, torch.Tensor], clip_norm: float, noise_mu
         raise ValueError(f"clip_norm must be positive, got {clip_norm}")
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be non-negative, got {noise_multiplier}")
+    if not 0 < noise_fraction <= 1:
+        raise ValueError(f"noise_fraction must be in (0, 1], got {noise_fraction}")
     vec = flatten(update)
     norm = float(torch.linalg.vector_norm(vec))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     vec = vec * scale
-    std = noise_multiplier * clip_norm
+    std = noise_multiplier * clip_norm * math.sqrt(noise_fraction)
     if std > 0:
         if generator is None:
             generator = torch.Generator(device=vec.device)
             generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
         vec = vec + std * torch.randn(vec.shape, generator=generator, device=vec.device, dtype=vec.dtype)
     return unflatten(vec, update), DpResult(norm_before=norm, clip_scale=scale, noise_std=std)
+
+
+def distributed_noise_multiplier(noise_multiplier: float, weights: list[float]) -> float:
+    """The noise multiplier a weighted secure aggregate guarantees to every hospital in it.
+
+    Each of the ``K = len(weights)`` hospitals adds ``N(0, (σC)²/K)`` to its clipped update
+    and the aggregate is ``Σ w_k (Δ_k + z_k) / Σ w_k``. Hospital k's contribution has
+    sensitivity ``w_k C / Σ w`` and the aggregate's noise std is ``σ C rms(w) / Σ w``, so its
+    patients get ``σ · rms(w) / w_k``; the hospital with the largest weight gets the least,
+    which is returned. Equal weights give exactly ``σ``.
+    """
+    if not weights or min(weights) <= 0:
+        raise ValueError(f"weights must be positive, got {weights}")
+    w = np.asarray(weights, dtype=np.float64)
+    return float(noise_multiplier * np.sqrt(np.mean(w * w)) / w.max())
 
 
 def _epsilon(effective_sigmas: list[float], delta: float) -> float:

@@ -12,6 +12,9 @@ optional DP on the update) and the server combines the results:
   fixed-point encoded (16 fractional bits, Z_2^64), split into additive shares with
   :mod:`protocols.sharing`, each simulated party sums only the shares it holds, and only the
   sum is reconstructed, exactly as the cloud parties do, but without the network.
+  ``dp_mode="distributed"`` lets each of the K hospitals add only ``1/K`` of the noise
+  variance, which the secure sum makes as private as one full draw
+  (:mod:`edge_server.privacy`); ``"local"`` (default) is the paper's per-update noise.
 
 Processes and HTTP are left out on purpose (``iomt demo`` and the cloud tests cover them);
 what is simulated here is the arithmetic, so the accuracy numbers are those of the real path.
@@ -30,6 +33,7 @@ from protocols.schema import PatientRecord
 log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "ours")
+DP_MODES: tuple[str, ...] = ("local", "distributed")
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,14 @@ class FederationSpec:
     noise_multiplier: float = 0.1   # ours only: sigma, noise std = sigma * clip_norm
     delta: float = 1e-5
     parties: int = 3                # ours only: simulated non-colluding cloud parties
+    dp_mode: str = "local"          # ours only: "local" (paper eq. 3) or "distributed" (1/K each)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"unknown dp_mode {self.dp_mode!r}; expected one of {DP_MODES}")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError("rounds and local_epochs must be >= 1")
 
@@ -68,8 +75,9 @@ class FederationResult:
     epsilon: float | None = None
 
 
-def train_config(spec: FederationSpec, seed: int, epochs: int | None = None, private: bool | None = None):
-    """The edge's :class:`TrainConfig` for one local step of ``spec``."""
+def train_config(spec: FederationSpec, seed: int, epochs: int | None = None, private: bool | None = None,
+                 hospitals: int = 1):
+    """The edge's :class:`TrainConfig` for one local step of ``spec`` in a round of ``hospitals``."""
     from edge_server.training.loop import TrainConfig
     private = spec.private if private is None else private
     return TrainConfig(
@@ -80,6 +88,7 @@ def train_config(spec: FederationSpec, seed: int, epochs: int | None = None, pri
         prox_mu=spec.prox_mu if spec.strategy == "fedprox" else 0.0,
         clip_norm=spec.clip_norm if private else None,
         noise_multiplier=spec.noise_multiplier if private else 0.0,
+        noise_fraction=1.0 / hospitals if private and spec.dp_mode == "distributed" else 1.0,
         delta=spec.delta,
         dp_seed=seed if private else None,  # reproducible experiments; the edge uses OS entropy
     )
@@ -148,7 +157,7 @@ def run_federation(model_cfg, train: Mapping[str, list[PatientRecord]], spec: Fe
     for rnd in range(1, spec.rounds + 1):
         states, weights = [], []
         for i, hospital in enumerate(hospitals):
-            cfg = train_config(spec, seed=spec.seed * 100_003 + rnd * 101 + i)
+            cfg = train_config(spec, seed=spec.seed * 100_003 + rnd * 101 + i, hospitals=len(hospitals))
             local = train_local(model_cfg, state, train[hospital], cfg, progress=False)
             states.append(local.state)
             weights.append(int(local.n_samples))
@@ -159,7 +168,7 @@ def run_federation(model_cfg, train: Mapping[str, list[PatientRecord]], spec: Fe
         state = {k: np.asarray(v, np.float32) for k, v in state.items()}
         entry: dict = {"round": rnd}
         if accountant is not None:
-            entry["epsilon"] = result.epsilon = _step_accountant(accountant, spec)
+            entry["epsilon"] = result.epsilon = _step_accountant(accountant, spec, weights)
         if eval_records and ((eval_every and rnd % eval_every == 0) or rnd == spec.rounds):
             entry.update(evaluate(model_cfg, state, eval_records))
         result.history.append(entry)
@@ -172,14 +181,19 @@ def run_federation(model_cfg, train: Mapping[str, list[PatientRecord]], spec: Fe
 
 
 def _accountant(spec: FederationSpec):
-    """Every hospital releases one update per round with the same sigma, so one accountant
-    (the edge's, per-patient unit, RDP via dp-accounting) gives each hospital's epsilon."""
+    """One accountant (the edge's, per-patient unit, RDP via dp-accounting) gives every
+    hospital's epsilon: with local DP each releases its update with the same sigma; with
+    distributed DP the round's guarantee is that of the least protected hospital."""
     from edge_server.privacy import PrivacyAccountant
     return PrivacyAccountant(delta=spec.delta)
 
 
-def _step_accountant(accountant, spec: FederationSpec) -> float:
-    return float(accountant.record_round(spec.noise_multiplier, spec.clip_norm))
+def _step_accountant(accountant, spec: FederationSpec, weights: list[int]) -> float:
+    sigma = spec.noise_multiplier
+    if spec.dp_mode == "distributed":
+        from edge_server.privacy import distributed_noise_multiplier
+        sigma = distributed_noise_multiplier(sigma, weights)
+    return float(accountant.record_round(sigma, spec.clip_norm))
 
 
 def train_centralized(model_cfg, records: list[PatientRecord], spec: FederationSpec) -> dict[str, np.ndarray]:

@@ -41,6 +41,9 @@ class TrainConfig(BaseModel):
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient (0: plain FedAvg local step)")
     clip_norm: float | None = Field(None, gt=0, description="L2 bound C on the update; None: no DP")
     noise_multiplier: float = Field(0.0, ge=0, description="sigma; noise std is sigma*C")
+    noise_fraction: float = Field(1.0, gt=0, le=1, description=(
+        "share of the noise variance this hospital adds: 1 = local DP (paper eq. 3); 1/K = distributed DP "
+        "across the K hospitals of a securely aggregated round (edge_server.privacy)"))
     delta: float = Field(1e-5, gt=0, lt=1)
     epsilon_budget: float | None = Field(None, gt=0)
     dp_seed: int | None = Field(None, description="seed of the DP noise; None: OS entropy (production)")
@@ -48,6 +51,13 @@ class TrainConfig(BaseModel):
     @property
     def dp_enabled(self) -> bool:
         return self.clip_norm is not None
+
+    @property
+    def own_noise_multiplier(self) -> float:
+        """The noise multiplier of what this hospital adds by itself, ``σ·√noise_fraction``:
+        what its own accountant can vouch for without trusting the other hospitals or the
+        secure aggregation (equal to σ for local DP)."""
+        return self.noise_multiplier * math.sqrt(self.noise_fraction)
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,7 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
     ``cfg.clip_norm`` is set, the trained state otherwise.
     """
     if accountant is not None and cfg.dp_enabled:
-        accountant.check_budget(cfg.noise_multiplier)
+        accountant.check_budget(cfg.own_noise_multiplier)
     elif accountant is not None and accountant.epsilon_budget is not None:
         raise TrainingError("an epsilon budget is set but DP is off: set clip_norm and noise_multiplier")
     device = resolve_device(cfg.device)
@@ -172,10 +182,10 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
         gen = None
         if cfg.dp_seed is not None:
             gen = torch.Generator(device=device).manual_seed(cfg.dp_seed)
-        update, dp = privatize_update(update, cfg.clip_norm, cfg.noise_multiplier, gen)
+        update, dp = privatize_update(update, cfg.clip_norm, cfg.noise_multiplier, gen, cfg.noise_fraction)
         metrics.update(clip_scale=dp.clip_scale, noise_std=dp.noise_std)
         if accountant is not None:
-            metrics["epsilon"] = accountant.record_round(cfg.noise_multiplier, cfg.clip_norm)
+            metrics["epsilon"] = accountant.record_round(cfg.own_noise_multiplier, cfg.clip_norm)
             metrics["delta"] = accountant.delta
     state = {k: (reference[k] + update[k]).to("cpu", torch.float32).numpy() for k in reference}
     log.info("local round: %d samples, %d epochs, loss %.4f, %.1f samples/s", len(data), cfg.epochs,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edge_server.privacy import (
-    ACCOUNTANT_FILE, PrivacyAccountant, PrivacyBudgetExceeded, flatten, privatize_update)
+    ACCOUNTANT_FILE, PrivacyAccountant, PrivacyBudgetExceeded, distributed_noise_multiplier, flatten,
+    privatize_update)
 from edge_server.training import ModelConfig, TrainConfig, TrainingError, initial_state, train_local
 from protocols.errors import IomtError
 from tests.utils.records import make_records
@@ -52,6 +53,40 @@ def test_bad_dp_parameters_are_refused():
         privatize_update(_update(1.0), clip_norm=0.0, noise_multiplier=1.0)
     with pytest.raises(ValueError):
         privatize_update(_update(1.0), clip_norm=1.0, noise_multiplier=-1.0)
+    with pytest.raises(ValueError):
+        privatize_update(_update(1.0), clip_norm=1.0, noise_multiplier=1.0, noise_fraction=0.0)
+
+
+def test_distributed_shares_of_k_hospitals_sum_to_one_full_noise_draw():
+    # Arrange: 4 hospitals, each adding 1/4 of the variance to a zero update
+    k, zero = 4, {"w": torch.zeros(200_000)}
+    shares = [privatize_update(zero, clip_norm=0.5, noise_multiplier=2.0, noise_fraction=1 / k,
+                               generator=torch.Generator().manual_seed(i))[0]["w"] for i in range(k)]
+
+    # Assert: each share is half as noisy; their sum is as noisy as one local-DP update (std sigma*C = 1)
+    assert float(shares[0].std()) == pytest.approx(0.5, rel=0.01)
+    assert float(sum(shares).std()) == pytest.approx(1.0, rel=0.01)
+
+
+def test_distributed_guarantee_is_sigma_for_equal_weights_and_less_for_the_largest_hospital():
+    assert distributed_noise_multiplier(1.5, [20, 20, 20]) == pytest.approx(1.5)
+    # weights 10, 10, 40: rms = sqrt(600), so the 40-sample hospital gets 1.5 * sqrt(600) / 40
+    assert distributed_noise_multiplier(1.5, [10, 10, 40]) == pytest.approx(1.5 * 600 ** 0.5 / 40)
+    with pytest.raises(ValueError):
+        distributed_noise_multiplier(1.0, [3, 0])
+
+
+def test_the_edge_accountant_counts_only_the_noise_the_hospital_added_itself():
+    # A hospital cannot check that the others added their share: with a quarter of the
+    # variance (sigma 2 -> own sigma 1) its ledger must read like a local-DP round at sigma 1.
+    cfg, records = ModelConfig(), make_records(12, seed=4)
+    shared, local = PrivacyAccountant(), PrivacyAccountant()
+    tc = TrainConfig(epochs=1, clip_norm=1.0, noise_multiplier=2.0, noise_fraction=0.25, dp_seed=0)
+    result = train_local(cfg, initial_state(cfg, seed=1), records, tc, progress=False, accountant=shared)
+    local.record_round(1.0)
+    assert result.metrics["noise_std"] == pytest.approx(1.0)
+    assert shared.rounds[0]["noise_multiplier"] == pytest.approx(1.0)
+    assert result.metrics["epsilon"] == pytest.approx(local.epsilon())
 
 
 def test_local_training_with_dp_releases_an_update_within_the_clip_norm():

@@ -78,9 +78,11 @@ def test_fig4_epsilon_falls_as_noise_grows(quick):
     run_experiment("fig4", quick)
 
     columns, rows = _check_outputs(quick.out, "fig4")
-    assert columns[0] == "noise_multiplier" and "epsilon_mean" in columns
-    eps = [float(r["epsilon_mean"]) for r in rows]
-    assert math.isinf(eps[0]) and eps[1] > eps[2] > 0  # sigma 0 -> no privacy; more noise -> smaller eps
+    assert columns[:2] == ["dp", "noise_multiplier"] and "epsilon_mean" in columns
+    for mode in ("local", "distributed"):
+        eps = [float(r["epsilon_mean"]) for r in rows if r["dp"] == mode and float(r["noise_multiplier"]) > 0]
+        assert len(eps) == 2 and eps[0] > eps[1] > 0  # more noise -> smaller eps
+    assert math.isinf(float(next(r for r in rows if float(r["noise_multiplier"]) == 0)["epsilon_mean"]))
 
 
 def test_local_vs_global(quick):

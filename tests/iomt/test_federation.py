@@ -73,3 +73,30 @@ def test_federated_rounds_beat_the_initial_model(strategy):
         assert eps == sorted(eps) and res.epsilon == eps[-1] > 0  # the accountant grows per round
     else:
         assert res.epsilon is None
+
+
+def test_distributed_dp_puts_one_noise_draw_in_the_aggregate_for_the_same_epsilon():
+    # Arrange: 4 equal hospitals whose training barely moves the model (lr 1e-9), so the
+    # change of the global model is the aggregated DP noise
+    from protocols.model import ModelConfig
+    cfg = ModelConfig(dim=8, cnn_channels=(2, 4, 8), ehr_hidden=8, lstm_hidden=8, lstm_layers=1,
+                      text_len=16, text_layers=1, text_vocab=256)
+    train = {f"h{i}": make_records(8, seed=i, hospital=f"h{i}") for i in range(4)}
+    init = initial_state(cfg, 0)
+
+    def noise_std(mode):
+        spec = FederationSpec(strategy="ours", rounds=1, lr=1e-9, noise_multiplier=0.5, clip_norm=1.0, dp_mode=mode)
+        res = run_federation(cfg, train, spec, init=init)
+        change = np.concatenate([(res.state[k] - init[k]).ravel() for k in init])
+        return float(change.std()), res.epsilon
+
+    # Act
+    local_std, local_eps = noise_std("local")
+    dist_std, dist_eps = noise_std("distributed")
+
+    # Assert: mean of 4 full draws has std sigma*C/2; of 4 quarter-variance draws sigma*C/4
+    assert local_std == pytest.approx(0.5 / 2, rel=0.05)
+    assert dist_std == pytest.approx(0.5 / 4, rel=0.05)
+    assert dist_eps == pytest.approx(local_eps)  # equal weights: the same guarantee
+    with pytest.raises(ValueError, match="dp_mode"):
+        FederationSpec(dp_mode="central")

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 #: name -> (module:function, help line)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "table2": ("iomt.experiments.paper000:table2",
-               "paper 000 Table II: centralized, FedAvg, FedProx, unimodal federated, ours (DP + SMPC)"),
+               "paper 000 Table II: centralized, FedAvg, FedProx, unimodal federated, ours (DP + SMPC, local or distributed DP)"),
     "table3": ("iomt.experiments.paper000:table3", "paper 000 Table III: modality ablation"),
     "table4": ("iomt.experiments.paper000:table4",
                "paper 000 Table IV: global accuracy across rounds for FedAvg, FedProx, ours"),
@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
     for exp, (_, text) in EXPERIMENTS.items():
         p = subs.add_parser(exp, help=text, description=text)
         add_common_arguments(p)
+        if exp == "table2":
+            p.add_argument("--methods", default=None,
+                           help="comma-separated subset of centralized,fedavg,fedprox,unimodal_federated,ours,"
+                                "ours_distributed (default: all)")
         if exp == "encrypted_inference":
             p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,5,10,25)")
             p.add_argument("--image-size", dest="image_size", type=int, default=None,
@@ -65,6 +69,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.experiment != "encrypted_inference" and torch.get_num_threads() > 4:
         torch.set_num_threads(4)  # small models: more threads only add contention
     kwargs = {}
+    if args.experiment == "table2" and args.methods:
+        kwargs["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.experiment == "encrypted_inference":
         if args.batches:
             kwargs["batches"] = tuple(int(b) for b in args.batches.split(","))
@@ -72,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
             kwargs["image_size"] = args.image_size
     try:
         payload = run_experiment(args.experiment, settings, **kwargs)
-    except IomtError as err:
+    except (IomtError, ValueError) as err:
         print(f"iomt experiment {args.experiment}: {err}", file=sys.stderr)
         return 1
     print(f"{args.experiment}: results in {settings.out}")

@@ -13,7 +13,7 @@ from iomt.federation import DP_MODES, run_federation, train_centralized
 log = logging.getLogger(__name__)
 
 METRICS = report.METRICS
-TABLE2_METHODS = ("centralized", "fedavg", "fedprox", "unimodal_federated", "ours")
+TABLE2_METHODS = ("centralized", "fedavg", "fedprox", "unimodal_federated", "ours", "ours_distributed")
 ABLATION = (("image",), ("image", "ehr"), ("image", "ehr", "signals"), ("image", "ehr", "signals", "text"))
 ABLATION_NAMES = ("images", "images+ehr", "images+ehr+sensors", "images+ehr+sensors+text")
 #: Fig. 4 sweep of DP noise multipliers (0 = no noise, epsilon infinite).
@@ -33,24 +33,34 @@ def _metrics(m: dict) -> dict:
     return {k: float("nan") if m.get(k) is None else float(m[k]) for k in METRICS} | {"n": int(m.get("n") or 0)}
 
 
-def table2(settings: Settings) -> dict:
-    """Centralized, FedAvg, FedProx, best unimodal federated and ours on held-out patients."""
+def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dict:
+    """Centralized, FedAvg, FedProx, best unimodal federated and ours on held-out patients.
+
+    ``ours`` adds the paper's local DP noise to every update; ``ours_distributed`` splits the
+    same noise among the hospitals under secure aggregation (same ε, see edge_server.privacy).
+    ``methods`` picks a subset (every run of a seed uses the same data and split).
+    """
+    unknown = set(methods) - set(TABLE2_METHODS)
+    if unknown:
+        raise ValueError(f"unknown table2 methods {sorted(unknown)}; expected some of {TABLE2_METHODS}")
     runs = []
     for seed, fold, fed, cfg, s in prepared_runs(settings):
         test = s.pooled("test")
         base = {"seed": seed, "fold": fold}
 
-        state = train_centralized(cfg, s.pooled("train"), settings.spec("fedavg", seed))
-        runs.append(base | {"method": "centralized", "detail": "pooled data, same model"}
-                    | _metrics(_evaluate(cfg, state, test)))
+        if "centralized" in methods:
+            state = train_centralized(cfg, s.pooled("train"), settings.spec("fedavg", seed))
+            runs.append(base | {"method": "centralized", "detail": "pooled data, same model"}
+                        | _metrics(_evaluate(cfg, state, test)))
         for strategy in ("fedavg", "fedprox"):
-            res = run_federation(cfg, s.train, settings.spec(strategy, seed))
-            runs.append(base | {"method": strategy, "detail": "multimodal, plaintext, no DP"}
-                        | _metrics(_evaluate(cfg, res.state, test)))
+            if strategy in methods:
+                res = run_federation(cfg, s.train, settings.spec(strategy, seed))
+                runs.append(base | {"method": strategy, "detail": "multimodal, plaintext, no DP"}
+                            | _metrics(_evaluate(cfg, res.state, test)))
 
         # Unimodal federated: FedAvg on each single modality; the best on *validation* is reported.
         best = None
-        for modality in fed.present_modalities():
+        for modality in fed.present_modalities() if "unimodal_federated" in methods else ():
             sub = restrict_split(s, (modality,))
             if not any(sub.train.values()):
                 continue
@@ -64,9 +74,12 @@ def table2(settings: Settings) -> dict:
             runs.append(base | {"method": "unimodal_federated", "detail": f"{modality} only (best on validation)"}
                         | _metrics(_evaluate(cfg, st, sub.pooled("test"))))
 
-        res = run_federation(cfg, s.train, settings.spec("ours", seed))
-        runs.append(base | {"method": "ours", "detail": f"multimodal + attention + DP (eps={res.epsilon:.3g}) + SMPC",
-                            "epsilon": res.epsilon} | _metrics(_evaluate(cfg, res.state, test)))
+        for method, mode in (("ours", "local"), ("ours_distributed", "distributed")):
+            if method in methods:
+                res = run_federation(cfg, s.train, settings.spec("ours", seed, dp_mode=mode))
+                detail = f"multimodal + attention + {mode} DP (eps={res.epsilon:.3g}) + SMPC"
+                runs.append(base | {"method": method, "detail": detail, "epsilon": res.epsilon}
+                            | _metrics(_evaluate(cfg, res.state, test)))
 
     return report.finish(settings, "table2", runs, keys=("method",), values=(*METRICS,),
                    run_columns=("seed", "fold", "method", "detail", *METRICS, "n", "epsilon"),

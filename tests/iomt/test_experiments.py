@@ -51,6 +51,18 @@ def test_table2(quick):
     ours = next(r for r in runs if r["method"] == "ours")
     assert float(ours["epsilon"]) > 0 and "SMPC" in ours["detail"]
     assert "only" in next(r for r in runs if r["method"] == "unimodal_federated")["detail"]
+    dist = next(r for r in runs if r["method"] == "ours_distributed")
+    # same sigma: never a better guarantee than local DP (equal only for equally sized hospitals)
+    assert "distributed DP" in dist["detail"] and float(dist["epsilon"]) >= float(ours["epsilon"]) * (1 - 1e-9)
+
+
+def test_table2_runs_only_the_methods_asked_for(quick):
+    run_experiment("table2", quick, methods=("fedavg", "ours_distributed"))
+
+    _, rows = _check_outputs(quick.out, "table2")
+    assert [r["method"] for r in rows] == ["fedavg", "ours_distributed"]
+    with pytest.raises(ValueError, match="unknown table2 methods"):
+        run_experiment("table2", quick, methods=("fedsgd",))
 
 
 def test_table3(quick):

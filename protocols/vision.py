@@ -16,11 +16,14 @@ Two details keep the exported graph inside what ``crypten.nn.from_onnx`` underst
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "ResNet", "AlexNet", "resnet18", "alexnet", "ARCHITECTURES", "build_vision_model"]
+__all__ = ["BasicBlock", "ResNet", "AlexNet", "resnet18", "alexnet", "ARCHITECTURES", "build_vision_model",
+           "conv_batchnorm_pairs", "fold_batchnorm"]
 
 
 class BasicBlock(nn.Module):
@@ -176,3 +179,46 @@ def build_vision_model(arch: str, num_classes: int = 1000, in_channels: int = 3)
     except KeyError as err:
         raise ValueError(f"unknown image architecture {arch!r}; choose from {sorted(ARCHITECTURES)}") from err
     return ctor(num_classes=num_classes, in_channels=in_channels)
+
+
+def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv, batchnorm)`` module names where the BatchNorm normalises that convolution's output.
+
+    In these architectures every ``BatchNorm2d`` is registered right after the ``Conv2d``
+    whose output it takes (``conv1``/``bn1``, ``downsample.0``/``downsample.1``), so the
+    pairs follow from registration order; any other BatchNorm is refused.
+    """
+    pairs, previous = [], None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            if not isinstance(previous[1] if previous else None, nn.Conv2d):
+                raise ValueError(f"BatchNorm {name!r} does not follow a convolution")
+            pairs.append((previous[0], name))
+        if not list(module.children()):
+            previous = (name, module)
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with each BatchNorm folded into its convolution.
+
+    Eval-mode BatchNorm is the affine map ``y = a * (x - mean) + beta`` with
+    ``a = gamma / sqrt(var + eps)``, so ``BN(conv(x))`` equals a convolution with weight
+    ``W * a`` (per output channel) and bias ``beta + a * (b - mean)``; the BatchNorm is
+    replaced by ``nn.Identity``. The function is unchanged up to float rounding. With random
+    (uninitialised) weights the result still has the folded *structure* and parameter names
+    (``conv.bias`` added, the BatchNorm's gone), which is what an ONNX export for shared
+    weights needs.
+    """
+    folded = copy.deepcopy(model).eval()
+    modules = dict(folded.named_modules())
+    for conv_name, bn_name in conv_batchnorm_pairs(folded):
+        conv, bn = modules[conv_name], modules[bn_name]
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+            conv.bias = nn.Parameter(bn.bias + scale * (bias - bn.running_mean))
+        parent_name, _, attr = bn_name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else folded, attr, nn.Identity())
+    return folded

@@ -2,7 +2,8 @@
 
 No MQTT here, so the rules are tested directly and the daemon stays a thin loop. Every
 failure becomes a :class:`~edge_server.store.RejectionRow` with the
-:class:`~protocols.errors.ProtocolError` reason (or ``unknown_device``, ``wrong_hospital``,
+:class:`~protocols.errors.ProtocolError` reason (or ``unknown_device``, ``unregistered_stream``
+(a signal frame on a stream its device did not register), ``wrong_hospital``,
 ``internal_error``) and a WARNING log line with the payload clipped.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from protocols.errors import ProtocolError
+from protocols.frames import check_frame
 from protocols.logsetup import clip
 from protocols.messages import (
     ClinicalNote,
@@ -20,9 +22,9 @@ from protocols.messages import (
     EhrRecord,
     ImagingStudy,
     Presence,
-    SignalFrame,
     from_wire,
 )
+from protocols.schema import SIGNAL_STREAMS
 from protocols.topics import Topic
 
 from edge_server.store import Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
@@ -44,6 +46,10 @@ class Outcome:
     accepted: bool
     stream: str | None = None
     reason: str | None = None
+
+
+#: One shared (immutable) outcome per signal stream: the hot path allocates none.
+_ACCEPTED = {stream: Outcome(True, stream) for stream in SIGNAL_STREAMS}
 
 
 class Ingestor:
@@ -70,6 +76,8 @@ class Ingestor:
             device_id = parsed.device_id
             if parsed.hospital != self.hospital:
                 raise ProtocolError("wrong_hospital", f"{parsed.hospital!r} is not {self.hospital!r}")
+            if parsed.stream in SIGNAL_STREAMS:
+                return self._frame(parsed, payload, batch, received_at)
             msg = from_wire(parsed, payload)
             return self._accept(parsed, msg, payload, batch, received_at)
         except ProtocolError as err:
@@ -78,6 +86,38 @@ class Ingestor:
             log.exception("unexpected error on %s", clip(topic))
             return self._reject("internal_error", f"{type(err).__name__}: {err}", topic, device_id,
                                 payload, batch, received_at)
+
+    def _frame(self, topic: Topic, payload: bytes, batch: Batch, now: float) -> Outcome:
+        """A signal frame: the checks of ``from_wire`` and :meth:`_accept`, in their order.
+
+        The hot path (one call per frame): :func:`~protocols.frames.check_frame` validates the
+        payload and returns its header, and the row keeps the wire bytes, so no
+        :class:`SignalFrame` or sample array is built.
+        """
+        if not payload:
+            raise ProtocolError("truncated", "empty payload")
+        head = check_frame(payload)
+        if head.device_id != topic.device_id or head.stream != topic.stream:
+            raise ProtocolError("topic_mismatch", f"frame device/stream {(head.device_id, head.stream)!r} differs"
+                                f" from the topic's {(topic.device_id, topic.stream)!r}")
+        device = self._device(topic)
+        if topic.stream not in device.streams:
+            raise ProtocolError("unregistered_stream",
+                                f"{topic.device_id!r} registered {list(device.streams)}, not {topic.stream!r}")
+        batch.frames.append(FrameRow(head.device_id, head.stream, head.seq, device.patient_id, head.start_ts,
+                                     head.sample_rate, head.n_samples, head.channels, now, bytes(payload)))
+        return _ACCEPTED[topic.stream]
+
+    def _device(self, topic: Topic) -> DeviceRow:
+        """The registration of the topic's device, which must match the topic."""
+        device = self.known.get(topic.device_id)
+        if device is None:
+            raise ProtocolError("unknown_device", f"{topic.device_id!r} has not registered")
+        if device.device_class != topic.device_class:
+            raise ProtocolError("topic_mismatch",
+                                f"{topic.device_id!r} registered as {device.device_class!r}, topic says "
+                                f"{topic.device_class!r}")
+        return device
 
     def _accept(self, topic: Topic, msg, payload: bytes, batch: Batch, now: float) -> Outcome:
         if isinstance(msg, DeviceRegistration):
@@ -88,17 +128,8 @@ class Ingestor:
         if isinstance(msg, Presence):
             batch.presence.append(PresenceRow(msg.device_id, msg.online, now))
             return Outcome(True, topic.stream)
-        device = self.known.get(topic.device_id)
-        if device is None:
-            raise ProtocolError("unknown_device", f"{topic.device_id!r} has not registered")
-        if device.device_class != topic.device_class:
-            raise ProtocolError("topic_mismatch",
-                                f"{topic.device_id!r} registered as {device.device_class!r}, topic says "
-                                f"{topic.device_class!r}")
-        if isinstance(msg, SignalFrame):
-            batch.frames.append(FrameRow(msg.device_id, msg.stream, msg.seq, device.patient_id, msg.start_ts,
-                                         msg.sample_rate, msg.n_samples, msg.channels, now, bytes(payload)))
-        elif isinstance(msg, ImagingStudy):
+        self._device(topic)
+        if isinstance(msg, ImagingStudy):
             natural = msg.sop_instance_uid or msg.study_uid
             batch.documents.append(DocumentRow("image", natural, topic.device_id, topic.stream, msg.patient_id,
                                                now, bytes(payload)))

@@ -44,6 +44,7 @@ def _forged_frames() -> dict[str, list[tuple[str, bytes]]]:
         "bad_json": [(b.topic("nt-1", "note", "notes"), b'{"v":1,"patient_id":"p1",'),
                      (b.topic("ehr-1", "record", "ehr"), b"\xff\xfe not json")],
         "unknown_device": [b.frame("w-404", "ecg", 0), b.note("nt-404", "p1", "n-x")],
+        "unregistered_stream": [b.frame("w-2", "ppg", 0)],  # w-2 registered ecg only
         "invalid": [(b.topic("nt-1", "note", "notes"), b'{"v":1,"patient_id":"p1","note_id":"n9"}')],
         "bad_fhir": [(b.topic("ehr-1", "record", "ehr"), b'{"resourceType":"Patient"}')],
     }
@@ -55,7 +56,8 @@ def test_every_bad_input_is_rejected_with_reason_and_valid_neighbours_are_stored
     pub = Publisher(mosquitto)
     try:
         pub.publish([b.registration("w-1", "p1"), b.registration("nt-1", "ward", "notes"),
-                     b.registration("ehr-1", "ward", "ehr")], retain=True)
+                     b.registration("ehr-1", "ward", "ehr"), b.registration("w-2", "p2", streams={"ecg": 250.0})],
+                    retain=True)
         bad = _forged_frames()
         stream = []
         seq = 0
@@ -67,7 +69,7 @@ def test_every_bad_input_is_rejected_with_reason_and_valid_neighbours_are_stored
         sent = pub.publish(stream)
         n_bad = sum(len(v) for v in bad.values())
 
-        st = wait_status(data, lambda s: s["received"] >= sent + 3)
+        st = wait_status(data, lambda s: s["received"] >= sent + 4)
 
         assert st["rejected"] == {reason: len(msgs) for reason, msgs in bad.items()}
         assert st["stored"]["by_stream"] == {"ecg": seq, "acc": seq, "note": 1, "record": 1}
@@ -76,6 +78,7 @@ def test_every_bad_input_is_rejected_with_reason_and_valid_neighbours_are_stored
         text = metrics_text(port)
         assert 'iomt_edge_rejected_total{reason="non_finite"} 1.0' in text
         assert 'iomt_edge_rejected_total{reason="unknown_device"} 2.0' in text
+        assert 'iomt_edge_rejected_total{reason="unregistered_stream"} 1.0' in text
         assert f'iomt_edge_stored_total{{stream="ecg"}} {float(seq)}' in text
     finally:
         pub.close()
@@ -169,3 +172,54 @@ def test_broker_restart_mid_stream_agent_drains_buffer_edge_gets_everything(tmp_
     assert "iomt_edge_reconnects_total 1.0" in reconnects  # the edge, too, came back on its own
     assert "session present: True" in (tmp_path / "edge.log").read_text()  # ... to its persisted session
     assert stats.get("dropped_queue_full", 0) == 0
+
+
+def test_store_failure_exits_3_and_the_failed_batch_is_redelivered(mosquitto, tmp_path):
+    """A commit that fails ends the daemon with 3 before any of the batch is acknowledged."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    edge, _ = spawn_edge(mosquitto, data, tmp_path / "edge1.log")
+    pub = Publisher(mosquitto)
+    try:
+        pub.publish([b.registration("w-1", "p1")], retain=True)
+        pub.publish([b.frame("w-1", "ecg", i) for i in range(5)])
+        wait_status(data, lambda s: s["stored"]["total"] >= 5)
+        with sqlite3.connect(data / "edge.sqlite3") as con:  # the disk "fails" on the next frame
+            con.execute("CREATE TRIGGER fail BEFORE INSERT ON frames BEGIN SELECT RAISE(ABORT, 'disk gone'); END")
+        pub.publish([b.frame("w-1", "ecg", i) for i in range(5, 10)])
+        assert edge.wait(30) == 3
+        assert _stored_seqs(data) == list(range(5))
+        with sqlite3.connect(data / "edge.sqlite3") as con:  # the disk is back
+            con.execute("DROP TRIGGER fail")
+        edge, _ = spawn_edge(mosquitto, data, tmp_path / "edge2.log")
+        wait_status(data, lambda s: s["stored"]["total"] >= 10)
+    finally:
+        pub.close()
+        stop(edge)
+
+    assert _stored_seqs(data) == list(range(10))  # nothing of the failed batch was lost
+    assert "store failed" in (tmp_path / "edge1.log").read_text()
+
+
+def test_broker_refusing_the_connection_exits_4(tmp_path):
+    from tests.utils.procs import spawn_iomt
+
+    broker = Mosquitto(tmp_path)
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    broker.start()
+    try:
+        codes = {}
+        for version in ("5", "3.1.1"):
+            log = tmp_path / f"edge-{version}.log"
+            edge = spawn_iomt("edge", "run", "--hospital", "h1", "--broker", broker.url, "--data-dir",
+                              str(tmp_path / "data"), "--mqtt-version", version, "--preprocess-interval", "0", log=log)
+            try:
+                codes[version] = edge.wait(30)
+            finally:
+                stop(edge)
+            assert "broker refused the connection" in log.read_text()
+    finally:
+        broker.stop()
+
+    assert codes == {"5": 4, "3.1.1": 4}

@@ -99,3 +99,52 @@ def test_daemon_refuses_bad_config_with_exit_code_2(tmp_path):
 
     assert foreign.returncode == 2 and "holds hospital 'h2'" in foreign.stderr
     assert bad_url.returncode == 2 and "broker" in bad_url.stderr
+
+
+def test_frame_on_a_stream_its_device_did_not_register_is_rejected(caplog):
+    ing, batch = Ingestor("h1"), Batch()
+    _handle(ing, batch, b.registration("w-1", "p1", streams={"ecg": 250.0}))
+
+    with caplog.at_level(logging.WARNING, logger="edge_server.ingest"):
+        ppg = _handle(ing, batch, b.frame("w-1", "ppg", 0))
+    ecg = _handle(ing, batch, b.frame("w-1", "ecg", 0))
+
+    assert not ppg.accepted and ppg.reason == "unregistered_stream"
+    assert [(r.reason, r.device_id) for r in batch.rejections] == [("unregistered_stream", "w-1")]
+    assert "unregistered_stream" in caplog.text and "ppg" in caplog.text
+    assert ecg.accepted and [(f.stream, f.seq) for f in batch.frames] == [("ecg", 0)]
+
+
+def test_frame_rows_carry_the_decoded_frame_fields_and_exact_bytes():
+    from protocols.frames import decode_frame
+
+    ing, batch = Ingestor("h1"), Batch()
+    _handle(ing, batch, b.registration("w-1", "p7"))
+    msgs = [b.frame("w-1", stream, seq) for stream in ("ecg", "acc", "eda") for seq in (0, 5)]
+    outcomes = [_handle(ing, batch, m) for m in msgs]
+
+    assert [o.stream for o in outcomes] == ["ecg", "ecg", "acc", "acc", "eda", "eda"]
+    for (_, payload), row in zip(msgs, batch.frames, strict=True):
+        f = decode_frame(payload)
+        assert row == (f.device_id, f.stream, f.seq, "p7", f.start_ts, f.sample_rate, f.n_samples, f.channels,
+                       123.0, payload)
+
+
+def test_finiteness_check_is_exact_for_huge_finite_samples():
+    import numpy as np
+
+    from protocols.frames import DTYPES, pack_raw
+
+    ing, batch = Ingestor("h1"), Batch()
+    _handle(ing, batch, b.registration("w-1", "p1"))
+    code = DTYPES["float32"][0]
+    huge = np.full(250, 3e38, dtype="<f4")  # finite, but their squares overflow float32
+    bad = huge.copy()
+    bad[100] = np.inf
+    topic = b.topic("w-1", "ecg")
+    ok = _handle(ing, batch, (topic, pack_raw("w-1", "ecg", 1, b.T0, 250.0, 1, code, 250, huge.tobytes())))
+    inf = _handle(ing, batch, (topic, pack_raw("w-1", "ecg", 2, b.T0, 250.0, 1, code, 250, bad.tobytes())))
+    bad[100] = np.nan
+    nan = _handle(ing, batch, (topic, pack_raw("w-1", "ecg", 3, b.T0, 250.0, 1, code, 250, bad.tobytes())))
+
+    assert ok.accepted and (inf.reason, nan.reason) == ("non_finite", "non_finite")

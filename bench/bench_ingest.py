@@ -26,8 +26,8 @@ Two phases per consumer:
   publish -> stored latency p50/p99. If the publishers cannot reach ``--rate`` the achieved
   rate is printed.
 
-Results are printed as JSON; lost = published - stored (distinct frames). In the drain
-phase each consumer's CPU seconds (bare: from its first delivery; edge: its whole life
+Results are printed as JSON; lost = published - stored (distinct frames). In each phase
+each consumer's CPU seconds (bare: from its first delivery; edge: its whole life
 minus its start-up up to being subscribed) give ``frames_per_cpu_s``: what one core would
 sustain, which a shared, loaded machine's wall-clock rates understate.
 """
@@ -181,8 +181,7 @@ def run_bare(port: int, devices: list[str], seconds: int, publishers: int, rate:
     forget_session(port, client_id)
     out = _summary("bare paho subscriber", "drain" if drain else "live", pub, res["stored"], res["span_s"],
                    np.array(res["latency_s"]))
-    if drain:
-        out["frames_per_cpu_s"] = round(res["stored"] / res["cpu_s"], 1) if res["cpu_s"] else None
+    out["frames_per_cpu_s"] = round(res["stored"] / res["cpu_s"], 1) if res["cpu_s"] else None
     return out
 
 
@@ -233,8 +232,7 @@ def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: in
     span = float(rows[:, 1].max() - rows[:, 0].min())
     out = _summary("iomt edge run", "drain" if drain else "live", pub, len(rows), span, rows[:, 1] - rows[:, 2])
     out["samples_per_s"] = round(samples / span, 1) if span else None
-    if drain:
-        out["frames_per_cpu_s"] = round(len(rows) / cpu, 1) if cpu > 0 else None
+    out["frames_per_cpu_s"] = round(len(rows) / cpu, 1) if cpu > 0 else None
     out["edge_exit_code"] = code
     return out
 

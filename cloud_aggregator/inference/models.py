@@ -17,6 +17,7 @@ parameters exist only as shares; nothing here ever calls ``get_plain_text`` on t
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +41,11 @@ FUSION_PREFIXES = ("fusion.", "head.")
 LN_SQRT_ITERS = 12
 #: exp(x) = exp(x / 2^k)^(2^k); with k = 4 the Taylor step sees |x / 16| <= 1 for |x| <= 16.
 EXP_SQUARINGS = 4
-#: Newton iterations for the softmax denominator (a sum of exponentials of centred scores,
-#: > 0): CrypTen's initial guess and 10 iterations reach 1e-3 relative on [8.3e-4, 660].
+#: Goldschmidt iterations for the softmax denominator (a sum of exponentials of centred
+#: scores, > 0): CrypTen's initial guess and 10 iterations reach 1e-3 relative on [8.3e-4, 660].
 RECIPROCAL_ITERS = 10
+#: squarings in that initial guess's exp, (1 + x / 2^8)^(2^8), as CrypTen's default
+EXP_LIMIT_SQUARINGS = 8
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,16 @@ class EncryptedVisionModel:
         self._device = device
         self._graphs: dict[int, Any] = {}
 
+    def prepare(self) -> None:
+        """Fold the BatchNorms on shares (collective: the worker calls it once every party accepted a request)."""
+        if self._pairs:
+            self._params = fold_shared_batchnorm(self._params, self._pairs)
+            self._pairs = []
+
     def _graph(self, batch: int) -> Any:
         if batch in self._graphs:
             return self._graphs[batch]
-        if self._pairs:  # collective: runs after every party accepted the request (worker._infer)
-            self._params = fold_shared_batchnorm(self._params, self._pairs)
-            self._pairs = []
+        self.prepare()
         example = torch.zeros(batch, self.in_channels, self.image_size, self.image_size)
         graph = from_onnx(export_onnx(self._skeleton, (example,)))
         for name, module in list(graph._modules.items()):
@@ -172,15 +179,23 @@ class EncryptedFusionHead:
     Mirrors ``protocols.model.AttentionFusion`` and ``MultimodalNet.head`` (eval mode):
     ``s_m = v^T tanh(W f_m + b + e_m)``; absent modalities get weight exactly 0 (the shared
     mask multiplies the exponentials). Written for few communication rounds (each
-    multiplication of two shared values costs one round plus a triple from the TTP):
+    multiplication of two shared values costs one round plus a triple from the TTP); every
+    step is exact algebra, so the function is the plaintext model's:
 
     * the softmax subtracts the *mean* score (linear, free) instead of the max (a tree of
-      secure comparisons, ~180 rounds); this is exact algebra, and the exponent stays small:
-      tanh is in [-1, 1], so ``|s_m - mean(s)| <= 1.5 ||v||_1`` and ``_exp`` (accurate for
-      |x| <= 16) covers every input while ``||v||_1 <= 10`` (a trained dim-32 model: 2.8);
+      secure comparisons, ~180 rounds); the exponent stays small: tanh is in [-1, 1], so
+      ``|s_m - mean(s)| <= 1.5 ||v||_1`` and ``_exp`` (accurate for |x| <= 16) covers every
+      input while ``||v||_1 <= 10`` (a trained dim-32 model: 2.8);
     * exp is a degree-7 Taylor polynomial of ``x / 16`` (powers batched two per round) and
       4 squarings, instead of 8 squarings of ``1 + x / 256`` (also more accurate);
-    * LayerNorm's 1/sqrt uses coupled Goldschmidt iterations: 2 rounds each, not Newton's 3.
+    * the softmax's division is a Goldschmidt division of the stacked numerators
+      ``[exp(s) * mask, sum_m exp(s_m) mask_m f_m]`` by their sum: one round per iteration
+      (Newton's reciprocal takes two, then one more to multiply), and it yields the modality
+      weights and the fused features at once;
+    * LayerNorm's 1/sqrt uses coupled Goldschmidt iterations: 2 rounds each, not Newton's 3;
+      its affine scale is folded into the first head layer once per model (:meth:`prepare`:
+      ``W1 (g * c / sigma + beta) + b1 = (W1 diag(g) c) / sigma + (W1 beta + b1)``), and
+      ``c^2`` and ``W1 diag(g) c`` are computed in the same round.
     """
 
     outputs = ("logits", "modality_weights")
@@ -201,9 +216,21 @@ class EncryptedFusionHead:
         if missing:
             raise InferenceError("model_mismatch", f"the shared model lacks {missing}")
         self.p = params
+        self._folded: tuple[Any, Any] | None = None
+
+    def prepare(self) -> None:
+        """Fold LayerNorm's affine map into the first head layer, on shares (collective; once per model)."""
+        if self._folded is not None:
+            return
+        p = self.p
+        w1 = p["head.1.weight"]  # (H, D)
+        w1g, shift = _mul_many([(w1, p["head.0.weight"].unsqueeze(0)), (w1, p["head.0.bias"].unsqueeze(0))])
+        self._folded = (w1g, shift.sum(dim=1) + p["head.1.bias"])
 
     def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        self.prepare()
         p = self.p
+        w1g, head_shift = self._folded
         feats, mask = inputs["features"], inputs["mask"]  # (B, M, D), (B, M)
         h = feats.matmul(p["fusion.proj.weight"].t()) + p["fusion.proj.bias"] + p["fusion.modality_embed"]
         scores = h.tanh().matmul(p["fusion.score.weight"].t()).squeeze(-1)  # (B, M)
@@ -211,18 +238,64 @@ class EncryptedFusionHead:
         # the max (comparisons); |s| <= ||v||_1 because tanh is in [-1, 1]
         centred_scores = scores - scores.mean(dim=1, keepdim=True)
         expd = _exp(centred_scores) * mask
-        total = expd.sum(dim=1, keepdim=True)
-        with load_crypten().cfg.temp_override({"functions.reciprocal_all_pos": True,
-                                               "functions.reciprocal_nr_iters": RECIPROCAL_ITERS}):
-            weights = expd * total.reciprocal()
-        fused = (weights.unsqueeze(-1) * feats).sum(dim=1)  # (B, D)
+        total = expd.sum(dim=1, keepdim=True)  # (B, 1), > 0
+        # CrypTen's initial guess for 1/total: 3 exp(0.5 - x) + 0.003, exp as (1 + x/256)^256;
+        # its first squaring shares a round with the unnormalised fused features
+        base = (0.5 - total).div(2 ** EXP_LIMIT_SQUARINGS).add(1)
+        products, base = _mul_many([(expd.unsqueeze(-1), feats), (base, base)])
+        unnormalised = products.sum(dim=1)  # (B, D) = sum_m exp(s_m) mask_m f_m
+        for _ in range(EXP_LIMIT_SQUARINGS - 1):
+            base = base.square()
+        guess = base.mul(3).add(0.003)
+        weights, fused = _goldschmidt_divide([expd, unnormalised], total, guess, RECIPROCAL_ITERS)
         centred = fused - fused.mean(dim=1, keepdim=True)
-        var = centred.square().mean(dim=1, keepdim=True)
+        squares, projected = _mul_many([(centred, centred), (centred.unsqueeze(1), w1g.unsqueeze(0))])
+        var = squares.mean(dim=1, keepdim=True)
         inv_std = _inv_sqrt(var + 1e-5, LN_SQRT_ITERS)
-        normed = centred * inv_std * p["head.0.weight"] + p["head.0.bias"]
-        hidden = (normed.matmul(p["head.1.weight"].t()) + p["head.1.bias"]).relu()
+        hidden = (projected.sum(dim=-1) * inv_std + head_shift).relu()  # (B, H)
         logits = hidden.matmul(p["head.4.weight"].t()) + p["head.4.bias"]
         return {"logits": logits, "modality_weights": weights}
+
+
+def _mul_many(pairs: list[tuple[Any, Any]]) -> list[Any]:
+    """The elementwise products ``x * y`` (broadcast) of several pairs, in one communication round.
+
+    Independent multiplications each cost a round; concatenated into one flat tensor they
+    cost one multiplication (one Beaver triple, one opening).
+    """
+    crypten = load_crypten()
+    xs, ys, shapes = [], [], []
+    for x, y in pairs:
+        shape = torch.broadcast_shapes(tuple(x.size()), tuple(y.size()))
+        xs.append(x.expand(*shape).flatten())
+        ys.append(y.expand(*shape).flatten())
+        shapes.append(shape)
+    product = crypten.cat(xs).mul(crypten.cat(ys))
+    out, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(product[start:start + size].reshape(*shape))
+        start += size
+    return out
+
+
+def _goldschmidt_divide(numerators: list[Any], denominator: Any, guess: Any, iters: int) -> list[Any]:
+    """Each ``numerator / denominator`` (denominator (B, 1), > 0; ``guess`` ~ 1/denominator).
+
+    Goldschmidt: multiply numerators and denominator by ``guess``, then ``iters`` times by
+    ``r = 2 - d``; ``d -> 1`` quadratically (the same sequence as Newton's reciprocal from
+    the same guess), so the numerators -> the quotients. One round per iteration.
+    """
+    crypten = load_crypten()
+    widths = [int(n.size(1)) for n in numerators]
+    stack = crypten.cat([*numerators, denominator], dim=1) * guess
+    for _ in range(iters):
+        stack = stack * (2 - stack[:, -1:])
+    out, start = [], 0
+    for width in widths:
+        out.append(stack[:, start:start + width])
+        start += width
+    return out
 
 
 def _exp(x: Any) -> Any:

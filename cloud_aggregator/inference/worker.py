@@ -238,6 +238,8 @@ class _WorkerLoop:
         with self.crypten.no_grad():
             enc = {name: mpc.from_shares(torch.from_numpy(arr).to(self.cfg.device)) for name, arr in job.inputs.items()}
             signature = (header["version"], tuple(sorted((k, tuple(v)) for k, v in header["shapes"].items())))
+            if hasattr(model, "prepare"):  # once per model, collective, outside the traced request
+                model.prepare()
             if getattr(model, "prefetch_triples", False):  # small circuits only: the cache holds a request's worth
                 out = self.prefetch.run(signature, lambda: model.forward(enc))
             else:

@@ -294,6 +294,7 @@ class EdgeDaemon:
                     except (OSError, ValueError):  # socket closed under us: loop_read reports it
                         ready = [sock]
                     readable = bool(ready)
+                waited = not busy  # this pass waited in select (up to IDLE_FLUSH_S with a batch pending)
                 rc = MQTTErrorCode.MQTT_ERR_SUCCESS
                 if readable:
                     rc = self._read(max(1, s.batch_max - before))
@@ -303,7 +304,10 @@ class EdgeDaemon:
                     rc = client.loop_write()
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     rc = client.loop_misc()
-                if pending and (pending >= s.batch_max or not busy
+                # Commit when the batch is full, when the socket stayed idle through a wait, or
+                # when the oldest delivery has waited batch_ms; a socket that merely ran dry
+                # between two bursts gets its IDLE_FLUSH_S wait first, so batches stay large.
+                if pending and (pending >= s.batch_max or (waited and not busy)
                                 or time.monotonic() - self._batch_started >= batch_s):
                     self._flush()
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:

@@ -29,7 +29,8 @@ Two phases per consumer:
 Results are printed as JSON; lost = published - stored (distinct frames). In each phase
 each consumer's CPU seconds (bare: from its first delivery; edge: its whole life
 minus its start-up up to being subscribed) give ``frames_per_cpu_s``: what one core would
-sustain, which a shared, loaded machine's wall-clock rates understate.
+sustain, which a shared, loaded machine's wall-clock rates understate; ``runqueue_wait_s``
+is how long the consumer was runnable but waiting for its CPU (other work on the core).
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def _bare_subscriber(port: int, client_id: str, expected: int, drain: bool, v5: 
     lat = np.zeros(expected, dtype=np.float64)
     count = [0]
     cpu0 = [0.0]
+    wait0 = [0.0]
 
     def on_message(client, userdata, msg):
         i = count[0]
@@ -135,6 +137,7 @@ def _bare_subscriber(port: int, client_id: str, expected: int, drain: bool, v5: 
         now = time.time()
         if i == 0:
             cpu0[0] = time.process_time()
+            wait0[0] = _runqueue_wait()
         arrivals[i] = now
         lat[i] = now - _START_TS.unpack_from(msg.payload, START_TS_OFFSET)[0]
         count[0] = i + 1
@@ -162,7 +165,8 @@ def _bare_subscriber(port: int, client_id: str, expected: int, drain: bool, v5: 
             break
     n = count[0]
     out.put({"stored": n, "span_s": float(arrivals[n - 1] - arrivals[0]) if n > 1 else 0.0,
-             "latency_s": lat[:n].tolist(), "cpu_s": time.process_time() - cpu0[0]})
+             "latency_s": lat[:n].tolist(), "cpu_s": time.process_time() - cpu0[0],
+             "runqueue_wait_s": _runqueue_wait() - wait0[0]})
     client.disconnect()
 
 
@@ -182,6 +186,7 @@ def run_bare(port: int, devices: list[str], seconds: int, publishers: int, rate:
     out = _summary("bare paho subscriber", "drain" if drain else "live", pub, res["stored"], res["span_s"],
                    np.array(res["latency_s"]))
     out["frames_per_cpu_s"] = round(res["stored"] / res["cpu_s"], 1) if res["cpu_s"] else None
+    out["runqueue_wait_s"] = round(res["runqueue_wait_s"], 2)
     return out
 
 
@@ -203,12 +208,13 @@ def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: in
     edge = _spawn_edge(broker, data, workdir, extra)
     try:
         # CPU of start-up (imports, connect) up to being subscribed, not counted as ingest work.
-        startup_cpu = _cpu_seconds(edge.pid)
+        startup_cpu, startup_wait = _cpu_seconds(edge.pid), _runqueue_wait(edge.pid)
         if drain:  # its session stays on the broker and collects the backlog
             stop(edge)
         pub = publish_all(broker.port, devices, seconds, publishers, 0.0 if drain else rate)
         if drain:  # the backlog flows as soon as it subscribes: take the first start-up's CPU
             edge = _spawn_edge(broker, data, workdir, extra)
+            startup_wait = _runqueue_wait(edge.pid)
         expected = pub["published"]
         db = data / "edge.sqlite3"
         idle_since, last = time.monotonic(), -1
@@ -223,6 +229,7 @@ def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: in
                 break
             time.sleep(0.2)
         cpu = _cpu_seconds(edge.pid) - startup_cpu
+        wait = _runqueue_wait(edge.pid) - startup_wait
     finally:
         code = stop(edge)
         forget_session(broker.port, load_settings(hospital=HOSPITAL, data_dir=data).stable_client_id())
@@ -233,8 +240,22 @@ def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: in
     out = _summary("iomt edge run", "drain" if drain else "live", pub, len(rows), span, rows[:, 1] - rows[:, 2])
     out["samples_per_s"] = round(samples / span, 1) if span else None
     out["frames_per_cpu_s"] = round(len(rows) / cpu, 1) if cpu > 0 else None
+    out["runqueue_wait_s"] = round(wait, 2)
     out["edge_exit_code"] = code
     return out
+
+
+def _runqueue_wait(pid: int | str = "self") -> float:
+    """Seconds a process's threads waited for a CPU while runnable (Linux schedstat), 0 if unknown.
+
+    Separates "the consumer was too slow" from "the consumer was starved by other work on
+    its core" when a latency tail appears on a shared machine.
+    """
+    try:
+        task = Path(f"/proc/{pid}/task")
+        return sum(int((t / "schedstat").read_text().split()[1]) for t in task.iterdir()) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _cpu_seconds(pid: int) -> float:

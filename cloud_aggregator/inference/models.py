@@ -16,6 +16,7 @@ parameters exist only as shares; nothing here ever calls ``get_plain_text`` on t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -42,8 +43,14 @@ LN_SQRT_ITERS = 12
 #: exp(x) = exp(x / 2^k)^(2^k); with k = 4 the Taylor step sees |x / 16| <= 1 for |x| <= 16.
 EXP_SQUARINGS = 4
 #: Goldschmidt iterations for the softmax denominator (a sum of exponentials of centred
-#: scores, > 0): CrypTen's initial guess and 10 iterations reach 1e-3 relative on [8.3e-4, 660].
+#: scores, > 0): from CrypTen's initial guess, 10 iterations give the weights to 1e-3 for a
+#: denominator in [0.05, 500] (tests/cloud_aggregator/test_mpc_functions.py); the guess's
+#: exp breaks above 512, and below ~0.05 the exponentials have few bits in 16-bit fixed point.
 RECIPROCAL_ITERS = 10
+#: degree of the polynomial for (1 - t) / (1 + t) on [0, 1] in tanh (max error ~1e-5)
+TANH_DEGREE = 7
+#: squarings of tanh's exp(-2|x|): valid for |x| <= 3.5 * 2^5 / 2 = 56
+TANH_EXP_SQUARINGS = 5
 #: squarings in that initial guess's exp, (1 + x / 2^8)^(2^8), as CrypTen's default
 EXP_LIMIT_SQUARINGS = 8
 
@@ -102,7 +109,8 @@ class EncryptedVisionModel:
     def prepare(self) -> None:
         """Fold the BatchNorms on shares (collective: the worker calls it once every party accepted a request)."""
         if self._pairs:
-            self._params = fold_shared_batchnorm(self._params, self._pairs)
+            with _untraced():
+                self._params = fold_shared_batchnorm(self._params, self._pairs)
             self._pairs = []
 
     def _graph(self, batch: int) -> Any:
@@ -224,7 +232,8 @@ class EncryptedFusionHead:
             return
         p = self.p
         w1 = p["head.1.weight"]  # (H, D)
-        w1g, shift = _mul_many([(w1, p["head.0.weight"].unsqueeze(0)), (w1, p["head.0.bias"].unsqueeze(0))])
+        with _untraced():  # a once-per-model cost: not part of a request's prefetched triples
+            w1g, shift = _mul_many([(w1, p["head.0.weight"].unsqueeze(0)), (w1, p["head.0.bias"].unsqueeze(0))])
         self._folded = (w1g, shift.sum(dim=1) + p["head.1.bias"])
 
     def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +242,7 @@ class EncryptedFusionHead:
         w1g, head_shift = self._folded
         feats, mask = inputs["features"], inputs["mask"]  # (B, M, D), (B, M)
         h = feats.matmul(p["fusion.proj.weight"].t()) + p["fusion.proj.bias"] + p["fusion.modality_embed"]
-        scores = h.tanh().matmul(p["fusion.score.weight"].t()).squeeze(-1)  # (B, M)
+        scores = _tanh(h).matmul(p["fusion.score.weight"].t()).squeeze(-1)  # (B, M)
         # softmax is shift-invariant: centre on the mean score (linear, no rounds) instead of
         # the max (comparisons); |s| <= ||v||_1 because tanh is in [-1, 1]
         centred_scores = scores - scores.mean(dim=1, keepdim=True)
@@ -255,6 +264,20 @@ class EncryptedFusionHead:
         hidden = (projected.sum(dim=-1) * inv_std + head_shift).relu()  # (B, H)
         logits = hidden.matmul(p["head.4.weight"].t()) + p["head.4.bias"]
         return {"logits": logits, "modality_weights": weights}
+
+
+@contextlib.contextmanager
+def _untraced():
+    """Pause CrypTen's provider tracing (inference.triples records a request's triples with it)."""
+    provider = load_crypten().mpc.get_default_provider()
+    tracing = getattr(provider, "tracing", False)
+    if tracing:
+        provider.trace(False)
+    try:
+        yield
+    finally:
+        if tracing:
+            provider.trace(True)
 
 
 def _mul_many(pairs: list[tuple[Any, Any]]) -> list[Any]:
@@ -298,20 +321,55 @@ def _goldschmidt_divide(numerators: list[Any], denominator: Any, guess: Any, ite
     return out
 
 
-def _exp(x: Any) -> Any:
-    """exp(x), accurate to ~1e-5 relative for |x| <= 2^k = 16: a degree-7 Taylor polynomial of exp(x / 2^k) raised to 2^k.
+def _exp(x: Any, squarings: int = EXP_SQUARINGS) -> Any:
+    """exp(x), accurate to ~1e-5 relative for |x| <= 2^k (16 at the default k = 4): a degree-7 Taylor polynomial of exp(x / 2^k) raised to 2^k.
 
     The powers are computed two at a time on stacked tensors (3 rounds), then k squarings.
+    For negative x it stays near 0 down to x = -3.5 * 2^k; below that the Taylor polynomial
+    grows and the result is wrong.
     """
     crypten = load_crypten()
-    y = x.div(2 ** EXP_SQUARINGS)
+    y = x.div(2 ** squarings)
     y2 = y.square()
     y3, y4 = crypten.stack([y, y2]).mul(crypten.stack([y2, y2])).unbind(0)
     y5, y6, y7 = crypten.stack([y4, y4, y4]).mul(crypten.stack([y, y2, y3])).unbind(0)
     out = 1 + y + y2.div(2) + y3.div(6) + y4.div(24) + y5.div(120) + y6.div(720) + y7.div(5040)
-    for _ in range(EXP_SQUARINGS):
+    for _ in range(squarings):
         out = out.square()
     return out
+
+
+def _tanh_poly_coefficients(degree: int = TANH_DEGREE) -> list[float]:
+    """Power-basis coefficients of the least-squares Chebyshev fit of (1 - t) / (1 + t) on [0, 1]."""
+    t = np.cos(np.pi * (np.arange(400) + 0.5) / 400) / 2 + 0.5  # Chebyshev nodes on [0, 1]
+    fit = np.polynomial.Chebyshev.fit(t, (1 - t) / (1 + t), degree, domain=[0, 1])
+    return [float(c) for c in fit.convert(kind=np.polynomial.Polynomial, domain=[-1, 1], window=[-1, 1]).coef]
+
+
+_TANH_COEFFS = _tanh_poly_coefficients()
+
+
+def _tanh(x: Any) -> Any:
+    """tanh(x) = (1 - t) / (1 + t) with t = exp(-2|x|) in (0, 1], the quotient a degree-7 polynomial.
+
+    Both branches are evaluated at once on the stacked ``[-2x, 2x]`` (no multiplication by
+    the sign first): the branch whose exponent is <= 0 is the valid one, and the secure sign
+    bit selects it; the other branch may hold any ring value (its exp overflows for
+    |x| > 16), which the exact multiplication by a 0 bit removes. Accurate to ~4e-4 for
+    |x| <= 56 (``_exp``'s range for non-positive arguments with 5 squarings; measured 3.4e-4
+    in 2-party fixed point); wrong beyond. 20 rounds: exp 8, powers 3, sign 8, select 1
+    (CrypTen's sigmoid-based tanh: 23).
+    """
+    crypten = load_crypten()
+    t = _exp(crypten.stack([x.mul(-2), x.mul(2)]), TANH_EXP_SQUARINGS)  # exp(-2x) valid for x >= 0, exp(2x) for x < 0
+    t2 = t.square()
+    t3, t4 = crypten.stack([t, t2]).mul(crypten.stack([t2, t2])).unbind(0)
+    t5, t6, t7 = crypten.stack([t4, t4, t4]).mul(crypten.stack([t, t2, t3])).unbind(0)
+    c = _TANH_COEFFS
+    g = c[0] + t * c[1] + t2 * c[2] + t3 * c[3] + t4 * c[4] + t5 * c[5] + t6 * c[6] + t7 * c[7]
+    g_pos, g_neg = g.unbind(0)  # tanh(|x|) from the x >= 0 branch, and from the x < 0 branch
+    negative = x._ltz()
+    return g_pos - negative * (g_pos + g_neg)
 
 
 def _inv_sqrt(x: Any, iters: int) -> Any:

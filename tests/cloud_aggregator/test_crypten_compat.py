@@ -22,6 +22,26 @@ def test_crypten_imports_with_standin_and_is_pinned():
         standin.registry.anything  # noqa: B018 - the stand-in refuses use, loudly
 
 
+def test_cached_config_follows_overrides_and_writes():
+    crypten = cc.load_crypten()
+    cfg = crypten.cfg
+    assert not cc.cache_config_sections()  # installed once, by load_crypten
+    bits, provider = cfg.encoder.precision_bits, cfg.mpc.provider
+    assert bits == cc.PRECISION_BITS
+    with cfg.temp_override({"encoder.precision_bits": 10, "functions.sqrt_nr_iters": 7}):
+        assert cfg.encoder.precision_bits == 10 and cfg.functions.sqrt_nr_iters == 7
+        assert crypten.encoder.FixedPointEncoder().scale == 2 ** 10
+    assert cfg.encoder.precision_bits == bits and cfg.functions.sqrt_nr_iters == 3
+    try:
+        cfg.mpc.provider = "TTP"  # in place, through the cached section (as the worker does)
+        assert cfg.mpc.provider == "TTP" and cfg["mpc.provider"] == "TTP" and crypten.mpc.ttp_required()
+        cfg["mpc.provider"] = "TFP"  # a new config object
+        assert cfg.mpc.provider == "TFP" and not crypten.mpc.ttp_required()
+    finally:
+        cfg.mpc.provider = provider
+    assert cfg.mpc.provider == provider
+
+
 def test_clean_onnx_removes_identity_and_keeps_every_parameter_name():
     model = resnet18(num_classes=3, in_channels=1)
     raw = onnx.load_model_from_string(cc.export_onnx(model, (torch.zeros(1, 1, 16, 16),)))

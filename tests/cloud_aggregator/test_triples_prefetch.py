@@ -29,6 +29,8 @@ def _party() -> dict:
     params = {k: crypten.cryptensor(v, src=0) for k, v in model.state_dict().items()
               if k.startswith(("fusion.", "head."))}
     head = EncryptedFusionHead({"dim": DIM, "num_classes": 3}, params)
+    with crypten.no_grad():
+        head.prepare()  # once per model, before any request (as the worker does)
     feats, mask = torch.randn(BATCH, 4, DIM), torch.ones(BATCH, 4)
     mask[0, 1:] = 0.0
     enc = {"features": crypten.cryptensor(feats, src=0), "mask": crypten.cryptensor(mask, src=0)}

@@ -71,51 +71,6 @@ def train_image_model(arch: str, x: np.ndarray, y: np.ndarray, num_classes: int,
     return net.eval()
 
 
-class _Cloud:
-    """Two parties and the triples provider as `iomt cloud` processes on loopback."""
-
-    def __init__(self, work: Path) -> None:
-        from iomt.supervisor import Supervisor, free_port
-        from protocols.auth import Signer, make_credentials
-        self.work = work
-        self.registry = make_credentials(work / "creds", ["experiment"], PARTIES)
-        self.signer = Signer.from_file(work / "creds" / "keys" / "experiment.json")
-        self.dirs = [work / f"party{i}" for i in range(PARTIES)]
-        self.master = f"127.0.0.1:{free_port()}"
-        self.ports = [free_port() for _ in range(PARTIES)]
-        self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
-        self.sup = Supervisor(work / "logs")
-
-    def start(self) -> None:
-        from iomt.supervisor import iomt_argv, wait_port
-        self.sup.start("ttp", iomt_argv("cloud", "triples", "--parties", str(PARTIES), "--mpc-master", self.master))
-        for i in range(PARTIES):
-            self.sup.start(f"party{i}", iomt_argv(
-                "cloud", "party", "--index", str(i), "--parties", str(PARTIES), "--data-dir", str(self.dirs[i]),
-                "--listen", f"127.0.0.1:{self.ports[i]}", "--registry", str(self.registry),
-                "--mpc-master", self.master), env={"IOMT_MPC_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)})
-        for p in self.ports:
-            wait_port(p, timeout=120)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        import httpx
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            self.sup.check()
-            try:
-                if all(httpx.get(f"{u}/inference/v1/status", timeout=5).json()["ready"] for u in self.urls):
-                    return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        raise NotAvailable(f"the MPC parties did not become ready within {READY_TIMEOUT_S:.0f}s "
-                           f"(logs in {self.work / 'logs'})")
-
-    def stop(self) -> None:
-        self.sup.stop_all()
-
-
 def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = None, image_size: int | None = None,
                         archs: tuple[str, ...] = ARCHS, repeats: int | None = None) -> dict:
     try:
@@ -123,6 +78,7 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
 
         from cloud_aggregator.inference.client import predict
         from cloud_aggregator.inference.publish import publish_shared_model
+        from iomt.mpc_cloud import MpcCloud
         from protocols.model import state_to_numpy
     except ImportError as err:
         raise NotAvailable(f"encrypted_inference is not yet available: the cloud's CrypTen inference path "
@@ -150,11 +106,11 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
             net = train_image_model(arch, x_train, y_train, len(fed.classes), epochs, seed)
             # The parties' stores (hundreds of MB of shares for AlexNet) live in a temporary folder.
             work = Path(tempfile.mkdtemp(prefix=f"iomt-encrypted-{arch}-"))
-            cloud = _Cloud(work)
+            cloud = MpcCloud(work, ["experiment"], PARTIES, env={"IOMT_MPC_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)})
             publish_shared_model(cloud.dirs, [state_to_numpy(net)], [1], arch,
                                  {"num_classes": len(fed.classes), "in_channels": 1, "image_size": size})
-            cloud.start()
             try:
+                cloud.start(READY_TIMEOUT_S)
                 rng = np.random.default_rng(seed)
                 for batch in batches:
                     for rep in range(repeats):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import numpy as np
@@ -15,55 +14,18 @@ from cloud_aggregator.inference.publish import publish_shared_model
 from protocols.auth import Signer, make_credentials
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from protocols.vision import fold_batchnorm, resnet18
-from tests.utils.procs import free_port, run_iomt, spawn_iomt, stop, wait_port
+from iomt.mpc_cloud import MpcCloud
+from tests.utils.procs import run_iomt, spawn_iomt, stop, wait_port
 
 torch.set_num_threads(1)
 
 
-class Cloud:
-    """Two parties and the triples provider, each its own `iomt` process."""
+def Cloud(tmp, parties: int = 2) -> MpcCloud:  # noqa: N802 - reads as the class it builds
+    """Two parties and the triples provider, each its own `iomt` process that dies with the test."""
+    def launch(name, args, env):
+        return spawn_iomt(*args, log=tmp / f"{name}.log", env=env)
 
-    def __init__(self, tmp, parties: int = 2) -> None:
-        self.tmp, self.n = tmp, parties
-        self.registry = make_credentials(tmp / "creds", ["hospital-a"], parties)
-        self.signer = Signer.from_file(tmp / "creds" / "keys" / "hospital-a.json")
-        self.dirs = [tmp / f"party{i}" for i in range(parties)]
-        self.master = f"127.0.0.1:{free_port()}"
-        self.ports = [free_port() for _ in range(parties)]
-        self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
-        self.procs: dict[str, object] = {}
-
-    def start_party(self, i: int) -> None:
-        self.procs[f"party{i}"] = spawn_iomt(
-            "cloud", "party", "--index", str(i), "--parties", str(self.n), "--data-dir", str(self.dirs[i]),
-            "--listen", f"127.0.0.1:{self.ports[i]}", "--registry", str(self.registry),
-            "--mpc-master", self.master, log=self.tmp / f"party{i}.log")
-
-    def start(self) -> Cloud:
-        self.procs["ttp"] = spawn_iomt("cloud", "triples", "--parties", str(self.n), "--mpc-master", self.master,
-                                       log=self.tmp / "ttp.log")
-        for i in range(self.n):
-            self.start_party(i)
-        for p in self.ports:
-            wait_port(p, timeout=60)
-        self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if all(httpx.get(f"{u}/inference/v1/status", timeout=5).json()["ready"] for u in self.urls):
-                    return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        raise AssertionError("MPC group not ready:\n" + "\n".join(
-            (self.tmp / f"{name}.log").read_text()[-2000:] for name in self.procs))
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            stop(proc)
+    return MpcCloud(tmp, ["hospital-a"], parties, launch=launch, stop=stop)
 
 
 @pytest.fixture
@@ -164,7 +126,7 @@ def test_party_disappearing_mid_request_is_an_error_then_recovers(fusion_cloud):
     cloud, model = fusion_cloud
     feats, mask = _features(model, 2, torch.Generator().manual_seed(5))
     # party 1 dies: party 0 gets the share, the group breaks or party 1 never answers
-    stop(cloud.procs["party1"])
+    cloud.stop_party(1)
     with pytest.raises(InferenceError) as err:
         predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()}, timeout=60)
     assert err.value.code in {"party_unreachable", "missing_share", "mpc_unavailable"}

@@ -227,7 +227,7 @@ def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: in
                 last, idle_since = n, time.monotonic()
             elif time.monotonic() - idle_since > 30:
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
         cpu = _cpu_seconds(edge.pid) - startup_cpu
         wait = _runqueue_wait(edge.pid) - startup_wait
     finally:
@@ -326,6 +326,7 @@ def main() -> int:
     live_s = args.live_seconds or args.seconds
     phases = set(args.phases.split(","))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    _pin(_other_cpus())  # this process polls the store: keep it off the consumers' CPU
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)

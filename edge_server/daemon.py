@@ -228,8 +228,8 @@ class EdgeDaemon:
         """Queue the batch's PUBACKs (in delivery order, as MQTT requires) and write them at once.
 
         paho queues each ack without writing it (our ``on_socket_register_write`` hook defers
-        writes to :meth:`_loop`); with TCP_CORK the kernel then sends the batch's acks in a few
-        segments instead of one per message, which saves the broker as much work as us.
+        writes to our loop); with TCP_CORK the kernel sends the batch's acks in a few segments,
+        not one per message, so the broker has fewer to read.
         """
         client = self._client
         for mid, qos in acks:
@@ -251,12 +251,11 @@ class EdgeDaemon:
         deliveries; the first call that produces none (nothing left to read, half a packet,
         or a control packet) ends the burst and the loop goes back to ``select``.
         """
-        client, batch = self._client, self._batch
-        target = batch.received + limit
+        target = self._batch.received + limit
         while True:
             n = self._batch.received
-            rc = client.loop_read()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._batch.received == n or self._batch.received >= target:
+            rc = self._client.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._batch.received in (n, target):
                 return rc
 
     def _loop(self) -> int:

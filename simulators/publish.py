@@ -32,9 +32,11 @@ def publish_cohort(patients: list[SimPatient], hospital: str, broker: str, start
     buffer_dir = Path(buffer_dir or tempfile.mkdtemp(prefix="iomt-sim-"))
     published: Counter = Counter()
     first = patients[0].devices if patients else {}
+    needed = {"imaging": any(p.image is not None for p in patients), "ehr": any(p.ehr is not None for p in patients),
+              "notes": any(p.note is not None for p in patients)}  # a replayed cohort has wearables only
     shared = {cls: _agent(broker, hospital, cls, first[cls], "ward", streams, buffer_dir, mqtt_version)
               for cls, streams in (("imaging", {"study": 0.0}), ("ehr", {"record": 0.0}), ("notes", {"note": 0.0}))
-              if first}
+              if first and needed[cls]}
     wearables = {p.patient_id: _agent(broker, hospital, "wearable", p.devices["wearable"], p.patient_id,
                                       {s: rate for s, (rate, _) in p.streams.items()}, buffer_dir, mqtt_version)
                  for p in patients if p.streams}

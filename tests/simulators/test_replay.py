@@ -186,6 +186,8 @@ def test_replay_reaches_the_edge_sample_for_sample(mosquitto, tmp_path, recordin
     status = json.loads(run_iomt("edge", "status", "--data-dir", str(data), "--json").stdout)
     assert status["stored"]["by_stream"] == report["published"]
     assert status["rejected"] == {} and status["duplicates"] == 0
+    # wearables only: no idle imaging/EHR/notes agents registered for a cohort without those
+    assert {info["class"] for info in status["devices"].values()} == {"wearable"}
 
     from edge_server.sqlite_store import SqliteStore
 

@@ -66,8 +66,11 @@ def _run(args: argparse.Namespace) -> int:
     from protocols.errors import IomtError
 
     settings = Settings.from_args(args, args.experiment)
-    if args.experiment != "encrypted_inference" and torch.get_num_threads() > 4:
-        torch.set_num_threads(4)  # small models: more threads only add contention
+    if args.experiment != "encrypted_inference":
+        # Small models: extra intra-op threads mostly spin. Measured 2026-11-23 on 2 cores, two
+        # experiments side by side: table4 (3 seeds x 60 rounds) took 6 CPU-min with 1 thread
+        # each; with 2 threads each it had used 10.7 CPU-min without finishing.
+        torch.set_num_threads(args.threads)
     kwargs = {}
     if args.experiment == "table2" and args.methods:
         kwargs["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())

@@ -99,6 +99,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DP noise multiplier sigma for 'ours'")
     parser.add_argument("--clip-norm", dest="clip_norm", type=float, default=None,
                         help="DP clipping bound C on each update for 'ours'")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: these small models gain nothing from more, and "
+                             "several experiments can then share the cores)")
     parser.add_argument("--data", default=None,
                         help="bring-your-own-data folder of hospital folders (docs/byod.md) instead of simulated data")
 

@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
             kwargs["image_size"] = args.image_size
     try:
         payload = run_experiment(args.experiment, settings, **kwargs)
-    except (IomtError, ValueError) as err:
+    except IomtError as err:
         print(f"iomt experiment {args.experiment}: {err}", file=sys.stderr)
         return 1
     print(f"{args.experiment}: results in {settings.out}")

@@ -9,6 +9,7 @@ from iomt.experiments import report
 from iomt.experiments.data import restrict_split
 from iomt.experiments.settings import Settings, prepared_runs
 from iomt.federation import DP_MODES, run_federation, train_centralized
+from protocols.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ def _metrics(m: dict) -> dict:
     return {k: float("nan") if m.get(k) is None else float(m[k]) for k in METRICS} | {"n": int(m.get("n") or 0)}
 
 
+class UnknownMethods(ConfigError, ValueError):
+    """``table2 --methods`` named a method that does not exist."""
+
+
 def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dict:
     """Centralized, FedAvg, FedProx, best unimodal federated and ours on held-out patients.
 
@@ -42,7 +47,7 @@ def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dic
     """
     unknown = set(methods) - set(TABLE2_METHODS)
     if unknown:
-        raise ValueError(f"unknown table2 methods {sorted(unknown)}; expected some of {TABLE2_METHODS}")
+        raise UnknownMethods(f"unknown table2 methods {sorted(unknown)}; expected some of {TABLE2_METHODS}")
     runs = []
     for seed, fold, fed, cfg, s in prepared_runs(settings):
         test = s.pooled("test")
@@ -59,20 +64,8 @@ def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dic
                             | _metrics(_evaluate(cfg, res.state, test)))
 
         # Unimodal federated: FedAvg on each single modality; the best on *validation* is reported.
-        best = None
-        for modality in fed.present_modalities() if "unimodal_federated" in methods else ():
-            sub = restrict_split(s, (modality,))
-            if not any(sub.train.values()):
-                continue
-            res = run_federation(cfg, sub.train, settings.spec("fedavg", seed))
-            val = _evaluate(cfg, res.state, sub.pooled("val"))
-            log.info("unimodal %s: validation accuracy %.3f", modality, val["accuracy"])
-            if best is None or val["accuracy"] > best[0]:
-                best = (val["accuracy"], modality, res.state, sub)
-        if best is not None:
-            _, modality, st, sub = best
-            runs.append(base | {"method": "unimodal_federated", "detail": f"{modality} only (best on validation)"}
-                        | _metrics(_evaluate(cfg, st, sub.pooled("test"))))
+        if "unimodal_federated" in methods:
+            runs.extend(base | row for row in _best_unimodal(settings, seed, fed, cfg, s))
 
         for method, mode in (("ours", "local"), ("ours_distributed", "distributed")):
             if method in methods:
@@ -85,6 +78,25 @@ def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dic
                    run_columns=("seed", "fold", "method", "detail", *METRICS, "n", "epsilon"),
                    plot=lambda summary: _bars(settings, "table2", summary, "method",
                                               "Table II: methods on held-out patients"))
+
+
+def _best_unimodal(settings: Settings, seed: int, fed, cfg, s) -> list[dict]:
+    """FedAvg on each single modality; the best on *validation*, scored on its test patients."""
+    best = None
+    for modality in fed.present_modalities():
+        sub = restrict_split(s, (modality,))
+        if not any(sub.train.values()):
+            continue
+        res = run_federation(cfg, sub.train, settings.spec("fedavg", seed))
+        val = _evaluate(cfg, res.state, sub.pooled("val"))
+        log.info("unimodal %s: validation accuracy %.3f", modality, val["accuracy"])
+        if best is None or val["accuracy"] > best[0]:
+            best = (val["accuracy"], modality, res.state, sub)
+    if best is None:
+        return []
+    _, modality, st, sub = best
+    return [{"method": "unimodal_federated", "detail": f"{modality} only (best on validation)"}
+            | _metrics(_evaluate(cfg, st, sub.pooled("test")))]
 
 
 def table3(settings: Settings) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocols.schema import CONDITIONS, SIGNAL_STREAMS
+from protocols.schema import CONDITIONS
 from simulators.clinical import chest_image, clinical_note, ehr_bundle, ehr_features
 from simulators.physiology import draw_physiology
 from simulators.profiles import HospitalProfile, hospital_profile, hospital_seed
@@ -54,7 +54,7 @@ def generate_cohort(hospital: str, n_patients: int, seed: int, duration_s: float
     extends a smaller one.
     """
     profile = profile or hospital_profile(hospital, index)
-    rates = {s: (profile.ecg_rate if s == "ecg" else rate) for s, (_, rate) in SIGNAL_STREAMS.items()}
+    rates = profile.stream_rates()
     out = []
     for i in range(n_patients):
         rng = np.random.default_rng([seed, hospital_seed(hospital), i])

@@ -33,6 +33,10 @@ class HospitalProfile:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def stream_rates(self) -> dict[str, float]:
+        """The rate this hospital's wearables send each stream at: its ECG rate, the schema's otherwise."""
+        return {s: (self.ecg_rate if s == "ecg" else rate) for s, (_, rate) in SIGNAL_STREAMS.items()}
+
 
 def hospital_profile(hospital: str, index: int | None = None) -> HospitalProfile:
     """The profile of ``hospital``; ``index`` (0, 1, 2, ...) picks a distinct label skew for the

@@ -193,9 +193,8 @@ def load_recording(source: str | Path) -> Recording:
     return load_pyphysio() if str(source) == PYPHYSIO else load_npz(source)
 
 
-def stream_rates(profile: HospitalProfile) -> dict[str, float]:
-    """The rate a wearable of this hospital sends each stream at (as :func:`generate_cohort` uses)."""
-    return {s: (profile.ecg_rate if s == "ecg" else rate) for s, (_, rate) in SIGNAL_STREAMS.items()}
+#: The rate a wearable of a hospital sends each stream at (the same as :func:`generate_cohort`'s).
+stream_rates = HospitalProfile.stream_rates
 
 
 def _resample(x: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:

@@ -136,11 +136,13 @@ class _WorkerLoop:
         self.prefetch = TriplePrefetcher(crypten, enabled=cfg.prefetch_triples)
 
     def _drain(self, block_s: float = 0.0) -> Job | None:
-        """Move queued jobs into the inbox; on party 0 return the next one in arrival order."""
+        """Move queued jobs into the inbox, waiting up to ``block_s`` for the first one; on
+        party 0 return the next one in arrival order."""
         deadline = time.monotonic() + block_s
         while True:
+            wait = deadline - time.monotonic()
             try:
-                item = self.jobs.get(timeout=max(0.0, deadline - time.monotonic())) if block_s else self.jobs.get_nowait()
+                item = self.jobs.get(timeout=wait) if wait > 0 else self.jobs.get_nowait()
             except queue.Empty:
                 return None
             if item is None:
@@ -149,6 +151,7 @@ class _WorkerLoop:
             self.inbox[item.request_id] = item
             if self.cfg.rank == 0:
                 return item
+            deadline = 0.0  # one arrived: take whatever else is queued, without waiting for more
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -145,3 +145,57 @@ def test_gpu_encrypted_resnet18_224_matches_plaintext(tmp_path):
     with torch.no_grad():
         ref = model(x)
     assert np.abs((out - ref).numpy()).max() < 1e-1
+
+
+def _collectives_and_placeholders() -> dict:
+    """One party's view of a multiplication and a comparison: rounds, gloo collectives, zero sharings."""
+    import torch.distributed as dist
+
+    crypten = cc.load_crypten()
+    from crypten import communicator
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+    calls = {"all_reduce": 0, "przs": 0}
+    all_reduce, przs = dist.all_reduce, ArithmeticSharedTensor.PRZS
+
+    def counting_all_reduce(*args, **kwargs):
+        calls["all_reduce"] += 1
+        return all_reduce(*args, **kwargs)
+
+    def counting_przs(*args, **kwargs):
+        calls["przs"] += 1
+        return przs(*args, **kwargs)
+
+    comm = communicator.get()
+    crypten.cfg.communicator.verbose = True
+    x = crypten.cryptensor(torch.linspace(-3, 3, 7), src=0)
+    y = crypten.cryptensor(torch.linspace(1, 2, 7), src=0)
+    dist.all_reduce, ArithmeticSharedTensor.PRZS = counting_all_reduce, counting_przs
+    try:
+        comm.reset_communication_stats()
+        placeholders = [crypten.mpc.MPCTensor([]), x.shallow_copy(), x.clone(), crypten.cat([x, y])]
+        przs_for_placeholders = calls["przs"]
+        product, positive = x * y, (x > 0)
+        stats = comm.get_communication_stats()
+    finally:
+        dist.all_reduce, ArithmeticSharedTensor.PRZS = all_reduce, przs
+    return {"przs": przs_for_placeholders, "collectives": calls["all_reduce"], "rounds": int(stats["rounds"]),
+            "bytes": int(stats["bytes"]), "product": product.get_plain_text().tolist(), "positive": positive.get_plain_text().tolist(),
+            "placeholder_sizes": [tuple(p.size()) for p in placeholders]}
+
+
+def test_placeholders_draw_no_sharing_and_each_round_is_one_collective():
+    """CrypTen's empty placeholders used to draw a zero sharing each; a Beaver opening of two
+    tensors used two gloo collectives. Results and CrypTen's own statistics are unchanged."""
+    crypten = cc.load_crypten()
+    assert not cc.skip_placeholder_sharing() and not cc.fuse_batched_all_reduce()  # installed by load_crypten
+    got = crypten.mpc.run_multiprocess(world_size=2)(_collectives_and_placeholders)()[0]
+    assert got["przs"] == 0
+    assert got["placeholder_sizes"] == [(0,), (7,), (7,), (14,)]
+    # one gloo collective per communication round (the comparison's AND gates included)
+    assert got["collectives"] == got["rounds"] > 1
+    # bytes as CrypTen counts them: the multiplication opens 2 x 7 elements, each sent and received
+    assert got["bytes"] > 2 * 2 * 7 * 8
+    expected = (torch.linspace(-3, 3, 7) * torch.linspace(1, 2, 7)).numpy()
+    assert np.abs(np.array(got["product"]) - expected).max() < 1e-3
+    assert got["positive"] == [0, 0, 0, 0, 1, 1, 1]

@@ -284,16 +284,30 @@ def _mul_many(pairs: list[tuple[Any, Any]]) -> list[Any]:
     """The elementwise products ``x * y`` (broadcast) of several pairs, in one communication round.
 
     Independent multiplications each cost a round; concatenated into one flat tensor they
-    cost one multiplication (one Beaver triple, one opening).
+    cost one multiplication (one Beaver triple, one opening). The concatenation and the
+    split are done on the parties' share tensors (local torch operations on this party's
+    share are exact for additive shares), which avoids CrypTen's per-operation wrappers:
+    a fifth of a small circuit's time. Shares that are not plain torch tensors of the
+    default precision (CUDA shares are wrapped) take CrypTen's own operations.
     """
     crypten = load_crypten()
-    xs, ys, shapes = [], [], []
-    for x, y in pairs:
-        shape = torch.broadcast_shapes(tuple(x.size()), tuple(y.size()))
-        xs.append(x.expand(*shape).flatten())
-        ys.append(y.expand(*shape).flatten())
-        shapes.append(shape)
-    product = crypten.cat(xs).mul(crypten.cat(ys))
+    shapes = [torch.broadcast_shapes(tuple(x.size()), tuple(y.size())) for x, y in pairs]
+    bits = pairs[0][0]._tensor.encoder._precision_bits
+    if all(type(t._tensor.share) is torch.Tensor and t._tensor.encoder._precision_bits == bits
+           for pair in pairs for t in pair):
+        mpc = crypten.mpc.MPCTensor
+        x, y = (mpc.from_shares(torch.cat([pair[i]._tensor.share.expand(shape).reshape(-1)
+                                            for pair, shape in zip(pairs, shapes)]), precision=bits)
+                for i in (0, 1))
+        flat = x.mul(y)._tensor.share
+        out, start = [], 0
+        for shape in shapes:
+            size = math.prod(shape)
+            out.append(mpc.from_shares(flat[start:start + size].reshape(shape), precision=bits))
+            start += size
+        return out
+    product = crypten.cat([x.expand(*shape).flatten() for (x, _), shape in zip(pairs, shapes)]).mul(
+        crypten.cat([y.expand(*shape).flatten() for (_, y), shape in zip(pairs, shapes)]))
     out, start = [], 0
     for shape in shapes:
         size = math.prod(shape)

@@ -6,8 +6,11 @@ trainable projection of a frozen MiniLM sentence embedding computed once per not
 edge, ``text_encoder="minilm"``) each give a ``dim``-sized feature; an attention fusion
 layer scores every feature, takes a softmax over the modalities that are *present* (the
 modality mask) and returns the weighted sum together with the weights (source paper,
-Sec. III-E, eq. 1). All inputs are always passed (zeros where a modality is missing), so
-the same graph exports to ONNX and serves every subset of modalities.
+Sec. III-E, eq. 1). ``fusion="quadratic"`` swaps that layer and the head for an
+MPC-friendly variant (:class:`QuadraticFusion`) that the cloud's encrypted inference runs
+in 12 communication rounds instead of 94. All inputs are always passed (zeros where a
+modality is missing), so the same graph exports to ONNX and serves every subset of
+modalities.
 
 State dicts cross process boundaries as ``{name: float32 ndarray}``
 (:func:`state_to_numpy`); integer buffers (BatchNorm's ``num_batches_tracked``) are left
@@ -83,6 +86,11 @@ class ModelConfig(BaseModel):
     text_encoder: Literal["transformer", "minilm"] = Field(
         "transformer", description='"transformer": trainable, over hashed tokens; "minilm": trainable '
         "projection of a frozen 384-d MiniLM note embedding (input `tokens` is then that embedding)")
+    fusion: Literal["attention", "quadratic"] = Field(
+        "attention", description='"attention": the source paper\'s additive attention (tanh scores, softmax '
+        "over present modalities) and a LayerNorm head; \"quadratic\": scores linear in each feature, "
+        "weights proportional to 1 + score^2 over present modalities and a head without LayerNorm, which "
+        "the cloud evaluates under MPC in about a sixth of the rounds (cloud_aggregator.inference.models)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     def tokenizer(self) -> HashingTokenizer:
@@ -210,6 +218,33 @@ class AttentionFusion(nn.Module):
         return fused, weights
 
 
+class QuadraticFusion(nn.Module):
+    """Attention with weights an MPC computes without exp, tanh, division or a secure comparison.
+
+    ``s_m = u_m . f_m`` (a score vector per modality) and
+    ``w_m = mask_m (1 + s_m^2) / sum_k mask_k (1 + s_k^2)``: exactly 0 for missing
+    modalities, summing to 1 over present ones, uniform when all scores are 0. There is no
+    score bias: the encoders' output biases already give each modality a learnable offset,
+    and without one a missing modality's zero features score exactly 0, which lets the
+    encrypted path apply the mask with an addition instead of a multiplication
+    (``mask (1 + s^2) = mask + s^2`` there). Every present term is >= 1, so the denominator
+    is >= 1 whenever a modality is present; the encrypted path never divides by it (the
+    client does, see ``cloud_aggregator.inference.models.EncryptedQuadraticHead``).
+    """
+
+    def __init__(self, n_modalities: int, dim: int) -> None:
+        super().__init__()
+        # not zeros: d(1 + s^2)/ds is 0 at s = 0, so zero scores would never move
+        self.score_weight = nn.Parameter(torch.randn(n_modalities, dim) * dim ** -0.5)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = (feats * self.score_weight).sum(dim=-1)  # (B, M)
+        terms = (mask > 0.5).to(scores.dtype) * (1 + scores * scores)
+        weights = terms / terms.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        fused = (weights.unsqueeze(-1) * feats).sum(dim=1)
+        return fused, weights
+
+
 class MultimodalNet(nn.Module):
     """Image, EHR, signal and text encoders, attention fusion and a classifier head."""
 
@@ -221,9 +256,14 @@ class MultimodalNet(nn.Module):
         self.signal_encoder = SignalLSTM(cfg.signal_channels, cfg.signal_pool, cfg.lstm_hidden,
                                          cfg.lstm_layers, cfg.dim, cfg.dropout)
         self.text_encoder = _text_encoder(cfg)
-        self.fusion = AttentionFusion(len(MODALITIES), cfg.dim)
-        self.head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.dim), nn.ReLU(),
-                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
+        if cfg.fusion == "quadratic":
+            self.fusion = QuadraticFusion(len(MODALITIES), cfg.dim)
+            self.head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.ReLU(),
+                                      nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
+        else:
+            self.fusion = AttentionFusion(len(MODALITIES), cfg.dim)
+            self.head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.dim), nn.ReLU(),
+                                      nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
 
     def forward(self, image: torch.Tensor, ehr: torch.Tensor, signals: torch.Tensor,
                 tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

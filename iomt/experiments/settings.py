@@ -52,6 +52,8 @@ class Settings:
             values["duration_s"] = values.pop("duration")
         base = cls.quick_preset(Path(".")) if args.quick else cls(out=Path("."))
         settings = dataclasses.replace(base, **values)
+        if getattr(args, "fusion", None):
+            settings = dataclasses.replace(settings, model={**settings.model, "fusion": args.fusion})
         out = Path(args.out) if args.out else Path("results") / name
         data = Path(args.data) if getattr(args, "data", None) else None
         return dataclasses.replace(settings, out=out, data=data, quick=bool(args.quick))
@@ -99,6 +101,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DP noise multiplier sigma for 'ours'")
     parser.add_argument("--clip-norm", dest="clip_norm", type=float, default=None,
                         help="DP clipping bound C on each update for 'ours'")
+    parser.add_argument("--fusion", choices=("attention", "quadratic"), default=None,
+                        help="fusion layer and head (default attention, the paper's; quadratic: the "
+                             "MPC-friendly variant, see protocols/model.py)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these small models gain nothing from more, and "
                              "several experiments can then share the cores)")

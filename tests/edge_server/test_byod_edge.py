@@ -42,13 +42,15 @@ def test_federation_model_file_takes_the_byod_widths_and_text_encoder(tmp_path):
 
     # Act
     run_iomt("edge", "federate", "--write-model", str(model_file), "--data-dir", str(folder),
-             "--text-encoder", "minilm")
+             "--text-encoder", "minilm", "--fusion", "quadratic")
 
     # Assert: the coordinator's model fits the folder, not the simulated schema
     config = json.loads(model_file.read_text())["config"]
     assert config["num_classes"] == len(schema["classes"]) == 2
     assert config["ehr_dim"] == len(EHR_FEATURES) + len(schema["ehr_extra"]) != ModelConfig().ehr_dim
     assert config["text_encoder"] == "minilm"
+    assert config["fusion"] == "quadratic"  # the MPC-friendly head, for fast encrypted inference
+    assert {"fusion.score_weight", "head.3.weight"} <= {n for n, _ in json.loads(model_file.read_text())["spec"]}
 
 
 def test_federation_model_file_rejects_an_unreadable_config(tmp_path):

@@ -27,11 +27,16 @@ def _random_inputs(cfg: ModelConfig, batch: int, seed: int = 0) -> list[torch.Te
     return [image, ehr, signals, tokens, mask]
 
 
-def test_all_fifteen_modality_subsets_run_and_weights_are_a_distribution_over_present_ones():
+#: the paper's attention fusion and the MPC-friendly quadratic fusion
+FUSIONS = [{}, {"fusion": "quadratic"}]
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_all_fifteen_modality_subsets_run_and_weights_are_a_distribution_over_present_ones(fusion):
     # Prepare: one batch row per non-empty subset of the four modalities.
     assert len(SUBSETS) == 15
     torch.manual_seed(0)
-    cfg = ModelConfig()
+    cfg = ModelConfig(**fusion)
     model = build_model(cfg).eval()
     inputs = _random_inputs(cfg, len(SUBSETS))
     mask = torch.zeros(len(SUBSETS), 4)
@@ -48,9 +53,10 @@ def test_all_fifteen_modality_subsets_run_and_weights_are_a_distribution_over_pr
     assert (weights[mask == 1] > 0).all()
 
 
-def test_missing_modality_inputs_do_not_influence_the_prediction():
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_missing_modality_inputs_do_not_influence_the_prediction(fusion):
     torch.manual_seed(0)
-    cfg = ModelConfig()
+    cfg = ModelConfig(**fusion)
     model = build_model(cfg).eval()
     inputs = _random_inputs(cfg, 3)
     mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 3)
@@ -74,6 +80,25 @@ def test_fusion_weights_are_learned_parameters_that_receive_gradients():
     logits.sum().backward()
     assert model.fusion.score.weight.grad is not None
     assert model.fusion.score.weight.grad.abs().sum() > 0
+    quadratic = build_model(ModelConfig(fusion="quadratic"))
+    logits, weights = quadratic(*_random_inputs(quadratic.cfg, 4))
+    (logits.sum() + weights[:, 0].sum()).backward()
+    assert quadratic.fusion.score_weight.grad.abs().sum() > 0
+
+
+def test_quadratic_fusion_weights_follow_their_formula():
+    """w_m = mask_m (1 + s_m^2) / sum_k mask_k (1 + s_k^2), s_m = u_m . f_m; the head has no LayerNorm."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=8, fusion="quadratic")).eval()
+    feats, mask = torch.randn(5, 4, 8), torch.tensor([[1.0, 1, 1, 1], [1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1],
+                                                      [1, 0, 1, 0]])
+    fused, weights = model.fusion(feats, mask)
+    scores = torch.einsum("bmd,md->bm", feats, model.fusion.score_weight)
+    terms = mask * (1 + scores ** 2)
+    torch.testing.assert_close(weights, terms / terms.sum(1, keepdim=True))
+    torch.testing.assert_close(fused, torch.einsum("bm,bmd->bd", weights, feats))
+    assert weights[1, 0] == 1.0 and weights[3, 3] == 1.0  # a lone modality takes all the weight
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.head)
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "alexnet"])

@@ -58,6 +58,27 @@ def test_onnx_matches_pytorch_for_every_modality_subset(trained):
     np.testing.assert_allclose(single[0], onnx_logits[:1], rtol=1e-4, atol=1e-5)
 
 
+def test_quadratic_fusion_exports_and_matches_pytorch(tmp_path):
+    """The MPC-friendly fusion runs at the edge through ONNX Runtime like the paper's."""
+    from tests.utils.records import make_record
+    torch.manual_seed(0)
+    cfg = ModelConfig(fusion="quadratic")
+    model = build_model(cfg).eval()
+    path = export_onnx(cfg, {k: v.detach().numpy() for k, v in model.state_dict().items()
+                             if v.is_floating_point()}, tmp_path / "model.onnx")
+    rng = np.random.default_rng(2)
+    data = records_to_tensors([make_record(rng, i % 3, i, modalities=m) for i, m in enumerate(SUBSETS)], cfg)
+    idx = torch.arange(len(SUBSETS))
+    inputs = data.inputs(idx, torch.zeros_like(idx))
+    with torch.no_grad():
+        logits, weights = model(*inputs)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_logits, onnx_weights = session.run(None, dict(zip(INPUT_NAMES, (t.numpy() for t in inputs))))
+    np.testing.assert_allclose(onnx_logits, logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(onnx_weights, weights.numpy(), rtol=1e-4, atol=1e-6)
+    assert (onnx_weights[inputs[-1].numpy() == 0] == 0).all()
+
+
 def test_predictor_on_records_matches_pytorch_window_averaged(trained):
     cfg, state, path = trained
     records = make_records(7, seed=9)

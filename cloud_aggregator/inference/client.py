@@ -40,6 +40,47 @@ class Prediction:
         return e / e.sum(axis=1, keepdims=True)
 
 
+def unscale_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Logits and modality weights from a quadratic fusion head's scaled answer (others unchanged).
+
+    That head (``cloud_aggregator.inference.models.EncryptedQuadraticHead``) does not divide
+    under MPC: it returns ``scale * logits``, the ``scale`` and the weights' numerators times
+    a random factor. The divisions happen here, in the clear, on the client's own answer.
+    """
+    if "logit_scale" not in outputs:
+        return outputs
+    scale, numerators = outputs["logit_scale"], outputs["scaled_weights"]
+    total = numerators.sum(axis=1, keepdims=True)
+    if not (np.all(scale > 0) and np.all(total > 0)):
+        raise InferenceError("bad_answer", "the parties' scale is not positive: was a modality present?")
+    return {"logits": outputs["scaled_logits"] / scale, "modality_weights": numerators / total}
+
+
+def prepare_inputs(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check a fusion-head query's mask and zero the features of missing modalities.
+
+    The parties cannot check the mask (they see only shares): it must be 0/1 (the encrypted
+    heads multiply or add it where the plaintext model thresholds it) with at least one
+    modality per row. Features of a missing modality never reach the answer in the
+    plaintext model; sending zeros there is what lets the quadratic head skip a product
+    (``EncryptedQuadraticHead``). Inputs without a mask (image models) pass unchanged.
+    """
+    mask, feats = inputs.get("mask"), inputs.get("features")
+    if mask is None:
+        return inputs
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        return inputs  # the parties refuse wrong shapes (bad_shape)
+    if not np.isin(mask, (0.0, 1.0)).all():
+        raise InferenceError("bad_input", "mask entries must be 0 (modality missing) or 1 (present)")
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise InferenceError("bad_input", f"query rows {empty.tolist()[:5]} have no modality present")
+    if feats is None or np.ndim(feats) != 3 or np.shape(feats)[:2] != mask.shape:
+        return inputs
+    return {**inputs, "features": np.where(mask[..., None] > 0, feats, 0.0)}
+
+
 def share_inputs(inputs: dict[str, np.ndarray], parties: int) -> list[dict[str, TensorShare]]:
     """Per party, its share of every (float) input."""
     per_party: list[dict[str, TensorShare]] = [{} for _ in range(parties)]
@@ -52,6 +93,7 @@ def share_inputs(inputs: dict[str, np.ndarray], parties: int) -> list[dict[str, 
 def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray], model_version: int | None = None,
             timeout: float = TIMEOUT_S, verify: bool | str = True) -> Prediction:
     """Encrypted inference: ``inputs`` never leave this process except as shares."""
+    inputs = prepare_inputs(inputs)
     rid = uuid.uuid4().hex
     shares = share_inputs(inputs, len(party_urls))
 
@@ -79,6 +121,7 @@ def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray]
     versions = {a.model_version for a in answers}
     if len(versions) != 1 or any(set(a.outputs) != set(answers[0].outputs) for a in answers):
         raise InferenceError("inconsistent_parties", "parties answered for different models")
-    outputs = {name: decode(reconstruct([a.outputs[name].to_array() for a in answers])) for name in answers[0].outputs}
+    outputs = unscale_outputs({name: decode(reconstruct([a.outputs[name].to_array() for a in answers]))
+                               for name in answers[0].outputs})
     return Prediction(rid, versions.pop(), outputs, max(a.seconds for a in answers),
                       max(a.rounds for a in answers), sum(a.bytes for a in answers))

@@ -266,6 +266,101 @@ class EncryptedFusionHead:
         return {"logits": logits, "modality_weights": weights}
 
 
+class EncryptedQuadraticHead:
+    """The MPC-friendly fusion and head (``ModelConfig(fusion="quadratic")``) in 12 rounds.
+
+    Plaintext (``protocols.model.QuadraticFusion`` and its head, eval mode):
+    ``s_m = u_m . f_m``, ``q_m = mask_m (1 + s_m^2)``, ``Z = sum_m q_m``,
+    ``x = sum_m q_m f_m / Z``, ``logits = W2 relu(W1 x + b1) + b2``.
+
+    The parties never divide. ReLU is positively homogeneous, so for ``rho > 0``
+    ``W2 relu(rho a) + rho b2 = rho logits`` with ``a = W1 x + b1``; with ``rho = r Z``,
+    ``rho a = sum_m q_m r (W1 f_m + b1)`` needs only products. The parties return
+    ``rho logits``, ``Q = r q`` and ``rho = sum_m Q_m``; the client divides
+    (:func:`cloud_aggregator.inference.client.unscale_outputs`). ``r`` is a fresh random
+    scale per query row, the sum of one private draw per party (each uniform on
+    [1/4, 2]): no party knows it, it costs no communication, and the client learns the
+    logits and the weights but the score scale ``Z`` only within a factor of 8.
+
+    The client sends zero features for missing modalities (``client.prepare_inputs``), so
+    their scores are exactly 0 and ``q = mask + s^2`` costs no product. A client that sends
+    other features there changes only its own answer.
+
+    ``relu`` and the last layer share a round: ``rho logits = sum_h W2[:, h] (rho a_h)
+    [a_h >= 0] + rho b2``, and ``W2[:, h] rho a_h = sum_m q_m (r W2[:, h]) (W1 f_m + b1)_h``
+    is computed beside ``rho a`` (its factors are ready by then), so after the secure sign
+    only the product with the sign bits remains.
+
+    Rounds: (1) ``u * f``, ``W1 * f``, ``r * W2``, ``r * b2``; (2) ``s^2``,
+    ``r * (W1 f + b1)``, ``r W2 * (W1 f + b1)``; (3) the products with ``q``; (4-11) the
+    sign of ``rho a`` (CrypTen's comparison: 7 AND rounds and a bit conversion); (12) the
+    product with the sign bits.
+
+    Fixed point: every product stays far below the 2^31 at which CrypTen's 16-bit fixed
+    point wraps; the largest, ``q_m r (W1 f_m + b1)``, reached ~3e5 for a model trained here
+    to over-confidence (scores up to 47). A head with a square activation instead of ReLU
+    (5 rounds) was tried and dropped: its ``(rho a)^2`` passed 2^31 on that model.
+    """
+
+    outputs = ("scaled_logits", "logit_scale", "scaled_weights")
+    prefetch_triples = True
+    #: each party's share of the scale ``r`` is uniform on this interval
+    SCALE_DRAW = (0.25, 2.0)
+
+    def __init__(self, config: dict, params: dict[str, Any]) -> None:
+        from protocols.schema import MODALITIES
+
+        self.dim = int(config.get("dim", 32))
+        self.num_classes = int(config.get("num_classes", 3))
+        self.n_mod = len(MODALITIES)
+        self.inputs = (InputSpec("features", (self.n_mod, self.dim)), InputSpec("mask", (self.n_mod,)))
+        need = ["fusion.score_weight", "head.0.weight", "head.0.bias", "head.3.weight", "head.3.bias"]
+        missing = [n for n in need if n not in params]
+        if missing:
+            raise InferenceError("model_mismatch", f"the shared model lacks {missing}")
+        self.p = params
+
+    def _random_scale(self, batch: int, device: Any) -> Any:
+        """A shared ``r`` (batch, 1) > 0 that no party knows: each party's share is its own private draw."""
+        crypten = load_crypten()
+        low, high = self.SCALE_DRAW
+        draw = low + (high - low) * torch.rand(batch, 1, generator=_local_generator(), dtype=torch.float64)
+        return crypten.mpc.MPCTensor.from_shares(torch.round(draw * 2 ** 16).long().to(device))
+
+    def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        p = self.p
+        w1, b1, w2, b2 = p["head.0.weight"], p["head.0.bias"], p["head.3.weight"], p["head.3.bias"]
+        feats, mask = inputs["features"], inputs["mask"]  # (B, M, D), zero where absent; (B, M)
+        r = self._random_scale(int(feats.size(0)), feats.device)  # (B, 1)
+        scored, projected, r_w2, r_b2 = _mul_many([
+            (p["fusion.score_weight"].unsqueeze(0), feats),  # (B, M, D)
+            (w1.unsqueeze(0).unsqueeze(0), feats.unsqueeze(2)),  # (B, M, H, D)
+            (r.unsqueeze(-1), w2.unsqueeze(0)),  # (B, C, H)
+            (r, b2.unsqueeze(0))])  # (B, C)
+        scores = scored.sum(dim=-1)  # (B, M)
+        hidden_in = projected.sum(dim=-1) + b1  # (B, M, H) = W1 f_m + b1
+        squares, r_hidden, r_w2_hidden = _mul_many([
+            (scores, scores), (r.unsqueeze(-1), hidden_in), (r_w2.unsqueeze(1), hidden_in.unsqueeze(2))])
+        terms = squares + mask  # (B, M) = mask (1 + s^2)
+        pre, scaled_terms, pre_out, bias_out = _mul_many([
+            (terms.unsqueeze(-1), r_hidden),  # (B, M, H)
+            (terms, r),  # (B, M)
+            (terms.unsqueeze(-1).unsqueeze(-1), r_w2_hidden),  # (B, M, C, H)
+            (terms.unsqueeze(-1), r_b2.unsqueeze(1))])  # (B, M, C)
+        positive = pre.sum(dim=1).ge(0)  # (B, H): the sign of rho a, in {0, 1}
+        out = pre_out.sum(dim=1)  # (B, C, H) = W2[c, h] rho a_h
+        logits = (out * positive.unsqueeze(1).expand(*out.size())).sum(dim=-1) + bias_out.sum(dim=1)
+        return {"scaled_logits": logits, "logit_scale": scaled_terms.sum(dim=1, keepdim=True),
+                "scaled_weights": scaled_terms}
+
+
+def _local_generator() -> torch.Generator:
+    """A torch generator seeded from the OS, private to this party (not CrypTen's shared seeds)."""
+    import secrets
+
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
 @contextlib.contextmanager
 def _untraced():
     """Pause CrypTen's provider tracing (inference.triples records a request's triples with it)."""
@@ -412,4 +507,6 @@ def load_encrypted_model(meta: dict, shares: dict[str, np.ndarray], device: str 
     params = {name: shares_to_mpc(arr, denominator, device) for name, arr in keep.items()}
     if arch in VISION_ARCHS:
         return EncryptedVisionModel(arch, config, params, device)
+    if config.get("fusion", "attention") == "quadratic":
+        return EncryptedQuadraticHead(config, params)
     return EncryptedFusionHead(config, params)

@@ -177,3 +177,32 @@ def test_resnet18_from_shares_matches_plaintext(tmp_path):
         assert (pred.outputs["logits"].argmax(1) == expected.argmax(1)).all()
         assert pred.rounds > 0 and pred.bytes > 0
     assert [p.model_version for p in preds] == [1, 2]
+
+
+def test_quadratic_fusion_head_end_to_end(tmp_path):
+    """The MPC-friendly head through the real service: the client divides the scaled answer."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(dim=16, fusion="quadratic")
+    models = [build_model(cfg).eval() for _ in range(2)]
+    states = [state_to_numpy(m) for m in models]
+    cloud = Cloud(tmp_path)
+    publish_shared_model(cloud.dirs, states, [10, 30], "multimodal", json.loads(cfg.to_json()))
+    avg = build_model(cfg).eval()
+    avg.load_state_dict({k: torch.from_numpy((10 * states[0][k] + 30 * states[1][k]) / 40) for k in states[0]},
+                        strict=False)
+    feats, mask = _features(avg, 10, torch.Generator().manual_seed(9))
+    cloud.start()
+    try:  # the first request fetches its triples from the TTP; the second finds them prefetched
+        preds = [predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
+                 for _ in range(2)]
+    finally:
+        cloud.stop()
+    with torch.no_grad():
+        fused, weights = avg.fusion(feats, mask)
+        expected = avg.head(fused).numpy()
+    pred = preds[1]
+    assert set(pred.outputs) == {"logits", "modality_weights"}
+    assert np.abs(pred.outputs["logits"] - expected).max() < 1e-2
+    assert (pred.outputs["logits"].argmax(1) == expected.argmax(1)).all()
+    assert np.abs(pred.outputs["modality_weights"] - weights.numpy()).max() < 1e-3
+    assert pred.rounds == 12

@@ -27,7 +27,7 @@ def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup
     tls = make_tls(cloud / "tls")
     model_file = cloud / "model.json"
     sup.run("write-model", iomt_argv("edge", "federate", "--write-model", str(model_file),
-                                     "--seed", str(args.seed)))
+                                     "--fusion", args.fusion, "--seed", str(args.seed)))
 
     # parties (each starts its CrypTen worker), the triple provider, the coordinator
     party_ports = [free_port() for _ in range(args.parties)]

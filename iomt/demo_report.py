@@ -78,7 +78,8 @@ def _markdown(report: dict, plots: dict[str, Path | None]) -> str:
     s = report["settings"]
     lines = ["# iomt demo report", "",
              f"{len(report['hospitals'])} hospitals, {s['patients']} patients each, {s['parties']} cloud parties, "
-             f"{s['rounds']} rounds of {s['epochs']} local epochs, DP clip {s['clip_norm']} "
+             f"{s['rounds']} rounds of {s['epochs']} local epochs, {s.get('fusion', 'attention')} fusion, "
+             f"DP clip {s['clip_norm']} "
              f"noise multiplier {s['noise_multiplier']}; wall time {report.get('wall_s', 0):.0f} s.", "",
              "## Devices to edge", "", "| hospital | published | stored | rejected |", "|---|---|---|---|"]
     for h, ing in report.get("ingest", {}).items():

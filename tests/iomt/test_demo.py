@@ -11,10 +11,11 @@ from tests.utils.procs import iomt_cmd, iomt_env, REPO
 
 
 @pytest.mark.slow
-def test_small_demo_runs_every_role_and_reports(tmp_path):
+@pytest.mark.parametrize("fusion", ["attention", "quadratic"])
+def test_small_demo_runs_every_role_and_reports(tmp_path, fusion):
     out = tmp_path / "demo"
     proc = subprocess.run(iomt_cmd("demo", "--out", str(out), "--hospitals", "2", "--patients", "10",
-                                   "--duration", "16", "--rounds", "1", "--epochs", "1"),
+                                   "--duration", "16", "--rounds", "1", "--epochs", "1", "--fusion", fusion),
                           env=iomt_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -27,6 +28,7 @@ def test_small_demo_runs_every_role_and_reports(tmp_path):
         assert res["rounds"][0]["uploaded_bytes"] > 0 and "epsilon" in res["rounds"][0]["train_metrics"]
     inf = report["inference"]
     assert inf["same_class"] and inf["max_prob_diff"] < 1e-2
+    assert f"{fusion} fusion" in (out / "report.md").read_text()
     assert (out / "report.md").read_text().startswith("# iomt demo report")
     assert (out / "rounds.png").stat().st_size > 0 and (out / "inference.png").stat().st_size > 0
     # every process was stopped: no child of the demo is left holding its output folder

@@ -11,7 +11,8 @@ duplicates).
 Exit codes: 0 stopped by SIGTERM/SIGINT after a final commit; 2 bad configuration (or a
 data directory that belongs to another hospital); 3 the store failed (nothing of the
 failed batch was acknowledged); 4 the broker refused the connection (credentials, client
-id or authorisation).
+id or authorisation); 5 any other failure of the loop (a bug: logged with its traceback;
+nothing uncommitted was acknowledged either).
 """
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_BROKER_REFUSED = 4
+EXIT_INTERNAL = 5
+
+
+class StoreFailed(RuntimeError):
+    """The store could not commit a batch (nothing of it was acknowledged)."""
 
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 10.0
@@ -216,7 +222,10 @@ class EdgeDaemon:
             return
         self._batch, self._acks = Batch(), []
         started = time.perf_counter()
-        result = self.store.commit(batch)
+        try:
+            result = self.store.commit(batch)
+        except Exception as err:
+            raise StoreFailed(f"committing {batch.received} deliveries failed: {err}") from err
         self.metrics.observe_commit(batch, result, time.perf_counter() - started)
         if ack and acks:
             self._send_acks(acks)
@@ -321,9 +330,12 @@ class EdgeDaemon:
             self._flush()
             self._close_client()
             return EXIT_OK
-        except Exception:
+        except StoreFailed:
             log.exception("store failed; the uncommitted batch was not acknowledged")
             return EXIT_STORE
+        except Exception:
+            log.exception("the ingest loop failed (not the store); the uncommitted batch was not acknowledged")
+            return EXIT_INTERNAL
 
     def _close_client(self) -> None:
         if self._client.socket() is None:

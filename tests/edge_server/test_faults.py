@@ -174,6 +174,35 @@ def test_broker_restart_mid_stream_agent_drains_buffer_edge_gets_everything(tmp_
     assert stats.get("dropped_queue_full", 0) == 0
 
 
+def test_a_loop_failure_outside_the_store_exits_5_and_is_not_called_a_store_failure(mosquitto, tmp_path, caplog):
+    """Only a failed commit is a store failure (3); anything else the loop raises is 5, with its cause.
+
+    The fault is injected in-process into paho's housekeeping call (no real part fails
+    that way on demand); broker, store and loop are the real ones.
+    """
+    import logging
+
+    from edge_server.daemon import EXIT_INTERNAL, EdgeDaemon
+    from edge_server.settings import EdgeSettings
+
+    daemon = EdgeDaemon(EdgeSettings(hospital="h1", broker=mosquitto.url, data_dir=tmp_path / "data",
+                                     preprocess_interval_s=0))
+    make_client = daemon._make_client
+
+    def failing_client():
+        client = make_client()
+
+        def loop_misc():
+            raise RuntimeError("paho bookkeeping broke")
+        client.loop_misc = loop_misc
+        return client
+
+    daemon._make_client = failing_client
+    with caplog.at_level(logging.ERROR, logger="edge_server.daemon"):
+        assert daemon.run() == EXIT_INTERNAL == 5
+    assert "paho bookkeeping broke" in caplog.text and "store failed" not in caplog.text
+
+
 def test_store_failure_exits_3_and_the_failed_batch_is_redelivered(mosquitto, tmp_path):
     """A commit that fails ends the daemon with 3 before any of the batch is acknowledged."""
     import sqlite3

@@ -8,7 +8,8 @@ models; ``features`` and ``mask`` for the fusion head). The inputs are secret-sh
 share i goes to party i, and only this client reconstructs the class probabilities and
 modality weights. No party sees the inputs, the answer or the model.
 
-Exit codes: 0 answered; 1 the cloud refused or failed; 2 bad arguments or no such patient/model.
+Exit codes: 0 answered; 1 the cloud refused or failed; 2 bad arguments, a bad modality mask, or no
+such patient/model.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _inputs_from_store(data_dir: Path, patient: str) -> dict[str, np.ndarray]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cloud_aggregator.inference.client import predict
+    from cloud_aggregator.inference.client import predict, prepare_inputs
     from cloud_aggregator.inference.errors import InferenceError
     from protocols.auth import Signer
 
@@ -66,8 +67,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             with np.load(args.input) as z:
                 inputs, average = {k: z[k] for k in z.files}, False
+        inputs = prepare_inputs(inputs)  # a bad mask is refused here, before anything is sent
     except (LookupError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except InferenceError as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)
         return EXIT_USAGE
     try:
         pred = predict(args.parties.split(","), Signer.from_file(args.key_file), inputs,

@@ -60,9 +60,11 @@ def _averaged_model(cfg: ModelConfig, dirs) -> torch.nn.Module:
     return load_numpy_state(build_model(cfg), avg).eval()
 
 
-def test_quadratic_head_matches_plaintext_in_12_rounds(tmp_path):
+@pytest.mark.parametrize("parties", [2, 3])
+def test_quadratic_head_matches_plaintext_in_12_rounds(tmp_path, parties):
+    """12 rounds with 2 parties; with 3, CrypTen's truncations and comparison need more, same answer."""
     cfg = ModelConfig(dim=16, fusion="quadratic")
-    dirs = [tmp_path / "p0", tmp_path / "p1"]
+    dirs = [tmp_path / f"p{i}" for i in range(parties)]
     model = _averaged_model(cfg, dirs)
     gen = torch.Generator().manual_seed(5)
     feats = torch.randn(BATCH, 4, cfg.dim, generator=gen) * 2
@@ -74,14 +76,14 @@ def test_quadratic_head_matches_plaintext_in_12_rounds(tmp_path):
         for i, part in enumerate(split_shares(encode(value), len(dirs))):
             shares[i][name] = part
     # Execute: the same query twice (a fresh random factor each time)
-    results = load_crypten().mpc.run_multiprocess(world_size=2)(_party)([str(d) for d in dirs], shares, 2)
+    results = load_crypten().mpc.run_multiprocess(world_size=parties)(_party)([str(d) for d in dirs], shares, 2)
     answers = [{k: decode(reconstruct([r[0][i][k] for r in results])) for k in results[0][0][i]} for i in range(2)]
     with torch.no_grad():
         fused, ref_weights = model.fusion(feats, mask)
         ref_logits = model.head(fused).numpy()
     # Assert: the client's unscaled answer is the plaintext model's (features of absent modalities
     # were zeroed by the client, which the plaintext model ignores anyway)
-    assert results[0][1] == 12
+    assert results[0][1] == 12 if parties == 2 else results[0][1] > 12
     scales = []
     for raw in answers:
         got = unscale_outputs(raw)
@@ -89,10 +91,10 @@ def test_quadratic_head_matches_plaintext_in_12_rounds(tmp_path):
         assert (got["logits"].argmax(1) == ref_logits.argmax(1)).all()
         assert np.abs(got["modality_weights"] - ref_weights.numpy()).max() < 1e-3
         assert np.abs(got["modality_weights"][mask.numpy() == 0]).max() < 1e-4
-        # the parties' raw answer is scaled by r Z with a random r in [1/2, 4]: not the plaintext
+        # the parties' raw answer is scaled by r Z, r the sum of each party's draw in [1/4, 2]
         z = (mask * (1 + torch.einsum("bmd,md->bm", feats, model.fusion.score_weight.detach()) ** 2)).sum(1).numpy()
         r = raw["scaled_weights"].sum(1) / z
-        assert (r > 0.5 - 1e-3).all() and (r < 4 + 1e-3).all()
+        assert (r > parties / 4 - 1e-3).all() and (r < 2 * parties + 1e-3).all()
         scales.append(r)
     assert np.abs(scales[0] - scales[1]).max() > 0.05  # a fresh factor per request
 

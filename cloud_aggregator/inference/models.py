@@ -11,8 +11,9 @@ parameters exist only as shares; nothing here ever calls ``get_plain_text`` on t
 * The multimodal model (:mod:`protocols.model`): CrypTen cannot run its LSTM and
   transformer encoders, so the cloud evaluates the **attention fusion and the classifier
   head** on secret-shared modality features that the edge computed (see
-  :class:`EncryptedFusionHead`); the cloud sees neither the features, the modality mask,
-  the weights nor the outputs.
+  :class:`EncryptedFusionHead`, 94 rounds, or for a ``fusion="quadratic"`` model
+  :class:`EncryptedQuadraticHead`, 12 rounds); the cloud sees neither the features, the
+  modality mask, the weights nor the outputs.
 """
 from __future__ import annotations
 

@@ -246,7 +246,7 @@ class QuadraticFusion(nn.Module):
 
 
 class MultimodalNet(nn.Module):
-    """Image, EHR, signal and text encoders, attention fusion and a classifier head."""
+    """Image, EHR, signal and text encoders, a fusion layer (attention or quadratic) and a classifier head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

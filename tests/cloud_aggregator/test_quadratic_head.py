@@ -114,3 +114,14 @@ def test_client_prepares_fusion_queries_and_refuses_bad_masks():
         unscale_outputs({"scaled_logits": np.ones((1, 3)), "logit_scale": np.zeros((1, 1)),
                          "scaled_weights": np.zeros((1, 4))})
     assert err.value.code == "bad_answer"
+
+
+def test_client_keeps_one_http_client_per_tls_setting():
+    """Building an httpx client costs ~50 ms (its SSL context): the clinician's client keeps one."""
+    import certifi
+
+    from cloud_aggregator.inference.client import _http_client
+
+    assert _http_client(True) is _http_client(True)
+    assert _http_client(certifi.where()) is _http_client(certifi.where()) is not _http_client(True)
+    assert not _http_client(True).is_closed

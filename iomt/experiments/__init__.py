@@ -24,6 +24,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                         "paper 001: local-only vs global model accuracy per hospital"),
     "encrypted_inference": ("iomt.experiments.encrypted:encrypted_inference",
                             "paper 002: encrypted inference time and accuracy vs batch size (ResNet-18, AlexNet)"),
+    "encrypted_fusion": ("iomt.experiments.encrypted_fusion:encrypted_fusion",
+                         "the federated multimodal model's encrypted fusion head, attention vs quadratic: "
+                         "time, rounds and agreement with plaintext vs batch size"),
 }
 EXPORT = "export-breast-cancer"
 
@@ -40,8 +43,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
             p.add_argument("--methods", default=None,
                            help="comma-separated subset of centralized,fedavg,fedprox,unimodal_federated,ours,"
                                 "ours_distributed (default: all)")
-        if exp == "encrypted_inference":
+        if exp in ("encrypted_inference", "encrypted_fusion"):
             p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,5,10,25)")
+        if exp == "encrypted_inference":
             p.add_argument("--image-size", dest="image_size", type=int, default=None,
                            help="image side (default 224, quick 32)")
         p.set_defaults(func=_run)
@@ -74,9 +78,9 @@ def _run(args: argparse.Namespace) -> int:
     kwargs = {}
     if args.experiment == "table2" and args.methods:
         kwargs["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.experiment in ("encrypted_inference", "encrypted_fusion") and args.batches:
+        kwargs["batches"] = tuple(int(b) for b in args.batches.split(","))
     if args.experiment == "encrypted_inference":
-        if args.batches:
-            kwargs["batches"] = tuple(int(b) for b in args.batches.split(","))
         if args.image_size:
             kwargs["image_size"] = args.image_size
     try:

@@ -124,3 +124,19 @@ def test_encrypted_inference_runs_or_says_it_is_not_available(tmp_path):
         assert not list(tmp_path.glob("cloud-*"))  # the parties' shares do not land in the results
     else:
         assert proc.returncode == 1 and "not yet available" in proc.stderr
+
+
+def test_encrypted_fusion_compares_both_heads_on_a_trained_federation(tmp_path):
+    """Both fusion heads, trained by FedAvg, answer every encrypted query as the plaintext model does."""
+    run_iomt("experiment", "encrypted_fusion", "--quick", "--out", str(tmp_path))
+
+    columns, rows = _check_outputs(tmp_path, "encrypted_fusion")
+    assert {"fusion", "triples", "batch", "seconds_mean", "mpc_rounds_mean", "agreement_mean",
+            "max_logit_error_mean"} <= set(columns)
+    assert {(r["fusion"], r["triples"], r["batch"]) for r in rows} == {
+        (f, t, b) for f in ("attention", "quadratic") for t in ("on-demand", "prefetched") for b in ("1", "2")}
+    _, runs = _csv(tmp_path / "encrypted_fusion_runs.csv")
+    assert all(float(r["agreement"]) == 1.0 and float(r["max_logit_error"]) < 1e-2 for r in runs)
+    steady = {r["fusion"]: float(r["mpc_rounds"]) for r in runs if r["triples"] == "prefetched"}
+    assert steady == {"attention": 94.0, "quadratic": 12.0}
+    assert not list(tmp_path.glob("iomt-encrypted-*"))  # the parties' shares do not land in the results

@@ -11,7 +11,9 @@ send the test rows as shares in batches through the clinician's client. Per requ
 time, the parties' compute time and rounds, agreement of the encrypted prediction with the
 plaintext model's, the largest logit and modality-weight errors, and accuracy against the
 labels. The first request of each batch shape fetches its Beaver triples from the provider;
-later ones find them prefetched (the service's steady state).
+later ones find them prefetched (the service's steady state). Each request is sent after a
+pause, so that it meets an idle service, as a clinician's query does; back to back, a
+request also waits for the previous one's triple refill.
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ QUICK_BATCHES = (1, 2)
 #: requests per (fusion, batch) at most; the test set is cycled when it is smaller
 REQUESTS = 10
 QUICK_REQUESTS = 3
+#: pause before each request: a clinician's query meets an idle service, whose parties have
+#: finished fetching the next request's triples (about 0.2-0.6 s after the attention head)
+IDLE_S = 1.0
+QUICK_IDLE_S = 0.2
 PARTIES = 2
 READY_TIMEOUT_S = 300.0
 
@@ -75,6 +81,7 @@ def encrypted_fusion(settings: Settings, batches: tuple[int, ...] | None = None,
 
     batches = batches or (QUICK_BATCHES if settings.quick else BATCHES)
     requests = QUICK_REQUESTS if settings.quick else REQUESTS
+    idle = QUICK_IDLE_S if settings.quick else IDLE_S
     runs: list[dict] = []
     for seed, fold, fed, base_cfg, s in prepared_runs(settings):
         for fusion in fusions:
@@ -90,6 +97,7 @@ def encrypted_fusion(settings: Settings, batches: tuple[int, ...] | None = None,
                     for rep in range(requests):
                         idx = np.arange(rep * batch, (rep + 1) * batch) % len(labels)
                         ref_logits, ref_weights = _plaintext(cfg, state, feats[idx], mask[idx])
+                        time.sleep(idle)
                         start = time.perf_counter()
                         pred = predict(cloud.urls, cloud.signer, {"features": feats[idx], "mask": mask[idx]})
                         wall = time.perf_counter() - start

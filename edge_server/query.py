@@ -30,6 +30,5 @@ def fusion_query(model_cfg: ModelConfig, state: dict[str, np.ndarray], record: P
     idx = torch.zeros(n_win, dtype=torch.long)
     image, ehr, signals, tokens, mask = data.inputs(idx, torch.arange(n_win))
     with torch.no_grad():
-        feats = torch.stack([model.image_encoder(image), model.ehr_encoder(ehr),
-                             model.signal_encoder(signals), model.text_encoder(tokens)], dim=1)
+        feats = model.encode(image, ehr, signals, tokens)
     return {"features": feats.numpy().astype(np.float64), "mask": mask.numpy().astype(np.float64)}

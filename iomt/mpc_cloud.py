@@ -7,9 +7,12 @@ tests pass their own ``launch`` / ``stop`` so that the children die with the tes
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +98,23 @@ class MpcCloud:
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
             self._stop(proc)
+
+
+@contextlib.contextmanager
+def serving(arch: str, state: dict, config: dict, prefix: str, parties: int = 2,
+            env: dict[str, str] | None = None, timeout: float = READY_TIMEOUT_S) -> Iterator[MpcCloud]:
+    """A started cloud serving ``state`` secret-shared as global model version 1 (for experiments).
+
+    The parties' stores (hundreds of MB of shares for AlexNet) live in a temporary folder,
+    removed with the processes on exit.
+    """
+    from cloud_aggregator.inference.publish import publish_shared_model
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    cloud = MpcCloud(work, ["experiment"], parties, env=env)
+    try:
+        publish_shared_model(cloud.dirs, [state], [1], arch, config)
+        yield cloud.start(timeout)
+    finally:
+        cloud.stop()
+        shutil.rmtree(work, ignore_errors=True)

@@ -265,6 +265,13 @@ class MultimodalNet(nn.Module):
             self.head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.dim), nn.ReLU(),
                                       nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
 
+    def encode(self, image: torch.Tensor, ehr: torch.Tensor, signals: torch.Tensor,
+               tokens: torch.Tensor) -> torch.Tensor:
+        """The four modality features ``(B, 4, dim)`` in ``MODALITIES`` order: what the edge
+        computes for an encrypted query, whose fusion and head then run in the cloud."""
+        return torch.stack([self.image_encoder(image), self.ehr_encoder(ehr), self.signal_encoder(signals),
+                            self.text_encoder(tokens)], dim=1)
+
     def forward(self, image: torch.Tensor, ehr: torch.Tensor, signals: torch.Tensor,
                 tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits ``(B, num_classes)`` and modality weights ``(B, 4)``.
@@ -276,13 +283,7 @@ class MultimodalNet(nn.Module):
         for ``text_encoder="minilm"`` the ``(B, MINILM_DIM)`` float32 note embeddings;
         mask: ``(B, 4)`` float, 1 where the modality (in ``MODALITIES`` order) is present.
         """
-        feats = torch.stack([
-            self.image_encoder(image),
-            self.ehr_encoder(ehr),
-            self.signal_encoder(signals),
-            self.text_encoder(tokens),
-        ], dim=1)
-        fused, weights = self.fusion(feats, mask)
+        fused, weights = self.fusion(self.encode(image, ehr, signals, tokens), mask)
         return self.head(fused), weights
 
 

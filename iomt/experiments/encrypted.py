@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -77,8 +74,7 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
         import torch
 
         from cloud_aggregator.inference.client import predict
-        from cloud_aggregator.inference.publish import publish_shared_model
-        from iomt.mpc_cloud import MpcCloud
+        from iomt.mpc_cloud import serving
         from protocols.model import state_to_numpy
     except ImportError as err:
         raise NotAvailable(f"encrypted_inference is not yet available: the cloud's CrypTen inference path "
@@ -104,13 +100,9 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
         size = int(x_train.shape[-1])
         for arch in archs:
             net = train_image_model(arch, x_train, y_train, len(fed.classes), epochs, seed)
-            # The parties' stores (hundreds of MB of shares for AlexNet) live in a temporary folder.
-            work = Path(tempfile.mkdtemp(prefix=f"iomt-encrypted-{arch}-"))
-            cloud = MpcCloud(work, ["experiment"], PARTIES, env={"IOMT_MPC_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)})
-            publish_shared_model(cloud.dirs, [state_to_numpy(net)], [1], arch,
-                                 {"num_classes": len(fed.classes), "in_channels": 1, "image_size": size})
-            try:
-                cloud.start(READY_TIMEOUT_S)
+            config = {"num_classes": len(fed.classes), "in_channels": 1, "image_size": size}
+            with serving(arch, state_to_numpy(net), config, f"iomt-encrypted-{arch}-", PARTIES,
+                         env={"IOMT_MPC_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}, timeout=READY_TIMEOUT_S) as cloud:
                 rng = np.random.default_rng(seed)
                 for batch in batches:
                     for rep in range(repeats):
@@ -131,9 +123,6 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
                             "mpc_rounds": int(pred.rounds), "mpc_bytes": int(pred.bytes),
                         })
                         log.info("%s batch %d: %.2fs, agreement %.2f", arch, batch, wall, runs[-1]["agreement"])
-            finally:
-                cloud.stop()
-                shutil.rmtree(work, ignore_errors=True)
 
     values = ("seconds", "party_seconds", "seconds_per_image", "accuracy", "plaintext_accuracy", "agreement",
               "max_logit_error", "mpc_bytes")

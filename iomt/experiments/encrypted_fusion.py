@@ -18,10 +18,7 @@ request also waits for the previous one's triple refill.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -44,29 +41,23 @@ PARTIES = 2
 READY_TIMEOUT_S = 300.0
 
 
-def _test_rows(cfg, state, records) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _test_rows(model, records) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(features (N, 4, dim), mask (N, 4), labels (N,))`` of the labelled test patients, window 0."""
     import torch
 
     from edge_server.training.data import records_to_tensors
-    from protocols.model import build_model, load_numpy_state
 
-    data = records_to_tensors(records, cfg)
-    model = load_numpy_state(build_model(cfg), state).eval()
+    data = records_to_tensors(records, model.cfg)
     idx = torch.arange(len(data.labels))
     image, ehr, signals, tokens, mask = data.inputs(idx, torch.zeros_like(idx))
     with torch.no_grad():
-        feats = torch.stack([model.image_encoder(image), model.ehr_encoder(ehr), model.signal_encoder(signals),
-                             model.text_encoder(tokens)], dim=1)
+        feats = model.encode(image, ehr, signals, tokens)
     return feats.numpy().astype(np.float64), mask.numpy().astype(np.float64), data.labels.numpy()
 
 
-def _plaintext(cfg, state, feats: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _plaintext(model, feats: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    from protocols.model import build_model, load_numpy_state
-
-    model = load_numpy_state(build_model(cfg), state).eval()
     with torch.no_grad():
         fused, weights = model.fusion(torch.from_numpy(feats).float(), torch.from_numpy(mask).float())
         return model.head(fused).numpy(), weights.numpy()
@@ -75,9 +66,9 @@ def _plaintext(cfg, state, feats: np.ndarray, mask: np.ndarray) -> tuple[np.ndar
 def encrypted_fusion(settings: Settings, batches: tuple[int, ...] | None = None,
                      fusions: tuple[str, ...] = FUSIONS) -> dict:
     from cloud_aggregator.inference.client import predict
-    from cloud_aggregator.inference.publish import publish_shared_model
     from iomt.federation import run_federation
-    from iomt.mpc_cloud import MpcCloud
+    from iomt.mpc_cloud import serving
+    from protocols.model import build_model, load_numpy_state
 
     batches = batches or (QUICK_BATCHES if settings.quick else BATCHES)
     requests = QUICK_REQUESTS if settings.quick else REQUESTS
@@ -87,16 +78,14 @@ def encrypted_fusion(settings: Settings, batches: tuple[int, ...] | None = None,
         for fusion in fusions:
             cfg = base_cfg.model_copy(update={"fusion": fusion})
             state = run_federation(cfg, s.train, settings.spec("fedavg", seed)).state
-            feats, mask, labels = _test_rows(cfg, state, s.pooled("test"))
-            work = Path(tempfile.mkdtemp(prefix=f"iomt-encrypted-fusion-{fusion}-"))
-            cloud = MpcCloud(work, ["experiment"], PARTIES)
-            publish_shared_model(cloud.dirs, [state], [1], "multimodal", cfg.model_dump(mode="json"))
-            try:
-                cloud.start(READY_TIMEOUT_S)
+            model = load_numpy_state(build_model(cfg), state).eval()
+            feats, mask, labels = _test_rows(model, s.pooled("test"))
+            with serving("multimodal", state, cfg.model_dump(mode="json"), f"iomt-encrypted-fusion-{fusion}-",
+                         PARTIES, timeout=READY_TIMEOUT_S) as cloud:
                 for batch in batches:
                     for rep in range(requests):
                         idx = np.arange(rep * batch, (rep + 1) * batch) % len(labels)
-                        ref_logits, ref_weights = _plaintext(cfg, state, feats[idx], mask[idx])
+                        ref_logits, ref_weights = _plaintext(model, feats[idx], mask[idx])
                         time.sleep(idle)
                         start = time.perf_counter()
                         pred = predict(cloud.urls, cloud.signer, {"features": feats[idx], "mask": mask[idx]})
@@ -114,9 +103,6 @@ def encrypted_fusion(settings: Settings, batches: tuple[int, ...] | None = None,
                         })
                         log.info("%s batch %d request %d: %.3fs, %d rounds, agreement %.2f", fusion, batch, rep,
                                  wall, pred.rounds, runs[-1]["agreement"])
-            finally:
-                cloud.stop()
-                shutil.rmtree(work, ignore_errors=True)
 
     values = ("seconds", "party_seconds", "mpc_rounds", "agreement", "max_logit_error", "max_weight_error",
               "accuracy", "plaintext_accuracy")

@@ -52,8 +52,7 @@ def _features(model, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, to
         ehr = torch.randn(batch, cfg.ehr_dim, generator=gen)
         sig = torch.randn(batch, cfg.signal_len, cfg.signal_channels, generator=gen)
         tokens = torch.randint(2, cfg.text_vocab, (batch, cfg.text_len), generator=gen)
-        feats = torch.stack([model.image_encoder(image), model.ehr_encoder(ehr), model.signal_encoder(sig),
-                             model.text_encoder(tokens)], dim=1)
+        feats = model.encode(image, ehr, sig, tokens)
     mask = (torch.rand(batch, 4, generator=gen) > 0.3).float()
     mask[mask.sum(1) == 0, 0] = 1.0
     return feats, mask

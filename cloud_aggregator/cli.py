@@ -1,10 +1,6 @@
 """`iomt cloud ...`: each action lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when used."""
+``add_arguments(parser)`` and ``run(args) -> int``; `iomt.cli` imports it only when used."""
 from __future__ import annotations
-
-import argparse
-
-from protocols.cli_util import register_actions
 
 ACTIONS: dict[str, tuple[str, str]] = {
     "party": ("cloud_aggregator.party", "one non-colluding party: stores shares, aggregates, serves inference"),
@@ -13,6 +9,3 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "credentials": ("cloud_aggregator.credentials", "make the federation's keys, registry and TLS certificates"),
 }
 
-
-def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None:
-    register_actions(sub, name, help_line, ACTIONS)

@@ -1,10 +1,6 @@
 """`iomt edge ...`: each action lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when used."""
+``add_arguments(parser)`` and ``run(args) -> int``; `iomt.cli` imports it only when used."""
 from __future__ import annotations
-
-import argparse
-
-from protocols.cli_util import register_actions
 
 ACTIONS: dict[str, tuple[str, str]] = {
     "run": ("edge_server.daemon", "subscribe to the hospital broker, validate, preprocess and store"),
@@ -14,6 +10,3 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "federate": ("edge_server.federated", "take part in federated rounds with the cloud parties"),
 }
 
-
-def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None:
-    register_actions(sub, name, help_line, ACTIONS)

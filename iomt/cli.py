@@ -1,9 +1,10 @@
 """`iomt`: one entry point, one sub-command per role.
 
-Each role package owns a ``cli`` module with ``register(subparsers)``; sub-commands set
-``func`` (called with the parsed namespace, returning an exit code). Role modules are
-imported only when their command is used, so `iomt --help` stays fast and a role's heavy
-dependencies (torch, CrypTen) load only where they are needed.
+Each role package owns a ``cli`` module with either ``register(subparsers, name, help)`` or an
+``ACTIONS`` table (action -> module providing ``add_arguments(parser)`` and ``run(args)``);
+sub-commands set ``func`` (called with the parsed namespace, returning an exit code). Role
+and action modules are imported only when their command is used, so `iomt --help` stays fast
+and a role's heavy dependencies (torch, CrypTen) load only where they are needed.
 """
 from __future__ import annotations
 
@@ -25,7 +26,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _build_parser(selected: str | None) -> argparse.ArgumentParser:
+def _words(argv: list[str]) -> list[str]:
+    return [a for a in argv if not a.startswith("-")]
+
+
+def _register_actions(sub: argparse._SubParsersAction, name: str, help_line: str,
+                      actions: dict[str, tuple[str, str]], argv: list[str]) -> None:
+    """Add command ``name`` whose actions map to modules with ``add_arguments``/``run``;
+    only the action named in ``argv`` is imported."""
+    words = _words(argv)
+    at = words.index(name) + 1 if name in words else len(words)
+    chosen = words[at] if at < len(words) else None
+    parser = sub.add_parser(name, help=help_line, description=help_line)
+    subs = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, (module, text) in actions.items():
+        if action != chosen:
+            subs.add_parser(action, help=text, add_help=False)
+            continue
+        mod = importlib.import_module(module)
+        p = subs.add_parser(action, help=text, description=text)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+
+
+def _build_parser(selected: str | None, argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iomt", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,14 +64,18 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
                 sub.add_parser(name, help=f"{help_line} (not available: {err})")
                 continue
             raise
-        mod.register(sub, name, help_line)
+        actions = getattr(mod, "ACTIONS", None)
+        if actions is not None:
+            _register_actions(sub, name, help_line, actions, argv)
+        else:
+            mod.register(sub, name, help_line)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    selected = next((a for a in argv if not a.startswith("-")), None)
-    parser = _build_parser(selected if selected in COMMANDS else None)
+    selected = next(iter(_words(argv)), None)
+    parser = _build_parser(selected if selected in COMMANDS else None, argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -27,3 +27,18 @@ def test_infer_refuses_a_bad_mask_before_sending_anything(tmp_path):
                         "https://127.0.0.1:9,https://127.0.0.1:9", "--key-file", str(key), check=False)
         assert proc.returncode == 2, proc.stderr
         assert "bad_input" in proc.stderr and why in proc.stderr
+
+
+
+def test_main_honours_the_argv_it_is_given(tmp_path, capsys, monkeypatch):
+    """Called in-process, `main` must parse its own argv, not the test runner's sys.argv."""
+    import json
+
+    from edge_server.sqlite_store import SqliteStore
+    from iomt.cli import main
+
+    SqliteStore(tmp_path).close()
+    monkeypatch.setattr("sys.argv", ["pytest", "-q", "tests/iomt"])
+    assert main(["edge", "status", "--data-dir", str(tmp_path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["stored"]["total"] == 0 and status["rejected_total"] == 0

@@ -442,7 +442,3 @@ def patch_cuda_conv() -> None:
     CUDALongTensor._CUDALongTensor__patched_conv_ops = staticmethod(patched)
     CUDALongTensor._iomt_conv_patched = True
 
-
-@functools.lru_cache(maxsize=1)
-def cuda_available() -> bool:
-    return torch.cuda.is_available()

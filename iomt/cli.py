@@ -17,7 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("device_agent.broker_cli", "run an MQTT broker (Mosquitto when installed, else embedded)"),
     "device": ("device_agent.cli", "run a device agent that publishes to a hospital broker"),
-    "simulate": ("simulators.cli", "simulate a hospital's patients and devices"),
+    "simulate": ("iomt.simulate", "simulate a hospital's patients and devices"),
     "edge": ("edge_server.cli", "the hospital edge server: ingest, status, train, predict"),
     "cloud": ("cloud_aggregator.cli", "cloud parties and coordinator for secure aggregation"),
     "infer": ("iomt.infer", "encrypted inference for a patient (clinician's client)"),

@@ -1,44 +1,50 @@
-"""Drive a generated cohort through real device agents: one agent per device, simulated time."""
+"""Drive a generated cohort through one publisher per device, in simulated time.
+
+The publisher is passed in (:class:`Publisher`, made by a :data:`PublisherFactory`), so the
+simulators depend only on ``protocols``; `iomt simulate` passes real device agents.
+"""
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
+from typing import Callable, Protocol
 
-from device_agent.agent import DeviceAgent
-from device_agent.settings import AgentSettings
-from protocols.messages import ClinicalNote, EhrRecord, ImagingStudy, SignalFrame
+from protocols.messages import ClinicalNote, EhrRecord, ImagingStudy, Message, SignalFrame
 from protocols.topics import Topic
 from simulators.cohort import SimPatient
 
 log = logging.getLogger(__name__)
 
 
-def _agent(broker: str, hospital: str, device_class: str, device_id: str, patient_id: str,
-           streams: dict[str, float], buffer_dir: Path, mqtt_version: str) -> DeviceAgent:
-    return DeviceAgent(AgentSettings(
-        broker=broker, hospital=hospital, device_class=device_class, device_id=device_id,
-        patient_id=patient_id, streams=streams, buffer_path=buffer_dir / f"{device_id}.sqlite",
-        mqtt_version=mqtt_version, model=f"sim-{device_class}", manufacturer="iomt-simulator"))
+class Publisher(Protocol):
+    """What the simulator needs of a device: :class:`device_agent.DeviceAgent` is one."""
+
+    def start(self) -> "Publisher": ...
+    def publish(self, msg: Message, topic: Topic | None = None) -> object: ...
+    def flush(self, timeout: float | None = None) -> bool: ...
+    def close(self, flush_timeout: float | None = 10.0) -> None: ...
+    @property
+    def buffered(self) -> int: ...
 
 
-def publish_cohort(patients: list[SimPatient], hospital: str, broker: str, start_ts: float,
-                   realtime: bool = False, buffer_dir: Path | None = None, mqtt_version: str = "3.1.1",
-                   flush_timeout: float = 300.0) -> tuple[Counter, int]:
+#: ``factory(device_class, device_id, patient_id, streams)`` -> a publisher for that device.
+PublisherFactory = Callable[[str, str, str, dict[str, float]], Publisher]
+
+
+def publish_cohort(patients: list[SimPatient], make_publisher: PublisherFactory, hospital: str,
+                   start_ts: float, realtime: bool = False, flush_timeout: float = 300.0) -> tuple[Counter, int]:
     """Publish every modality of ``patients``; returns (messages published per stream, unacknowledged)."""
-    buffer_dir = Path(buffer_dir or tempfile.mkdtemp(prefix="iomt-sim-"))
     published: Counter = Counter()
     first = patients[0].devices if patients else {}
     needed = {"imaging": any(p.image is not None for p in patients), "ehr": any(p.ehr is not None for p in patients),
               "notes": any(p.note is not None for p in patients)}  # a replayed cohort has wearables only
-    shared = {cls: _agent(broker, hospital, cls, first[cls], "ward", streams, buffer_dir, mqtt_version)
+    shared = {cls: make_publisher(cls, first[cls], "ward", streams)
               for cls, streams in (("imaging", {"study": 0.0}), ("ehr", {"record": 0.0}), ("notes", {"note": 0.0}))
               if first and needed[cls]}
-    wearables = {p.patient_id: _agent(broker, hospital, "wearable", p.devices["wearable"], p.patient_id,
-                                      {s: rate for s, (rate, _) in p.streams.items()}, buffer_dir, mqtt_version)
+    wearables = {p.patient_id: make_publisher("wearable", p.devices["wearable"], p.patient_id,
+                                              {s: rate for s, (rate, _) in p.streams.items()})
                  for p in patients if p.streams}
     agents = list(shared.values()) + list(wearables.values())
     for agent in agents:
@@ -82,5 +88,5 @@ def publish_cohort(patients: list[SimPatient], hospital: str, broker: str, start
         for agent in agents:
             agent.close(flush_timeout=0)
     if left:
-        log.warning("%d messages were not acknowledged; they stay in %s", left, buffer_dir)
+        log.warning("%d messages were not acknowledged; they stay in the publishers' buffers", left)
     return published, left

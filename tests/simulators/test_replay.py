@@ -13,7 +13,7 @@ from scipy.signal import find_peaks
 
 from protocols.frames import decode_frame
 from protocols.schema import SIGNAL_STREAMS
-from simulators import cli as sim_cli
+from iomt import simulate as sim_cli
 from simulators.profiles import ECG_RATES, hospital_profile
 from simulators.replay import (PYPHYSIO_FILE, PYPHYSIO_INSTALL, ReplayError, SourceMissing, load_npz,
                                load_pyphysio, load_recording, replay_cohort, resample_recording, save_npz,

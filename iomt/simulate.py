@@ -1,5 +1,7 @@
 """`iomt simulate`: publish a hospital's simulated cohort through real device agents and write a JSON report.
 
+This module wires the simulators (which know only ``protocols``) to the device agent.
+
 With ``--replay SOURCE`` the wearables play a real recording instead (see
 :mod:`simulators.replay`). Exit codes: 0 all acknowledged; 1 some messages unacknowledged;
 2 the replay source is missing or malformed.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,8 +46,30 @@ def _write(report: dict, path: Path | None) -> None:
         print(text)
 
 
+def device_agents(args: argparse.Namespace):
+    """A publisher factory that makes one real device agent per device, buffered on disk."""
+    from device_agent.agent import DeviceAgent
+    from device_agent.settings import AgentSettings
+
+    buffer_dir = Path(args.buffer_dir or tempfile.mkdtemp(prefix="iomt-sim-"))
+
+    def make(device_class: str, device_id: str, patient_id: str, streams: dict[str, float]) -> DeviceAgent:
+        return DeviceAgent(AgentSettings(
+            broker=args.broker, hospital=args.hospital, device_class=device_class, device_id=device_id,
+            patient_id=patient_id, streams=streams, buffer_path=buffer_dir / f"{device_id}.sqlite",
+            mqtt_version=args.mqtt_version, model=f"sim-{device_class}", manufacturer="iomt-simulator"))
+    return make
+
+
+def _publish(patients, args: argparse.Namespace):
+    from simulators.publish import publish_cohort  # needs paho; the pure generator does not
+
+    return publish_cohort(patients, device_agents(args), args.hospital,
+                          args.start_ts if args.start_ts is not None else round(time.time(), 3),
+                          realtime=args.realtime)
+
+
 def _replay(args: argparse.Namespace, profile) -> int:
-    from simulators.publish import publish_cohort
     from simulators.replay import ReplayError, load_recording, replay_cohort
 
     try:
@@ -54,10 +79,7 @@ def _replay(args: argparse.Namespace, profile) -> int:
         return 2
     patients = replay_cohort(recording, args.hospital, args.patients, args.duration, profile=profile)
     t0 = time.monotonic()
-    published, unacked = publish_cohort(patients, args.hospital, args.broker,
-                                        args.start_ts if args.start_ts is not None else round(time.time(), 3),
-                                        realtime=args.realtime, buffer_dir=args.buffer_dir,
-                                        mqtt_version=args.mqtt_version)
+    published, unacked = _publish(patients, args)
     _write({
         "hospital": args.hospital,
         "duration_s": args.duration,
@@ -76,17 +98,12 @@ def _replay(args: argparse.Namespace, profile) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulators.publish import publish_cohort  # needs paho; the pure generator does not
-
     profile = hospital_profile(args.hospital, args.index)
     if args.replay:
         return _replay(args, profile)
     patients = generate_cohort(args.hospital, args.patients, args.seed, args.duration, profile=profile)
     t0 = time.monotonic()
-    published, unacked = publish_cohort(patients, args.hospital, args.broker,
-                                        args.start_ts if args.start_ts is not None else round(time.time(), 3),
-                                        realtime=args.realtime, buffer_dir=args.buffer_dir,
-                                        mqtt_version=args.mqtt_version)
+    published, unacked = _publish(patients, args)
     report = {
         "hospital": args.hospital,
         "seed": args.seed,

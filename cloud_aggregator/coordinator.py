@@ -24,6 +24,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from cloud_aggregator.serve import serve, split_listen
 from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
@@ -36,8 +37,6 @@ from protocols.params import normalise_spec, spec_hash
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG = 0, 2
-#: Seconds uvicorn waits for open (keep-alive) connections on SIGTERM before closing them.
-GRACE_S = 2
 
 
 class Coordinator:
@@ -294,8 +293,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-    from cloud_aggregator.party import split_listen
     host, port = split_listen(args.listen)
     try:
         settings = CoordinatorSettings(data_dir=args.data_dir, host=host, port=port, registry=args.registry,
@@ -308,7 +305,5 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError, OSError) as err:
         log.error("bad coordinator settings: %s", err)
         return EXIT_CONFIG
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
-                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
+    serve(app, settings)
     return EXIT_OK

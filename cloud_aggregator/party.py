@@ -20,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
 from cloud_aggregator.accumulator import RoundAccumulator
+from cloud_aggregator.serve import serve, split_listen
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
 from cloud_aggregator.strategies import get_strategy
@@ -32,8 +33,6 @@ from protocols.params import normalise_spec, spec_size, unflatten
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG = 0, 2
-#: Seconds uvicorn waits for open (keep-alive) connections on SIGTERM before closing them.
-GRACE_S = 2
 
 
 class RoundRefused(Exception):
@@ -281,11 +280,6 @@ def create_app(settings: PartySettings) -> FastAPI:
     return app
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host or "127.0.0.1", int(port)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=int, required=True, help="this party's index, 0..n-1")
     parser.add_argument("--parties", type=int, required=True, help="number of parties n")
@@ -301,7 +295,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
     host, port = split_listen(args.listen)
     try:
         settings = PartySettings(index=args.index, parties=args.parties, data_dir=args.data_dir, host=host,
@@ -311,8 +304,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         logging.getLogger(__name__).error("bad party settings: %s", err)
         return EXIT_CONFIG
-    app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
-                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
+    serve(create_app(settings), settings)
     return EXIT_OK

@@ -128,6 +128,8 @@ class RoundRecord:
     n_samples: int = 0
     train_metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    #: why the coordinator left this upload out of the round ("" when it was aggregated)
+    excluded: str = ""
 
 
 class FederatedClient:
@@ -331,7 +333,16 @@ class FederatedClient:
         while not status.finished and (max_rounds is None or status.current.state not in ("done", "failed")):
             time.sleep(POLL_S)
             status = self.status()
+        for rec in records:
+            self._check_included(rec)
         return records, status
+
+    def _check_included(self, rec: RoundRecord) -> None:
+        """Warn when the coordinator left this hospital's upload out of a finished round."""
+        st = self.round_status(rec.round)
+        if st.state in ("done", "failed") and self.hospital not in st.participants:
+            rec.excluded = st.excluded.get(self.hospital, "not received by every party before the round closed")
+            log.warning("%s: round %d left this hospital out: %s", self.hospital, rec.round, rec.excluded)
 
     def _one_round(self, cfg: RoundConfig, train_fn: TrainFn) -> RoundRecord:
         rec = RoundRecord(round=cfg.round)

@@ -88,7 +88,9 @@ class UploadHeader(_Msg):
 
 def commit_share(nonce: bytes, payload: bytes | memoryview) -> str:
     """``c = SHA-256(tag | nonce | payload)``: binds one party's payload, hides it (random nonce)."""
-    return hashlib.sha256(_COMMIT_TAG + nonce + bytes(memoryview(payload).cast("B"))).hexdigest()
+    h = hashlib.sha256(_COMMIT_TAG + nonce)
+    h.update(payload)  # hashed in place: no copy of party 0's 8-bytes-per-parameter share
+    return h.hexdigest()
 
 
 class Upload(BaseModel):

@@ -118,8 +118,13 @@ class Registry:
         for pid, entry in data.get("principals", {}).items():
             pub = serialization.load_pem_public_key(entry["public_key"].encode())
             keys[pid] = (entry["role"], pub)
-            if entry.get("max_samples") is not None:
-                caps[pid] = int(entry["max_samples"])
+            cap = entry.get("max_samples")
+            if cap is not None:
+                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+                    caps[pid] = cap
+                else:  # one bad declaration must not stop authentication for everybody
+                    log.error("registry %s: %s's max_samples %r is not a positive integer; ignored",
+                              self.path, pid, cap)
         self._keys, self._revoked, self._mtime = keys, set(data.get("revoked", [])), mtime
         self._max_samples = caps
 

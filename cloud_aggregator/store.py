@@ -108,9 +108,10 @@ class PartyStore:
         return old
 
     def save_upload(self, upload: Upload, raw: bytes) -> Receipt:
-        """Store one decoded upload durably; refuses a second, different upload for the same round."""
+        """Store one decoded upload durably; refuses a second upload for the same round (a caller
+        answers a resent identical one from :meth:`held` first)."""
         h = upload.header
-        if self.held(h.round, h.hospital, raw) is not None:
+        if self.has_upload(h.round, h.hospital):
             raise StoreError("replay", f"{h.hospital} already uploaded for round {h.round}")
         digest = hashlib.sha256(raw).hexdigest()
         rdir = self._round_dir(h.round)

@@ -6,8 +6,8 @@ verify it, train locally (with DP on the update, :mod:`edge_server.training`), e
 (parties 1..n-1), and send each party only its own piece over TLS. The pieces are kept
 (``DATA_DIR/federation``) before anything is sent, so every retry of a round, also after a
 crash, resends the very same sharing; the parties answer a repeated body with the same
-receipt. :class:`FederatedClient`
-is generic over ``train_fn(global_state, round_config) -> (state, n_samples, metrics)``.
+receipt. :class:`FederatedClient` is generic over
+``train_fn(global_state, round_config) -> (state, n_samples, metrics)``.
 """
 from __future__ import annotations
 
@@ -86,9 +86,9 @@ class PendingUploads:
         return [(path / f"party{i}.bin").read_bytes() for i in range(meta["parties"])], meta
 
     def save(self, cfg: RoundConfig, bodies: list[bytes], meta: dict) -> None:
-        """Keep ``bodies`` for ``cfg``'s round (durably: fsync, rename) and forget older rounds."""
+        """Keep ``bodies`` for ``cfg``'s round (durably: fsync, rename) in place of any kept before."""
         key, meta = self._key(cfg), {**meta, "round": cfg.round, "parties": len(bodies)}
-        self.forget_before(cfg.round + 1)
+        self.forget_before(cfg.round + 1)  # older rounds, and this round under another config
         if self.folder is None:
             self._mem[key] = (bodies, meta)
             return
@@ -112,7 +112,7 @@ class PendingUploads:
             os.close(fd)
 
     def forget_before(self, rnd: int) -> None:
-        """Drop the bodies of rounds before ``rnd`` (and any of ``rnd - 1`` or older left by a crash)."""
+        """Drop the bodies kept for rounds before ``rnd`` (including temporary folders a crash left)."""
         self._mem = {k: v for k, v in self._mem.items() if v[1]["round"] >= rnd}
         if self.folder is not None:
             for path in self.folder.iterdir():

@@ -13,6 +13,9 @@ on a fresh cluster with one round:
   the default multimodal model, 112k parameters) upload while party 1 is down; one edge is
   SIGKILLed while it waits to retry, party 1 restarts, that edge is re-run in a new process.
 
+``restart_to_done_s``: from the restart (edge: of party 1) to the round's ``done``, including
+the clients' retry backoff and, for the edge, a new process's start-up.
+
 Reference: plaintext FedAvg in float64 of the states the hospitals shared (toy scenarios:
 the states themselves; edge scenario: the updates decoded from the bodies each edge kept in
 ``DATA_DIR/federation``, the ones it committed to). Reported: max |global - reference|.
@@ -75,8 +78,8 @@ def _toy(root: Path, kill: str) -> dict:
         st = cluster.wait_round(clients["h1"], 1)
         recovery = time.perf_counter() - t0
         _, model = clients["h1"].fetch_global(1)
-        return {"state": st.state, "participants": st.participants, "max_abs_diff": _diff(model, _fedavg(states, COUNTS)),
-                "restart_to_done_s": round(recovery, 2)}
+        return {"state": st.state, "participants": st.participants,
+                "max_abs_diff": _diff(model, _fedavg(states, COUNTS)), "restart_to_done_s": round(recovery, 2)}
     finally:
         cluster.stop()
 
@@ -125,7 +128,8 @@ def _kept_update(edge_dir: Path) -> tuple[dict, int]:
 def _edge(root: Path) -> dict:
     run_iomt("experiment", "export-breast-cancer", "--out", str(root / "bc"))
     hospitals = ["hospital-00", "hospital-01", "hospital-02"]
-    run_iomt("edge", "federate", "--write-model", str(root / "model.json"), "--data-dir", str(root / "bc" / hospitals[0]))
+    run_iomt("edge", "federate", "--write-model", str(root / "model.json"),
+             "--data-dir", str(root / "bc" / hospitals[0]))
     model = json.loads((root / "model.json").read_text())
     spec = normalise_spec(model["spec"])
     dummy = {n: np.zeros(s, np.float32) for n, s in spec}

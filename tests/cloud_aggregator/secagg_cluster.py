@@ -3,6 +3,7 @@ plus n real `iomt cloud party` processes."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import time
@@ -73,6 +74,10 @@ class Cluster:
 
     def kill_party(self, i: int) -> None:
         stop(self.procs.pop(f"party{i}"), sig=signal.SIGKILL)
+
+    def pause_party(self, i: int) -> None:
+        """SIGSTOP party ``i``: requests to it hang (until :meth:`kill_party` SIGKILLs it mid-request)."""
+        os.killpg(self.procs[f"party{i}"].pid, signal.SIGSTOP)
 
     def kill_coordinator(self) -> None:
         stop(self.procs.pop("coord"), sig=signal.SIGKILL)

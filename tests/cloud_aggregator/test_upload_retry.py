@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ssl
 import stat
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -61,11 +63,18 @@ def test_retry_after_party_killed_inconsistent_sharing_and_huge_sample_count(tmp
         assert _put(cluster, 0, first[0], "h2").status_code == 200
         assert _put(cluster, 1, second[1], "h2").status_code == 200
 
-        # (a) party 1 is killed (SIGKILL) while h1 and h4 upload: party 0 stores their shares
+        # (a) party 1 is SIGKILLed during h1's upload, after party 0 stored h1's share
+        # (paused first, so that h1's request to it is in flight when it dies)
+        cluster.pause_party(1)
+        errors = []
+        upload = threading.Thread(target=_upload_catching, args=(clients["h1"], cfg, states["h1"], errors))
+        upload.start()
+        _wait_file(cluster.party_dir(0) / "rounds/r000001/h1.json")
         cluster.kill_party(1)
-        for h in ("h1", "h4"):
-            with pytest.raises((FederationError, httpx.HTTPError)):
-                clients[h].upload(cfg, states[h], COUNTS[h])
+        upload.join(60)
+        assert len(errors) == 1 and isinstance(errors[0], (FederationError, httpx.HTTPError)), errors
+        with pytest.raises((FederationError, httpx.HTTPError)):  # h4 uploads while party 1 is down
+            clients["h4"].upload(cfg, states["h4"], COUNTS["h4"])
         held = (cluster.party_dir(0) / "rounds/r000001/h1.share").read_bytes()
         cluster.start_party(1)
         clients["h1"].upload(cfg, states["h1"], COUNTS["h1"])  # the same client retries
@@ -93,6 +102,20 @@ def test_retry_after_party_killed_inconsistent_sharing_and_huge_sample_count(tmp
         for c in clients.values():
             c.close()
         cluster.stop()
+
+
+def _upload_catching(client, cfg, state, errors):
+    try:
+        client.upload(cfg, state, COUNTS[client.hospital])
+    except Exception as err:  # noqa: BLE001 - the test asserts what it was
+        errors.append(err)
+
+
+def _wait_file(path, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
 
 
 def _has_state_dir() -> bool:

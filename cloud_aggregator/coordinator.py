@@ -2,10 +2,11 @@
 round's participant set and tells every party to aggregate exactly that set.
 
 It never receives a share: it only sees receipts (hospital, sample count, sha256 of the
-upload) from the parties. A hospital is a participant of a round iff every party
+upload, sharing id) from the parties. A hospital is a participant of a round iff every party
 acknowledged its upload before the round closed (deadline, or earlier once every
-registered hospital is in); the others are excluded consistently because the parties
-aggregate the explicit list they are sent. State is persisted, so a restarted
+registered hospital is in), all parties hold the same sharing of it (one sharing id) with
+one sample count, and that count is within the cap; the others are excluded consistently
+because the parties aggregate the explicit list (with each sharing id) they are sent. State is persisted, so a restarted
 coordinator resumes the round where it was.
 """
 from __future__ import annotations
@@ -28,8 +29,9 @@ from cloud_aggregator.serve import serve, split_listen
 from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
-from protocols.aggregation_messages import (AggregateRequest, AggregateResult, FederationStatus, ModelInfo,
-                                            Receipts, RoundConfig, RoundStatus, ServerOptConfig)
+from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult,
+                                            FederationStatus, ModelInfo, Receipts, RoundConfig, RoundStatus,
+                                            ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.errors import ConfigError
 from protocols.params import normalise_spec, spec_hash
@@ -110,7 +112,7 @@ class Coordinator:
                           server_opt=self.server_opt,
                           parties=len(self.settings.party_urls),
                           spec=[(n, list(s)) for n, s in self.spec], spec_hash=spec_hash(self.spec),
-                          model=self.model, init_seed=self.init_seed)
+                          model=self.model, init_seed=self.init_seed, max_samples=self.settings.max_samples)
         self.expected[rnd] = list(self.hospitals)
         self._set(RoundStatus(config=cfg, state="open", share_sha256=[None] * cfg.parties))
         log.info("round %d opened for %s, deadline in %.0fs", rnd, self.hospitals, self.settings.round_timeout)
@@ -128,21 +130,37 @@ class Coordinator:
         got = await asyncio.gather(*(one(i, u) for i, u in enumerate(self.settings.party_urls)))
         return None if any(g is None for g in got) else list(got)
 
-    def _participants(self, rnd: int, all_receipts: list[Receipts]) -> tuple[list[str], int]:
-        """Hospitals every party holds a share from, with one consistent sample count."""
+    def _participants(self, rnd: int, all_receipts: list[Receipts]) -> tuple[list[str], int, dict, dict]:
+        """Hospitals every party holds one and the same sharing from, with a bounded sample count.
+
+        Returns ``(participants, denominator, commitments, excluded)``: the sharing id each
+        participant is aggregated with, and why each other hospital some party holds was left
+        out. A hospital whose parties hold pieces of different sharings (say a retry that drew
+        new randomness) would sum to garbage, and a sample count above the cap would outweigh
+        every other hospital; both are left out, counted and logged, never aggregated.
+        """
         allowed = set(self.registry.principals("hospital"))
-        per_party = [{r.hospital: r.n_samples for r in rec.receipts} for rec in all_receipts]
+        per_party = [{r.hospital: r for r in rec.receipts} for rec in all_receipts]
         common = set.intersection(*(set(p) for p in per_party)) & allowed
-        participants, denominator = [], 0
+        participants, denominator, commitments, excluded = [], 0, {}, {}
         for h in sorted(common):
-            counts = {p[h] for p in per_party}
-            if len(counts) != 1:
+            sharings = {p[h].commitment for p in per_party}
+            counts = {p[h].n_samples for p in per_party}
+            cap = min(c for c in (self.settings.max_samples, self.registry.max_samples(h)) if c is not None)
+            if len(sharings) != 1 or len(counts) != 1:
                 self.counters["inconsistent_upload"] += 1
-                log.warning("round %d: %s told parties different sample counts %s; excluded", rnd, h, counts)
+                excluded[h] = (f"parties hold different sharings {sorted(c[:12] for c in sharings)}"
+                               if len(sharings) != 1 else f"parties were told different sample counts {sorted(counts)}")
+            elif max(counts) > cap:
+                self.counters["too_many_samples"] += 1
+                excluded[h] = f"claims {max(counts)} samples, at most {cap} accepted"
+            else:
+                participants.append(h)
+                denominator += counts.pop()
+                commitments[h] = sharings.pop()
                 continue
-            participants.append(h)
-            denominator += counts.pop()
-        return participants, denominator
+            log.warning("round %d: %s excluded: %s", rnd, h, excluded[h])
+        return participants, denominator, commitments, excluded
 
     async def tick(self, client: httpx.AsyncClient) -> None:
         cur = self.current
@@ -165,21 +183,24 @@ class Coordinator:
             receipts = await self._receipts(client, rnd)
             if receipts is None:
                 return  # a party is down: wait for it, its acknowledged shares are on its disk
-            participants, denominator = self._participants(rnd, receipts)
+            participants, denominator, commitments, excluded = self._participants(rnd, receipts)
             if not participants:
-                self._set(cur.model_copy(update={"state": "failed", "detail": "no hospital reached every party"}))
-                log.warning("round %d failed: no hospital uploaded to every party in time", rnd)
+                self._set(cur.model_copy(update={"state": "failed", "excluded": excluded,
+                                                 "detail": "no hospital reached every party with one valid sharing"}))
+                log.warning("round %d failed: no hospital uploaded one valid sharing to every party in time", rnd)
                 return
             dropped = sorted(set(self.expected.get(rnd, [])) - set(participants))
             self._set(cur.model_copy(update={"state": "aggregating", "participants": participants,
-                                             "denominator": denominator}))
+                                             "denominator": denominator, "commitments": commitments,
+                                             "excluded": excluded}))
             log.info("round %d participants %s (N=%d), excluded %s", rnd, participants, denominator, dropped)
             return
         if cur.state == "aggregating":
             await self._aggregate(client, cur)
 
     async def _aggregate(self, client: httpx.AsyncClient, cur: RoundStatus) -> None:
-        req = AggregateRequest(config=cur.config, participants=cur.participants, denominator=cur.denominator)
+        req = AggregateRequest(config=cur.config, participants=cur.participants, denominator=cur.denominator,
+                               commitments=cur.commitments)
         hashes = list(cur.share_sha256)
 
         async def one(i: int, url: str) -> None:
@@ -287,6 +308,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta2", type=float, default=0.99)
     parser.add_argument("--tau", type=float, default=1e-3, help="FedAdam/FedYogi adaptivity tau")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal weight")
+    parser.add_argument("--max-samples", type=int, default=MAX_SAMPLES_DEFAULT,
+                        help="most samples a hospital may claim per round (default %(default)s; the registry "
+                             "may declare less per hospital); larger claims are left out")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-ca", help="CA bundle to verify the parties")
@@ -300,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
                                        round_timeout=args.round_timeout, min_hospitals=args.min_hospitals,
                                        strategy=args.strategy, prox_mu=args.prox_mu, model_file=args.model,
                                        server_lr=args.server_lr, beta1=args.beta1, beta2=args.beta2, tau=args.tau,
+                                       max_samples=args.max_samples,
                                        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:

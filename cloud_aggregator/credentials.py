@@ -5,7 +5,9 @@ and ``coordinator``), the public ``registry.json`` every service verifies tokens
 and (with ``--tls-host``) a CA plus one server certificate for those host names. Hand each
 principal its own key file only; ``registry.json`` and ``tls/ca.pem`` are public.
 `iomt cloud credentials --revoke ID --out DIR` adds ID to the registry's revocation list;
-services re-read the registry when it changes.
+`iomt cloud credentials --max-samples ID=N --out DIR` declares the most samples hospital ID
+may claim per round (parties refuse larger claims); services re-read the registry when it
+changes.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from protocols.auth import make_credentials, make_tls, revoke
+from protocols.auth import declare_max_samples, make_credentials, make_tls, revoke
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="host name or IP the cloud services are reached at (repeat); makes tls/")
     parser.add_argument("--days", type=int, default=365, help="validity of the TLS certificates")
     parser.add_argument("--revoke", metavar="ID", help="revoke this principal in an existing registry")
+    parser.add_argument("--max-samples", metavar="ID=N", action="append", default=[],
+                        help="declare hospital ID's largest per-round sample count in an existing registry "
+                             "(repeat; N=none removes it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +39,19 @@ def run(args: argparse.Namespace) -> int:
             return 2
         revoke(registry, args.revoke)
         print(f"revoked {args.revoke} in {registry}")
+        return 0
+    if args.max_samples:
+        if not registry.exists():
+            print(f"error: no registry at {registry}", file=sys.stderr)
+            return 2
+        for item in args.max_samples:
+            pid, _, value = item.partition("=")
+            try:
+                declare_max_samples(registry, pid, None if value.lower() == "none" else int(value))
+            except ValueError as err:
+                print(f"error: --max-samples {item}: {err}", file=sys.stderr)
+                return 2
+            print(f"{pid} may claim at most {value} samples per round")
         return 0
     hospitals = [h for h in (args.hospitals or "").split(",") if h]
     if not hospitals or args.parties < 2:

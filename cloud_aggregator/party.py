@@ -24,8 +24,8 @@ from cloud_aggregator.serve import serve, split_listen
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
 from cloud_aggregator.strategies import get_strategy
-from protocols.aggregation_messages import (AggregateRequest, AggregateResult, Receipts, RoundConfig,
-                                            RoundStatus, UploadAck, upload_from_wire)
+from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult, Receipt,
+                                            Receipts, RoundConfig, RoundStatus, UploadAck, upload_from_wire)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.errors import ConfigError, ShareError
 from protocols.params import normalise_spec, spec_size, unflatten
@@ -90,8 +90,13 @@ class Party:
         self.store.save_config(status.config)
         return status.config
 
-    def accept(self, hospital: str, rnd: int, raw: bytes):
-        """Validate and durably store one upload; returns its receipt."""
+    def accept(self, hospital: str, rnd: int, raw: bytes) -> tuple[Receipt, bool]:
+        """Validate and durably store one upload; returns its receipt and whether it is new.
+
+        Idempotent: the very bytes already stored for (round, hospital) get the same receipt
+        again (a retry whose acknowledgement was lost, even after the round closed); different
+        bytes are refused (``replay``, 409).
+        """
         upload = upload_from_wire(raw)
         h = upload.header
         if h.hospital != hospital:
@@ -102,7 +107,14 @@ class Party:
         if h.party_index != self.settings.index or h.parties != self.settings.parties:
             raise ShareError("wrong_party", f"share for party {h.party_index}/{h.parties}, "
                              f"this is party {self.settings.index}/{self.settings.parties}")
+        held = self.store.held(rnd, hospital, raw)
+        if held is not None:
+            return held, False
         cfg = self.round_config(rnd)
+        cap = self.sample_cap(hospital, cfg)
+        if h.n_samples > cap:
+            raise ShareError("too_many_samples", f"{hospital} claims {h.n_samples} samples, at most {cap} "
+                             "per round are accepted")
         if self.store.global_dir(cfg.version).exists():
             raise RoundRefused("round_closed", f"round {rnd} is already aggregated")
         if time.time() > cfg.deadline:
@@ -116,7 +128,13 @@ class Party:
             self.sums.add(rnd, upload)
         except (ValueError, MemoryError) as err:  # the close-time fix-up re-adds it from disk
             log.warning("party %d: could not accumulate %s's share now: %s", self.settings.index, hospital, err)
-        return receipt
+        return receipt, True
+
+    def sample_cap(self, hospital: str, cfg: RoundConfig) -> int:
+        """The most samples ``hospital`` may claim in ``cfg``'s round: this party's cap, the
+        coordinator's, and the registry's declaration for the hospital, whichever is least."""
+        caps = [self.settings.max_samples, cfg.max_samples, self.registry.max_samples(hospital)]
+        return min(c for c in caps if c is not None)
 
     def aggregate(self, req: AggregateRequest) -> AggregateResult:
         cfg = req.config
@@ -127,6 +145,10 @@ class Party:
         missing = [p for p in req.participants if p not in receipts]
         if missing:
             raise StoreError("missing_shares", f"no upload from {missing} for round {rnd}")
+        other = [p for p in req.participants if receipts[p].commitment != req.commitments[p]]
+        if other:
+            raise StoreError("inconsistent", f"this party holds a different sharing from {other} for round {rnd} "
+                             "than the coordinator names")
         denominator = sum(receipts[p].n_samples for p in req.participants)
         if denominator != req.denominator:
             raise StoreError("inconsistent", f"sample counts sum to {denominator}, coordinator says "
@@ -226,10 +248,16 @@ def create_app(settings: PartySettings) -> FastAPI:
             raise ShareError("too_large", f"{length} bytes > {settings.max_upload_bytes}")
         raw = await request.body()
         async with party.lock:  # one upload at a time: the replay check and the write are atomic
-            receipt = await run_in_threadpool(party.accept, hospital, rnd, raw)
-        party.counters["uploads_stored"] += 1
-        log.info("party %d stored round %d share from %s (%d bytes)", settings.index, rnd, hospital, len(raw))
-        return UploadAck(round=rnd, hospital=hospital, party_index=settings.index, sha256=receipt.sha256)
+            receipt, new = await run_in_threadpool(party.accept, hospital, rnd, raw)
+        if new:
+            party.counters["uploads_stored"] += 1
+            log.info("party %d stored round %d share from %s (%d bytes, sharing %s)", settings.index, rnd, hospital,
+                     len(raw), receipt.commitment[:12])
+        else:
+            party.counters["uploads_repeated"] += 1
+            log.info("party %d: %s resent its round %d share; already held", settings.index, hospital, rnd)
+        return UploadAck(round=rnd, hospital=hospital, party_index=settings.index, sha256=receipt.sha256,
+                         commitment=receipt.commitment, stored=new)
 
     @app.get("/rounds/{rnd}/receipts", response_model=Receipts)
     async def receipts(rnd: int, request: Request):
@@ -292,6 +320,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="server private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle to verify the coordinator")
     parser.add_argument("--mpc-master", help="host:port of the MPC rendezvous for encrypted inference")
+    parser.add_argument("--max-samples", type=int, default=MAX_SAMPLES_DEFAULT,
+                        help="refuse uploads claiming more samples per hospital and round (default %(default)s; "
+                             "the coordinator's cap and the registry's per-hospital max_samples also apply)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
         settings = PartySettings(index=args.index, parties=args.parties, data_dir=args.data_dir, host=host,
                                  port=port, registry=args.registry, key_file=args.key_file,
                                  coordinator_url=args.coordinator, tls_cert=args.tls_cert,
-                                 tls_key=args.tls_key, tls_ca=args.tls_ca, mpc_master=args.mpc_master)
+                                 tls_key=args.tls_key, tls_ca=args.tls_ca, mpc_master=args.mpc_master,
+                                 max_samples=args.max_samples)
     except ValueError as err:
         logging.getLogger(__name__).error("bad party settings: %s", err)
         return EXIT_CONFIG

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocols.aggregation_messages import MAX_SAMPLES_DEFAULT
+
 
 class _TLS(BaseSettings):
     #: Server certificate and key (PEM). Both unset means plain HTTP (development only).
@@ -43,6 +45,8 @@ class PartySettings(_TLS):
     mpc_master: str | None = None
     #: Largest accepted upload body in bytes.
     max_upload_bytes: int = 1 << 31
+    #: Most samples one hospital may claim per round (FedAvg weight); larger claims are refused.
+    max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)
 
     @property
     def principal(self) -> str:
@@ -83,3 +87,6 @@ class CoordinatorSettings(_TLS):
     #: JSON file: {"arch": str, "config": {...}, "spec": [[name, shape], ...], "init_seed": int}.
     model_file: Path
     poll_interval: float = Field(default=0.25, gt=0)
+    #: Most samples one hospital may claim per round; published in each round config, enforced
+    #: by the parties and again here (with the registry's per-hospital ``max_samples``).
+    max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)

@@ -5,7 +5,7 @@ Layout under the party's data dir ``D``::
 
     D/rounds/r{round:06d}/config.json           round config fetched from the coordinator
     D/rounds/r{round:06d}/{hospital}.share      upload exactly as received (wire format)
-    D/rounds/r{round:06d}/{hospital}.json       receipt: header + sha256 (written last)
+    D/rounds/r{round:06d}/{hospital}.json       receipt: sample count, sha256, sharing id (written last)
     D/global/v{version:06d}/share.npz           this party's int64 share of S = sum n_k theta_k
     D/global/v{version:06d}/meta.json           version, round, parties, denominator, spec, ...
     D/global/LATEST                             the newest version number
@@ -92,15 +92,31 @@ class PartyStore:
     def has_upload(self, rnd: int, hospital: str) -> bool:
         return (self._round_dir(rnd) / f"{check_id(hospital)}.json").exists()
 
+    def receipt(self, rnd: int, hospital: str) -> Receipt | None:
+        path = self._round_dir(rnd) / f"{check_id(hospital)}.json"
+        return Receipt.model_validate_json(path.read_bytes()) if path.exists() else None
+
+    def held(self, rnd: int, hospital: str, raw: bytes) -> Receipt | None:
+        """The receipt of the upload already stored for (round, hospital) if it is ``raw`` itself
+        (a retry: answer it again); :class:`StoreError` ``replay`` if a different one is stored."""
+        old = self.receipt(rnd, hospital)
+        if old is None:
+            return None
+        if old.sha256 != hashlib.sha256(raw).hexdigest():
+            raise StoreError("replay", f"{hospital} already uploaded a different share for round {rnd} "
+                             f"(sharing {old.commitment[:12]}); a retry must resend the same bytes")
+        return old
+
     def save_upload(self, upload: Upload, raw: bytes) -> Receipt:
-        """Store one decoded upload durably; refuses a second upload for the same round."""
+        """Store one decoded upload durably; refuses a second upload for the same round (a caller
+        answers a resent identical one from :meth:`held` first)."""
         h = upload.header
         if self.has_upload(h.round, h.hospital):
             raise StoreError("replay", f"{h.hospital} already uploaded for round {h.round}")
         digest = hashlib.sha256(raw).hexdigest()
         rdir = self._round_dir(h.round)
         atomic_write(rdir / f"{h.hospital}.share", raw)
-        receipt = Receipt(hospital=h.hospital, n_samples=h.n_samples, sha256=digest)
+        receipt = Receipt(hospital=h.hospital, n_samples=h.n_samples, sha256=digest, commitment=h.sharing_id())
         atomic_write(rdir / f"{h.hospital}.json", receipt.model_dump_json().encode())
         return receipt
 

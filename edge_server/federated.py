@@ -3,8 +3,11 @@
 Each round: fetch the previous global model's shares from every party, reconstruct and
 verify it, train locally (with DP on the update, :mod:`edge_server.training`), encode
 ``n_k * theta_k`` in the ring Z_2^64, split it into one full share (party 0) and n-1 seeds
-(parties 1..n-1), and send each party only its own piece over TLS. :class:`FederatedClient`
-is generic over ``train_fn(global_state, round_config) -> (state, n_samples, metrics)``.
+(parties 1..n-1), and send each party only its own piece over TLS. The pieces are kept
+(``DATA_DIR/federation``) before anything is sent, so every retry of a round, also after a
+crash, resends the very same sharing; the parties answer a repeated body with the same
+receipt. :class:`FederatedClient` is generic over
+``train_fn(global_state, round_config) -> (state, n_samples, metrics)``.
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import hashlib
 import io
 import json
 import logging
+import os
+import shutil
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +30,8 @@ import httpx
 import numpy as np
 
 from protocols import fixedpoint, sharing
-from protocols.aggregation_messages import FederationStatus, RoundConfig, RoundStatus, UploadHeader, upload_to_wire
+from protocols.aggregation_messages import (FederationStatus, RoundConfig, RoundStatus, sharing_to_wire,
+                                            upload_from_wire)
 from protocols.auth import Signer
 from protocols.errors import IomtError
 from protocols.params import flatten, normalise_spec, spec_hash, spec_size, state_sha256, unflatten
@@ -32,6 +39,9 @@ from protocols.params import flatten, normalise_spec, spec_hash, spec_size, stat
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+#: First pause before resending a round's upload to an unreachable party (doubles per try).
+UPLOAD_RETRY_S = 1.0
+UPLOAD_RETRY_MAX_S = 15.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 TrainFn = Callable[[dict[str, np.ndarray] | None, RoundConfig], tuple[dict[str, np.ndarray], int, dict]]
@@ -41,6 +51,76 @@ class FederationError(IomtError):
     """The cloud answered something this client cannot accept (refusal, bad model)."""
 
 
+class UploadIncomplete(FederationError):
+    """Some party did not take the upload (unreachable, 5xx); resending the same bodies is safe."""
+
+
+class PendingUploads:
+    """The upload bodies of the round in flight, kept until a later round is shared.
+
+    With a ``folder`` (``iomt edge federate``: ``DATA_DIR/federation``, mode 0700, files
+    0600) they survive a crash, so a re-run resends the very same sharing; without one they
+    live as long as the client. Bodies are keyed by a hash of the whole round config, so a
+    new federation that reuses round numbers never gets an old sharing.
+    """
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self._mem: dict[str, tuple[list[bytes], dict]] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.folder, 0o700)
+
+    @staticmethod
+    def _key(cfg: RoundConfig) -> str:
+        return f"r{cfg.round:06d}-{hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:24]}"
+
+    def load(self, cfg: RoundConfig) -> tuple[list[bytes], dict] | None:
+        key = self._key(cfg)
+        if self.folder is None:
+            return self._mem.get(key)
+        path = self.folder / key
+        if not (path / "meta.json").exists():
+            return None
+        meta = json.loads((path / "meta.json").read_text())
+        return [(path / f"party{i}.bin").read_bytes() for i in range(meta["parties"])], meta
+
+    def save(self, cfg: RoundConfig, bodies: list[bytes], meta: dict) -> None:
+        """Keep ``bodies`` for ``cfg``'s round (durably: fsync, rename) in place of any kept before."""
+        key, meta = self._key(cfg), {**meta, "round": cfg.round, "parties": len(bodies)}
+        self.forget_before(cfg.round + 1)  # older rounds, and this round under another config
+        if self.folder is None:
+            self._mem[key] = (bodies, meta)
+            return
+        tmp = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".{key}."))  # mode 0700
+        try:
+            for name, data in [*((f"party{i}.bin", b) for i, b in enumerate(bodies)),
+                               ("meta.json", json.dumps(meta).encode())]:
+                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.rename(tmp, self.folder / key)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def forget_before(self, rnd: int) -> None:
+        """Drop the bodies kept for rounds before ``rnd`` (including temporary folders a crash left)."""
+        self._mem = {k: v for k, v in self._mem.items() if v[1]["round"] >= rnd}
+        if self.folder is not None:
+            for path in self.folder.iterdir():
+                name = path.name.lstrip(".")
+                if name[:1] == "r" and name[1:7].isdigit() and int(name[1:7]) < rnd:
+                    shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass
 class RoundRecord:
     round: int
@@ -48,14 +128,18 @@ class RoundRecord:
     n_samples: int = 0
     train_metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    #: why the coordinator left this upload out of the round ("" when it was aggregated)
+    excluded: str = ""
 
 
 class FederatedClient:
     """A hospital's view of the federation: coordinator plus n parties, over HTTPS."""
 
     def __init__(self, signer: Signer, coordinator_url: str, ca: str | Path | None = None,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, state_dir: str | Path | None = None) -> None:
+        """``state_dir`` keeps each round's upload bodies on disk (see :class:`PendingUploads`)."""
         self.signer = signer
+        self.pending = PendingUploads(state_dir)
         self.hospital = signer.principal
         self.coordinator_url = coordinator_url.rstrip("/")
         self.http = httpx.Client(verify=ssl.create_default_context(cafile=str(ca)) if ca else True, timeout=timeout)
@@ -88,44 +172,94 @@ class FederatedClient:
 
     # upload ---------------------------------------------------------------------------
     def make_uploads(self, cfg: RoundConfig, state: dict[str, np.ndarray], n_samples: int) -> list[bytes]:
-        """One wire message per party: shares of ``n_samples * state`` (seed-compressed)."""
+        """One wire message per party: a *fresh* sharing of ``n_samples * state`` (seed-compressed).
+
+        Every call draws new randomness; :meth:`prepare_uploads` keeps one sharing per round.
+        """
+        return self._share(cfg, self._encode(cfg, state, n_samples), n_samples)
+
+    def _encode(self, cfg: RoundConfig, state: dict[str, np.ndarray], n_samples: int) -> np.ndarray:
+        if not 1 <= n_samples <= cfg.max_samples:
+            raise FederationError(f"round {cfg.round} accepts 1..{cfg.max_samples} samples per hospital, "
+                                  f"this update claims {n_samples}")
         spec = normalise_spec(cfg.spec)
         # flatten in the state's own float type (no float64 copy of the model); encode widens per chunk
         dtype = np.result_type(*state.values()) if state else np.float64
         dtype = dtype if np.issubdtype(dtype, np.floating) else np.float64
-        encoded = fixedpoint.encode(flatten(state, spec, dtype=dtype), scale_by=n_samples)
+        return fixedpoint.encode(flatten(state, spec, dtype=dtype), scale_by=n_samples)
+
+    def _share(self, cfg: RoundConfig, encoded: np.ndarray, n_samples: int) -> list[bytes]:
+        spec = normalise_spec(cfg.spec)
         full, seeds = sharing.share(encoded, cfg.parties)
-        common = dict(hospital=self.hospital, round=cfg.round, parties=cfg.parties, n_samples=n_samples,
-                      size=spec_size(spec), spec_hash=spec_hash(spec))
-        out = [upload_to_wire(UploadHeader(party_index=0, kind="full", **common), full)]
-        out += [upload_to_wire(UploadHeader(party_index=j, kind="seed", **common), seed)
-                for j, seed in enumerate(seeds, start=1)]
-        return out
+        return sharing_to_wire(full, seeds, hospital=self.hospital, round=cfg.round, n_samples=n_samples,
+                               size=spec_size(spec), spec_hash=spec_hash(spec))
+
+    def prepare_uploads(self, cfg: RoundConfig, state: dict[str, np.ndarray], n_samples: int) -> list[bytes]:
+        """This round's upload bodies: shared once, then the same bytes on every call.
+
+        The first call shares the update and keeps the bodies (on disk with ``state_dir``,
+        written before anything is sent); later calls for the same round config return them
+        again, so a retry, also from a new process, cannot hand the parties pieces of two
+        different sharings. A *different* update for a round already shared is refused.
+        """
+        encoded = self._encode(cfg, state, n_samples)
+        digest = hashlib.sha256(memoryview(encoded).cast("B")).hexdigest() + f":{n_samples}"
+        held = self.pending.load(cfg)
+        if held is not None:
+            if held[1]["update"] != digest:
+                raise FederationError(f"round {cfg.round}: a different update was already shared for this round; "
+                                      "resend that one (FederatedClient.resend) or wait for the next round")
+            return held[0]
+        bodies = self._share(cfg, encoded, n_samples)
+        self.pending.save(cfg, bodies, {"update": digest, "n_samples": n_samples})
+        return bodies
 
     def upload(self, cfg: RoundConfig, state: dict[str, np.ndarray], n_samples: int) -> int:
-        """Send every party its own share or seed; returns the bytes uploaded in total."""
-        bodies = self.make_uploads(cfg, state, n_samples)
+        """Send every party its own share or seed (idempotent per round); returns the bytes sent."""
+        return self.send(cfg, self.prepare_uploads(cfg, state, n_samples))
+
+    def resend(self, cfg: RoundConfig) -> int | None:
+        """Send this round's kept upload again, if there is one; returns the bytes sent."""
+        held = self.pending.load(cfg)
+        return None if held is None else self.send(cfg, held[0])
+
+    def send(self, cfg: RoundConfig, bodies: list[bytes]) -> int:
+        """PUT each party its body; every party must acknowledge exactly that body and sharing.
+
+        Raises :class:`UploadIncomplete` (retryable: a party unreachable or 5xx) or
+        :class:`FederationError` (refused: 4xx). Parties answer a resent body with the same
+        receipt, so sending again after a partial failure is safe.
+        """
         if len(self.party_urls) != cfg.parties:
             raise FederationError(f"round needs {cfg.parties} parties, coordinator listed {len(self.party_urls)}")
+        sharing_id = upload_from_wire(bodies[0]).header.sharing_id()
 
-        def send(i: int) -> None:
+        def send(i: int) -> str | None:
             def put() -> httpx.Response:
                 return self.http.put(f"{self.party_urls[i]}/rounds/{cfg.round}/share", content=bodies[i],
                                      headers={**self.signer.headers(f"party-{i}"),
                                               "content-type": "application/octet-stream"})
             try:
-                resp = put()
-            except httpx.RemoteProtocolError:
-                # an idle keep-alive connection the server closed as we reused it: the request
-                # was not processed, so send it once more on a fresh connection
-                log.info("%s: party %d closed an idle connection; resending", self.hospital, i)
-                resp = put()
+                try:
+                    resp = put()
+                except httpx.RemoteProtocolError:
+                    # an idle keep-alive connection the server closed as we reused it: the request
+                    # was not processed, so send it once more on a fresh connection
+                    log.info("%s: party %d closed an idle connection; resending", self.hospital, i)
+                    resp = put()
+            except httpx.HTTPError as err:
+                return f"party {i} unreachable: {err!r}"
+            if resp.status_code >= 500:
+                return f"party {i}: HTTP {resp.status_code} {resp.text[:200]}"
             ack = self._check(resp, f"upload to party {i}").json()
-            if ack.get("sha256") != hashlib.sha256(bodies[i]).hexdigest():
+            if ack.get("sha256") != hashlib.sha256(bodies[i]).hexdigest() or ack.get("commitment") != sharing_id:
                 raise FederationError(f"party {i} acknowledged a different upload")
+            return None
 
         with ThreadPoolExecutor(len(bodies)) as pool:
-            list(pool.map(send, range(len(bodies))))
+            failed = [f for f in pool.map(send, range(len(bodies))) if f]
+        if failed:
+            raise UploadIncomplete(f"round {cfg.round} upload incomplete: {'; '.join(failed)}")
         return sum(len(b) for b in bodies)
 
     # download -------------------------------------------------------------------------
@@ -199,24 +333,55 @@ class FederatedClient:
         while not status.finished and (max_rounds is None or status.current.state not in ("done", "failed")):
             time.sleep(POLL_S)
             status = self.status()
+        for rec in records:
+            self._check_included(rec)
         return records, status
+
+    def _check_included(self, rec: RoundRecord) -> None:
+        """Warn when the coordinator left this hospital's upload out of a finished round."""
+        st = self.round_status(rec.round)
+        if st.state in ("done", "failed") and self.hospital not in st.participants:
+            rec.excluded = st.excluded.get(self.hospital, "not received by every party before the round closed")
+            log.warning("%s: round %d left this hospital out: %s", self.hospital, rec.round, rec.excluded)
 
     def _one_round(self, cfg: RoundConfig, train_fn: TrainFn) -> RoundRecord:
         rec = RoundRecord(round=cfg.round)
         t0 = time.perf_counter()
-        base = None
-        if cfg.base_version:  # a copy: training may update arrays in place, the cache must stay intact
-            base = {k: v.copy() for k, v in self.fetch_global(cfg.base_version)[1].items()}
-        t1 = time.perf_counter()
-        state, n_samples, metrics = train_fn(base, cfg)
-        t2 = time.perf_counter()
-        rec.uploaded_bytes = self.upload(cfg, state, int(n_samples))
+        held = self.pending.load(cfg)
+        if held is not None:
+            # shared before a crash or a failed attempt: resend that very sharing (training
+            # again would draw new DP noise and spend privacy budget for nothing)
+            log.warning("%s: round %d was already shared; resending the kept upload", self.hospital, cfg.round)
+            bodies, n_samples, metrics = held[0], int(held[1]["n_samples"]), {}
+            t1 = t2 = time.perf_counter()
+        else:
+            base = None
+            if cfg.base_version:  # a copy: training may update arrays in place, the cache must stay intact
+                base = {k: v.copy() for k, v in self.fetch_global(cfg.base_version)[1].items()}
+            t1 = time.perf_counter()
+            state, n_samples, metrics = train_fn(base, cfg)
+            t2 = time.perf_counter()
+            bodies = self.prepare_uploads(cfg, state, int(n_samples))
+        rec.uploaded_bytes = self._send_until_deadline(cfg, bodies)
         t3 = time.perf_counter()
         rec.n_samples, rec.train_metrics = int(n_samples), metrics
         rec.timings = {"download_s": t1 - t0, "train_s": t2 - t1, "upload_s": t3 - t2}
         log.info("%s: round %d uploaded %d bytes (%d samples)", self.hospital, cfg.round, rec.uploaded_bytes,
                  n_samples)
         return rec
+
+    def _send_until_deadline(self, cfg: RoundConfig, bodies: list[bytes]) -> int:
+        """:meth:`send`, retried with backoff while a party is unreachable and the round is open."""
+        wait = UPLOAD_RETRY_S
+        while True:
+            try:
+                return self.send(cfg, bodies)
+            except UploadIncomplete as err:
+                if time.time() + wait >= cfg.deadline:
+                    raise
+                log.warning("%s: %s; retrying in %.1fs", self.hospital, err, wait)
+            time.sleep(wait)
+            wait = min(2 * wait, UPLOAD_RETRY_MAX_S)
 
 
 def write_model_file(path: str | Path, arch: str, config: dict, state: dict[str, np.ndarray],
@@ -309,7 +474,8 @@ def run(args: argparse.Namespace) -> int:
         result = train_local(mcfg, base, train, cfg, progress=False, accountant=accountant)
         return result.state, result.n_samples, result.metrics
 
-    client = FederatedClient(Signer.from_file(args.key_file), args.coordinator, ca=args.tls_ca)
+    client = FederatedClient(Signer.from_file(args.key_file), args.coordinator, ca=args.tls_ca,
+                             state_dir=Path(args.data_dir) / "federation")
     try:
         records_out, status = client.run(train_fn)
         report = {"hospital": client.hospital, "rounds": [r.__dict__ for r in records_out]}

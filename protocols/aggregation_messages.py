@@ -7,23 +7,44 @@ Upload wire format (one HTTP body per party)::
 
 The payload is party 0's full share (``size`` int64 little-endian ring elements) or, for a
 party ``j > 0``, the 32-byte seed it expands its share from.
+
+Every header of one sharing carries the same list of share commitments
+``c_i = SHA-256("iomt-share-v1" | nonce_i | payload_i)`` (one per party) and, only in party
+``i``'s header, the 32-byte ``nonce_i`` that opens ``c_i``: party ``i`` checks its payload
+against ``c_i`` and learns nothing about the other payloads (each ``c_j`` is hiding: its nonce
+is random and never sent to party ``i``). The sharing id :meth:`UploadHeader.sharing_id` hashes
+hospital, round, sample count, spec and all ``c_i``; each party's receipt names it, and the
+coordinator aggregates a hospital only if every party holds the same sharing id, so parties
+holding pieces of two different sharings (a retried upload that re-drew its randomness) are
+detected instead of summed into garbage.
 """
 from __future__ import annotations
 
+import hashlib
+import secrets
 import struct
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from protocols.errors import ShareError
 from protocols.sharing import SEED_BYTES
 
 MAGIC = b"IMSH"
-WIRE_VERSION = 1
+#: 2: headers carry share commitments (``nonce``, ``commitments``)
+WIRE_VERSION = 2
 _PREFIX = struct.Struct("<4sBI")
 _LEN = struct.Struct("<Q")
 MAX_HEADER = 64 * 1024
+NONCE_BYTES = 32
+_COMMIT_TAG = b"iomt-share-v1"
+_SHARING_TAG = b"iomt-sharing-v1"
+#: Default largest sample count one hospital may claim for one round (coordinator and party
+#: settings ``max_samples``; the registry may declare a smaller one per hospital). FedAvg
+#: weighs each update by its count, so one unbounded claim would outweigh everybody else.
+MAX_SAMPLES_DEFAULT = 10_000_000
+_HEX64 = r"^[0-9a-f]{64}$"
 
 RoundState = Literal["open", "closing", "aggregating", "done", "failed"]
 
@@ -43,6 +64,33 @@ class UploadHeader(_Msg):
     n_samples: int = Field(ge=1)
     size: int = Field(ge=1)
     spec_hash: str = Field(min_length=64, max_length=64)
+    #: opens ``commitments[party_index]`` (hex, 32 bytes); sent to this party only
+    nonce: str = Field(pattern=_HEX64)
+    #: one commitment per party, the same list in every header of this sharing
+    commitments: list[str] = Field(min_length=2, max_length=64)
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if len(self.commitments) != self.parties:
+            raise ValueError(f"{len(self.commitments)} commitments for {self.parties} parties")
+        if any(len(c) != 64 or c.strip("0123456789abcdef") for c in self.commitments):
+            raise ValueError("commitments must be 64 lower-case hex digits")
+        return self
+
+    def sharing_id(self) -> str:
+        """Names this sharing: the same in every party's header of it, different for any other."""
+        h = hashlib.sha256(_SHARING_TAG)
+        for part in (self.hospital, str(self.round), str(self.parties), str(self.n_samples), str(self.size),
+                     self.spec_hash, *self.commitments):
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()
+
+
+def commit_share(nonce: bytes, payload: bytes | memoryview) -> str:
+    """``c = SHA-256(tag | nonce | payload)``: binds one party's payload, hides it (random nonce)."""
+    h = hashlib.sha256(_COMMIT_TAG + nonce)
+    h.update(payload)  # hashed in place: no copy of party 0's 8-bytes-per-parameter share
+    return h.hexdigest()
 
 
 class Upload(BaseModel):
@@ -73,10 +121,33 @@ class Upload(BaseModel):
 
 def upload_to_wire(header: UploadHeader, payload: bytes | np.ndarray) -> bytes:
     # a memoryview of the array: bytes.join copies it once, straight into the body
-    data = memoryview(np.ascontiguousarray(payload, dtype="<i8")).cast("B") if isinstance(payload, np.ndarray) \
-        else bytes(payload)
+    data = _payload_bytes(payload)
     head = header.model_dump_json().encode()
     return b"".join([_PREFIX.pack(MAGIC, WIRE_VERSION, len(head)), head, _LEN.pack(len(data)), data])
+
+
+def _payload_bytes(payload: bytes | np.ndarray) -> memoryview | bytes:
+    if isinstance(payload, np.ndarray):
+        return memoryview(np.ascontiguousarray(payload, dtype="<i8")).cast("B")
+    return bytes(payload)
+
+
+def sharing_to_wire(full: np.ndarray, seeds: list[bytes], *, hospital: str, round: int, n_samples: int,
+                    size: int, spec_hash: str) -> list[bytes]:
+    """One upload body per party for one sharing (party 0: ``full``, party j: ``seeds[j-1]``).
+
+    Draws a fresh nonce per party and commits to every payload (module docstring), so the
+    bodies name one sharing id. Call once per (hospital, round) and resend these exact bytes
+    on a retry: a second call gives a different sharing, which the parties refuse (409).
+    """
+    payloads = [_payload_bytes(full)] + [bytes(s) for s in seeds]
+    nonces = [secrets.token_bytes(NONCE_BYTES) for _ in payloads]
+    commitments = [commit_share(n, p) for n, p in zip(nonces, payloads)]
+    common = dict(hospital=hospital, round=round, parties=len(payloads), n_samples=n_samples, size=size,
+                  spec_hash=spec_hash, commitments=commitments)
+    return [upload_to_wire(UploadHeader(party_index=i, kind="full" if i == 0 else "seed", nonce=nonces[i].hex(),
+                                        **common), p)
+            for i, p in enumerate(payloads)]
 
 
 def upload_from_wire(data: bytes) -> Upload:
@@ -109,6 +180,9 @@ def upload_from_wire(data: bytes) -> Upload:
         raise ShareError("bad_header", "party_index must be < parties")
     if (header.kind == "full") != (header.party_index == 0):
         raise ShareError("bad_header", "party 0 takes the full share, other parties a seed")
+    if commit_share(bytes.fromhex(header.nonce), payload) != header.commitments[header.party_index]:
+        raise ShareError("bad_commitment", f"the payload does not match commitment {header.party_index} "
+                         "of its sharing")
     return Upload(header=header, payload=payload)
 
 
@@ -146,6 +220,8 @@ class RoundConfig(_Msg):
     spec_hash: str
     model: ModelInfo = Field(default_factory=ModelInfo)
     init_seed: int = 0
+    #: the largest sample count a hospital may claim this round (parties refuse more)
+    max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)
 
 
 class RoundStatus(_Msg):
@@ -155,6 +231,10 @@ class RoundStatus(_Msg):
     denominator: int | None = None
     share_sha256: list[str | None] = Field(default_factory=list)
     detail: str = ""
+    #: participant -> the sharing id every party holds from it (what was aggregated)
+    commitments: dict[str, str] = Field(default_factory=dict)
+    #: hospital -> why it was left out of this round (inconsistent sharing, sample count)
+    excluded: dict[str, str] = Field(default_factory=dict)
 
 
 class FederationStatus(_Msg):
@@ -172,6 +252,8 @@ class Receipt(_Msg):
     hospital: str
     n_samples: int
     sha256: str
+    #: the sharing id (:meth:`UploadHeader.sharing_id`) of the share this party holds
+    commitment: str
 
 
 class Receipts(_Msg):
@@ -185,6 +267,7 @@ class UploadAck(_Msg):
     hospital: str
     party_index: int
     sha256: str
+    commitment: str
     stored: bool = True
 
 
@@ -194,6 +277,14 @@ class AggregateRequest(_Msg):
     config: RoundConfig
     participants: list[str] = Field(min_length=1)
     denominator: int = Field(ge=1)
+    #: participant -> the sharing id to aggregate; a party holding another one refuses
+    commitments: dict[str, str]
+
+    @model_validator(mode="after")
+    def _named(self):
+        if set(self.commitments) != set(self.participants):
+            raise ValueError("commitments must name exactly the participants")
+        return self
 
 
 class AggregateResult(_Msg):

@@ -96,6 +96,8 @@ class Registry:
     """Public keys and roles of every principal, plus revocations, from a JSON file.
 
     File format: ``{"principals": {id: {"role": r, "public_key": PEM}}, "revoked": [id, ...]}``.
+    A hospital's entry may declare ``"max_samples": N``, the most samples it may claim per
+    round (:meth:`max_samples`; see :func:`declare_max_samples`).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -104,6 +106,7 @@ class Registry:
         self._mtime: float | None = None
         self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
         self._revoked: set[str] = set()
+        self._max_samples: dict[str, int] = {}
         self._reload()
 
     def _reload(self) -> None:
@@ -111,16 +114,30 @@ class Registry:
         if mtime == self._mtime:
             return
         data = json.loads(self.path.read_text())
-        keys = {}
+        keys, caps = {}, {}
         for pid, entry in data.get("principals", {}).items():
             pub = serialization.load_pem_public_key(entry["public_key"].encode())
             keys[pid] = (entry["role"], pub)
+            cap = entry.get("max_samples")
+            if cap is not None:
+                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+                    caps[pid] = cap
+                else:  # one bad declaration must not stop authentication for everybody
+                    log.error("registry %s: %s's max_samples %r is not a positive integer; ignored",
+                              self.path, pid, cap)
         self._keys, self._revoked, self._mtime = keys, set(data.get("revoked", [])), mtime
+        self._max_samples = caps
 
     def principals(self, role: str | None = None) -> list[str]:
         with self._lock:
             self._reload()
             return sorted(p for p, (r, _) in self._keys.items() if role in (None, r) and p not in self._revoked)
+
+    def max_samples(self, principal: str) -> int | None:
+        """The per-round sample count ``principal`` declared in the registry (None: not declared)."""
+        with self._lock:
+            self._reload()
+            return self._max_samples.get(principal)
 
     def verify(self, token: str, audience: str, roles: tuple[str, ...]) -> Claims:
         """The token's claims, or :class:`AuthError` (401 unknown/bad/expired, 403 revoked/role)."""
@@ -191,6 +208,24 @@ def revoke(registry: str | Path, principal: str) -> None:
     path = Path(registry)
     data = json.loads(path.read_text())
     data["revoked"] = sorted(set(data.get("revoked", [])) | {principal})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def declare_max_samples(registry: str | Path, principal: str, max_samples: int | None) -> None:
+    """Set (or with None remove) ``principal``'s declared per-round sample maximum (atomic rewrite)."""
+    path = Path(registry)
+    data = json.loads(path.read_text())
+    entry = data.get("principals", {}).get(principal)
+    if entry is None or entry.get("role") != "hospital":
+        raise ValueError(f"{principal!r} is not a hospital in {path}")
+    if max_samples is None:
+        entry.pop("max_samples", None)
+    elif max_samples < 1:
+        raise ValueError("max_samples must be >= 1")
+    else:
+        entry["max_samples"] = int(max_samples)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)

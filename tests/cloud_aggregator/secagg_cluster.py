@@ -3,6 +3,7 @@ plus n real `iomt cloud party` processes."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import time
@@ -74,13 +75,25 @@ class Cluster:
     def kill_party(self, i: int) -> None:
         stop(self.procs.pop(f"party{i}"), sig=signal.SIGKILL)
 
+    def pause_party(self, i: int) -> None:
+        """SIGSTOP party ``i``: requests to it hang (until :meth:`kill_party` SIGKILLs it mid-request)."""
+        os.killpg(self.procs[f"party{i}"].pid, signal.SIGSTOP)
+
+    def kill_coordinator(self) -> None:
+        stop(self.procs.pop("coord"), sig=signal.SIGKILL)
+
+    def start_coordinator(self, wait: bool = True) -> None:
+        self.procs["coord"] = spawn_iomt("-v", *self.coord_args, log=self.root / "coord.log")
+        if wait:
+            wait_port(self.coord_port, timeout=60)
+
     def start(self) -> "Cluster":
         if self.mpc_master:
             self.procs["ttp"] = spawn_iomt("cloud", "triples", "--parties", str(self.n), "--mpc-master",
                                            self.mpc_master, log=self.root / "ttp.log")
         for i in range(self.n):  # start everything at once, then wait: imports dominate start-up
             self.start_party(i, wait=False)
-        self.procs["coord"] = spawn_iomt("-v", *self.coord_args, log=self.root / "coord.log")
+        self.start_coordinator(wait=False)
         for port in [*self.party_ports, self.coord_port]:
             wait_port(port, timeout=60)
         if self.mpc_master:

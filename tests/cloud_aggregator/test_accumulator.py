@@ -5,7 +5,7 @@ import numpy as np
 
 from cloud_aggregator.accumulator import RoundAccumulator
 from protocols import sharing
-from protocols.aggregation_messages import UploadHeader, upload_from_wire, upload_to_wire
+from protocols.aggregation_messages import sharing_to_wire, upload_from_wire
 
 SIZE = 1000 + sharing.CHUNK  # more than one keystream chunk
 
@@ -15,10 +15,8 @@ def _uploads(names, party, rng):
     for name in names:
         x = rng.integers(-2**40, 2**40, SIZE)
         full, seeds = sharing.share(x, 2)
-        common = dict(hospital=name, round=3, parties=2, n_samples=1, size=SIZE, spec_hash="0" * 64)
-        body = upload_to_wire(UploadHeader(party_index=0, kind="full", **common), full) if party == 0 else \
-            upload_to_wire(UploadHeader(party_index=1, kind="seed", **common), seeds[0])
-        out[name], secrets[name] = upload_from_wire(body), x
+        bodies = sharing_to_wire(full, seeds, hospital=name, round=3, n_samples=1, size=SIZE, spec_hash="0" * 64)
+        out[name], secrets[name] = upload_from_wire(bodies[party]), x
     return out, secrets
 
 

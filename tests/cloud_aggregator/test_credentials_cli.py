@@ -18,3 +18,15 @@ def test_credentials_make_working_keys_and_revoke(tmp_path):
     assert again.returncode == 2 and "refusing" in again.stderr
     run_iomt("cloud", "credentials", "--out", str(out), "--revoke", "h2")
     assert "h2" in json.loads((out / "registry.json").read_text())["revoked"]
+
+
+def test_credentials_declare_a_hospitals_max_samples(tmp_path):
+    out = tmp_path / "fed"
+    run_iomt("cloud", "credentials", "--out", str(out), "--hospitals", "h1,h2", "--parties", "2")
+    run_iomt("cloud", "credentials", "--out", str(out), "--max-samples", "h1=5000")
+    registry = Registry(out / "registry.json")
+    assert registry.max_samples("h1") == 5000 and registry.max_samples("h2") is None
+    bad = run_iomt("cloud", "credentials", "--out", str(out), "--max-samples", "party-0=5", check=False)
+    assert bad.returncode == 2 and "not a hospital" in bad.stderr
+    run_iomt("cloud", "credentials", "--out", str(out), "--max-samples", "h1=none")
+    assert Registry(out / "registry.json").max_samples("h1") is None

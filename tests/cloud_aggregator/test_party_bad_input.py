@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from protocols.aggregation_messages import UploadHeader, upload_to_wire
-from protocols.auth import Signer, make_credentials, revoke
+from protocols.auth import Signer, declare_max_samples, make_credentials, revoke
 from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
 
 HOSPITALS = ["h1", "h2", "h3"]
@@ -97,15 +97,38 @@ def test_bad_credentials_are_refused_and_counted(cluster, tmp_path):
     assert "refused PUT /rounds/1/share" in log
 
 
-def test_valid_upload_after_bad_ones_then_replay_refused(cluster):
+def test_valid_upload_after_bad_ones_then_resend_repeats_and_replay_refused(cluster):
     c, clients, cfg = cluster
-    for i, body in enumerate(_bodies(clients, cfg)):
-        assert _put(c, i, body, c.signer("h1")).status_code == 200
+    bodies = _bodies(clients, cfg)
+    acks = [_put(c, i, body, c.signer("h1")) for i, body in enumerate(bodies)]
+    assert [a.status_code for a in acks] == [200, 200] and acks[0].json()["stored"]
+    assert acks[0].json()["commitment"] == acks[1].json()["commitment"]  # one sharing at both parties
     assert "h1" in _receipts(c, 0) and "h1" in _receipts(c, 1)
     first = (c.party_dir(0) / "rounds/r000001/h1.share").read_bytes()
-    replay = _put(c, 0, _bodies(clients, cfg)[0], c.signer("h1"))
+    again = _put(c, 0, bodies[0], c.signer("h1"))  # the same bytes: a retry, answered as before
+    assert again.status_code == 200 and not again.json()["stored"]
+    assert again.json()["sha256"] == acks[0].json()["sha256"]
+    replay = _put(c, 0, _bodies(clients, cfg)[0], c.signer("h1"))  # a different sharing: refused
     assert replay.status_code == 409 and replay.json()["error"] == "replay"
     assert (c.party_dir(0) / "rounds/r000001/h1.share").read_bytes() == first  # original kept
+    forged = bytearray(_bodies(clients, cfg, hospital="h2")[1])
+    forged[-1] ^= 1  # a seed that does not open its commitment
+    resp = _put(c, 1, bytes(forged), c.signer("h2"))
+    assert resp.status_code == 400 and resp.json()["error"] == "bad_commitment"
+    assert "h2" not in _receipts(c, 1)
+    m = _metrics(c, 0)
+    assert m["uploads_repeated"] >= 1 and m["rejected_replay"] >= 1
+
+
+def test_sample_count_above_the_registry_declaration_is_refused(cluster):
+    c, clients, cfg = cluster
+    declare_max_samples(c.registry, "h3", 4)  # re-read by the running party
+    try:
+        resp = _put(c, 0, clients["h3"].make_uploads(cfg, toy_state(3), 5)[0], c.signer("h3"))
+        assert resp.status_code == 400 and resp.json()["error"] == "too_many_samples"
+        assert "at most 4" in resp.json()["detail"] and "h3" not in _receipts(c, 0)
+    finally:
+        declare_max_samples(c.registry, "h3", None)
 
 
 def test_unknown_round_and_stale_round_are_refused(cluster):

@@ -5,7 +5,7 @@ from scipy import stats
 
 from protocols import fixedpoint as fp
 from protocols import sharing
-from protocols.aggregation_messages import UploadHeader, upload_from_wire, upload_to_wire
+from protocols.aggregation_messages import sharing_to_wire, upload_from_wire, upload_to_wire
 from protocols.errors import ShareError
 from protocols.params import flatten, spec_hash, spec_of, state_sha256, unflatten
 
@@ -58,23 +58,45 @@ def test_every_share_looks_uniform_even_for_a_constant_secret():
 
 def test_wire_round_trip_and_refusals():
     size = 12
-    head = UploadHeader(hospital="h1", round=1, party_index=0, parties=2, kind="full", n_samples=3,
-                        size=size, spec_hash="0" * 64)
     vec = np.arange(size, dtype=np.int64) - 5
-    raw = upload_to_wire(head, vec)
+    raw, seed_raw = sharing_to_wire(vec, [b"k" * 32], hospital="h1", round=1, n_samples=3, size=size,
+                                    spec_hash="0" * 64)
     up = upload_from_wire(raw)
-    assert up.header == head and np.array_equal(up.share(), vec)
+    head = up.header
+    assert (head.party_index, head.kind, head.n_samples) == (0, "full", 3) and np.array_equal(up.share(), vec)
     for bad, reason in [(raw[:-8], "truncated"), (raw[:3], "truncated"), (b"XXXX" + raw[4:], "bad_magic"),
                         (raw[:4] + b"\x09" + raw[5:], "bad_version")]:
         with pytest.raises(ShareError) as err:
             upload_from_wire(bad)
         assert err.value.reason == reason
-    seed_head = head.model_copy(update={"party_index": 1, "kind": "seed"})
-    assert upload_from_wire(upload_to_wire(seed_head, b"k" * 32)).share().shape == (size,)
+    seed_head = upload_from_wire(seed_raw).header
+    assert seed_head.sharing_id() == head.sharing_id()  # one sharing, one id at every party
+    assert upload_from_wire(seed_raw).share().shape == (size,)
     with pytest.raises(ShareError):
         upload_from_wire(upload_to_wire(seed_head, b"k" * 31))
     with pytest.raises(ShareError):  # party 0 must get the full share, not a seed
         upload_from_wire(upload_to_wire(head.model_copy(update={"kind": "seed"}), b"k" * 32))
+
+
+def test_commitments_bind_each_payload_and_name_one_sharing():
+    size = 8
+    vec = np.arange(size, dtype=np.int64)
+    a = sharing_to_wire(vec, [b"a" * 32, b"b" * 32], hospital="h1", round=2, n_samples=5, size=size,
+                        spec_hash="0" * 64)
+    b = sharing_to_wire(vec, [b"a" * 32, b"b" * 32], hospital="h1", round=2, n_samples=5, size=size,
+                        spec_hash="0" * 64)
+    ids_a = {upload_from_wire(x).header.sharing_id() for x in a}
+    assert len(ids_a) == 1 and ids_a.isdisjoint({upload_from_wire(x).header.sharing_id() for x in b})
+    head = upload_from_wire(a[1]).header
+    with pytest.raises(ShareError) as err:  # another payload under this header's commitment
+        upload_from_wire(upload_to_wire(head, b"c" * 32))
+    assert err.value.reason == "bad_commitment"
+    with pytest.raises(ShareError) as err:  # a header whose nonce opens someone else's commitment
+        upload_from_wire(upload_to_wire(head.model_copy(update={"nonce": upload_from_wire(a[2]).header.nonce}),
+                                        b"b" * 32))
+    assert err.value.reason == "bad_commitment"
+    # the sample count is part of the sharing id: parties told different counts disagree on it
+    assert head.model_copy(update={"n_samples": 6}).sharing_id() != head.sharing_id()
 
 
 def test_params_flatten_unflatten_and_hash():

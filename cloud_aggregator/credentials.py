@@ -5,7 +5,8 @@ and ``coordinator``), the public ``registry.json`` every service verifies tokens
 and (with ``--tls-host``) a CA plus one server certificate for those host names. Hand each
 principal its own key file only; ``registry.json`` and ``tls/ca.pem`` are public.
 `iomt cloud credentials --revoke ID --out DIR` adds ID to the registry's revocation list;
-services re-read the registry when it changes.
+services re-read the registry when it changes. Ids must be plain identifiers
+(protocols.auth.PRINCIPAL_ID: they name the key files); anything else exits 2.
 """
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from protocols.auth import make_credentials, make_tls, revoke
+from protocols.auth import check_principal_id, make_credentials, make_tls, revoke
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,22 +37,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     registry = args.out / "registry.json"
     if args.revoke:
+        try:
+            check_principal_id(args.revoke)
+        except ValueError as err:
+            return _fail(f"--revoke: {err}")
         if not registry.exists():
-            print(f"error: no registry at {registry}", file=sys.stderr)
-            return 2
+            return _fail(f"no registry at {registry}")
         revoke(registry, args.revoke)
         print(f"revoked {args.revoke} in {registry}")
-        return 0
-    hospitals = [h for h in (args.hospitals or "").split(",") if h]
+        return EXIT_OK
+    hospitals = [h.strip() for h in (args.hospitals or "").split(",") if h.strip()]
     if not hospitals or args.parties < 2:
-        print("error: give --hospitals a,b,... and --parties >= 2", file=sys.stderr)
-        return 2
+        return _fail("give --hospitals a,b,... and --parties >= 2")
+    try:
+        for h in hospitals:
+            check_principal_id(h)
+    except ValueError as err:
+        return _fail(f"--hospitals: {err}")
+    reserved = [h for h in hospitals if h == "coordinator" or h.startswith("party-")]
+    if len(set(hospitals)) != len(hospitals) or reserved:
+        return _fail("--hospitals: ids must be distinct and not 'coordinator' or 'party-<i>'")
     if registry.exists():
-        print(f"error: {registry} exists; refusing to replace the federation's keys", file=sys.stderr)
-        return 2
+        return _fail(f"{registry} exists; refusing to replace the federation's keys")
     make_credentials(args.out, hospitals, args.parties)
     print(f"keys for {len(hospitals)} hospitals, {args.parties} parties and the coordinator in {args.out / 'keys'}")
     if args.tls_host:
         paths = make_tls(args.out / "tls", tuple(args.tls_host), days=args.days)
         print(f"TLS CA {paths['ca']} and server certificate for {', '.join(args.tls_host)}")
-    return 0
+    return EXIT_OK

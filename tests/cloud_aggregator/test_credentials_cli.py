@@ -18,3 +18,16 @@ def test_credentials_make_working_keys_and_revoke(tmp_path):
     assert again.returncode == 2 and "refusing" in again.stderr
     run_iomt("cloud", "credentials", "--out", str(out), "--revoke", "h2")
     assert "h2" in json.loads((out / "registry.json").read_text())["revoked"]
+
+
+def test_credentials_refuse_ids_that_are_not_plain(tmp_path):
+    out = tmp_path / "fed" / "out"
+    for bad in ("../../x", "h1,../escape", "a/b", ".hidden", "x" * 65, "h..1", "party-0", "h1,h1"):
+        proc = run_iomt("cloud", "credentials", "--out", str(out), "--hospitals", bad, check=False)
+        assert proc.returncode == 2 and "--hospitals" in proc.stderr, (bad, proc.stderr)
+    assert not any(tmp_path.rglob("*.json")), "nothing written for a refused id"
+    run_iomt("cloud", "credentials", "--out", str(out), "--hospitals", "h1,St-Mary_2.east")
+    assert (out / "keys").stat().st_mode & 0o777 == 0o700
+    assert all(k.stat().st_mode & 0o777 == 0o600 for k in (out / "keys").iterdir())
+    proc = run_iomt("cloud", "credentials", "--out", str(out), "--revoke", "../h1", check=False)
+    assert proc.returncode == 2 and "--revoke" in proc.stderr

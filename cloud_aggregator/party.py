@@ -313,10 +313,10 @@ def run(args: argparse.Namespace) -> int:
                                  port=port, registry=args.registry, key_file=args.key_file,
                                  coordinator_url=args.coordinator, tls_cert=args.tls_cert,
                                  tls_key=args.tls_key, tls_ca=args.tls_ca, mpc_master=args.mpc_master)
-    except ValueError as err:
-        logging.getLogger(__name__).error("bad party settings: %s", err)
+        app = create_app(settings)
+    except (ValueError, ConfigError, OSError) as err:  # settings, registry, key file
+        log.error("bad party settings: %s", err)
         return EXIT_CONFIG
-    app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
                 ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
                 ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)

@@ -119,7 +119,11 @@ class BoundedRequest(Request):
 
 
 async def read_body(request: Request) -> bytearray:
-    """The whole body, chunk by chunk (the limit of a :class:`BoundedRequest` applies)."""
+    """The whole body, chunk by chunk (the limit of a :class:`BoundedRequest` applies).
+
+    A bytearray grown in place: one copy of the body in memory, where joining a list of
+    chunks briefly holds two.
+    """
     buf = bytearray()
     chunks: AsyncIterator[bytes] = request.stream()
     async for chunk in chunks:

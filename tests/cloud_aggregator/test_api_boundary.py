@@ -9,8 +9,9 @@ import json
 import httpx
 import pytest
 
-from protocols.auth import _b64e
+from protocols.auth import _b64e, make_credentials
 from tests.utils.cloud_api import CloudServices
+from tests.utils.procs import free_port, run_iomt
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +129,13 @@ def test_openapi_declares_the_error_answers(cloud):
     coord = httpx.get(f"{cloud.coord_url}/openapi.json").json()
     assert {"401", "403", "404"} <= set(coord["paths"]["/rounds/{rnd}"]["get"]["responses"])
     assert "HTTPValidationError" not in json.dumps(spec) + json.dumps(coord)  # one error body
+
+
+def test_party_refuses_a_registry_with_an_id_that_is_not_plain(tmp_path):
+    registry = make_credentials(tmp_path / "creds", ["h1"], 2)
+    data = json.loads(registry.read_text())
+    data["principals"]["../evil"] = data["principals"]["h1"]
+    registry.write_text(json.dumps(data))
+    proc = run_iomt("cloud", "party", "--index", "0", "--parties", "2", "--data-dir", str(tmp_path / "p0"),
+                    "--listen", f"127.0.0.1:{free_port()}", "--registry", str(registry), check=False, timeout=60)
+    assert proc.returncode == 2 and "not a plain id" in proc.stderr

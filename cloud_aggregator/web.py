@@ -1,5 +1,5 @@
 """The HTTP boundary shared by the party and the coordinator: request bodies bounded while
-they stream in, JSON bodies parsed with a nesting limit, and one error body
+they stream in, JSON bodies parsed with a nesting limit (protocols.safejson), and one error body
 (:class:`protocols.aggregation_messages.ErrorBody`) for every refusal, declared in the
 OpenAPI of each route.
 
@@ -9,7 +9,6 @@ WARNING with the method and path; the service keeps serving.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,13 +19,11 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from protocols import safejson
 from protocols.aggregation_messages import ErrorBody
+from protocols.errors import ProtocolError
 
 log = logging.getLogger(__name__)
-
-#: Deepest nesting of arrays and objects accepted in a JSON body (the deepest real message,
-#: an aggregation request, has 5 levels).
-MAX_JSON_DEPTH = 32
 
 #: The 4xx answers a route may give, for its OpenAPI ``responses=``; all carry ErrorBody.
 _DESCRIPTIONS = {400: "Malformed request", 401: "Missing, malformed or expired token",
@@ -60,30 +57,12 @@ def error_response(status: int, reason: str, detail: str = "") -> JSONResponse:
     return JSONResponse(ErrorBody(error=reason, detail=detail[:500]).model_dump(), status_code=status)
 
 
-def json_depth(value: Any) -> int:
-    """Nesting depth of a decoded JSON value (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((c, depth + 1) for c in children)
-    return deepest
-
-
-def parse_json(raw: bytes | bytearray, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(raw: bytes | bytearray) -> Any:
     """Decode a JSON body or raise :class:`Refused` 400 ``bad_json`` (never a traceback)."""
     try:
-        value = json.loads(raw)
-    except RecursionError as err:
-        raise Refused(400, "bad_json", f"JSON nested deeper than {max_depth}") from err
-    except ValueError as err:  # JSONDecodeError and bad UTF-8
-        raise Refused(400, "bad_json", f"not JSON: {err}") from err
-    if json_depth(value) > max_depth:
-        raise Refused(400, "bad_json", f"JSON nested deeper than {max_depth}")
-    return value
+        return safejson.loads(raw)
+    except ProtocolError as err:
+        raise Refused(400, err.reason, f"JSON {err.detail}") from err
 
 
 class BoundedRequest(Request):

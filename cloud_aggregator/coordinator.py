@@ -20,15 +20,18 @@ import logging
 import ssl
 import time
 from pathlib import Path
+from typing import Annotated
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi import Path as PathParam
+from fastapi import Request
 
 from cloud_aggregator.serve import serve, split_listen
 from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
+from cloud_aggregator.web import bounded_route, error_response, install_error_handlers, read_body, refuse, responses
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult,
                                             FederationStatus, ModelInfo, Receipts, RoundConfig, RoundStatus,
                                             ServerOptConfig)
@@ -49,7 +52,7 @@ class Coordinator:
         strategy = get_strategy(settings.strategy)  # refuse unknown or unimplemented strategies up front
         self.server_opt = ServerOptConfig(lr=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2,
                                           tau=settings.tau) if strategy.server_opt else None
-        self.registry = Registry(settings.registry)
+        self.registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
         self.signer = Signer.from_file(settings.key_file)
         model = json.loads(Path(settings.model_file).read_text())
         self.spec = normalise_spec(model["spec"])
@@ -247,6 +250,9 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
     app = FastAPI(title="iomt coordinator", lifespan=lifespan)
     app.state.coordinator = coord
+    # no route takes more than an (empty) registration body; the limit holds while it streams in
+    app.router.route_class = bounded_route(lambda route: settings.max_body_bytes)
+    install_error_handlers(app, "coordinator", coord.counters)
 
     def auth(request: Request, roles: tuple[str, ...]) -> str:
         try:
@@ -257,32 +263,33 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             raise
 
     @app.exception_handler(AuthError)
-    async def _auth(request: Request, err: AuthError):
-        return JSONResponse({"error": "unauthorized" if err.status == 401 else "forbidden",
-                             "detail": err.reason}, status_code=err.status)
+    async def _auth(request: Request, err: AuthError):  # counted and logged by auth()
+        return error_response(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason)
 
     @app.get("/health")
     async def health():
         return {"ok": True}
 
-    @app.post("/hospitals/register", response_model=FederationStatus)
+    @app.post("/hospitals/register", response_model=FederationStatus, responses=responses(401, 403, 413))
     async def register(request: Request):
-        coord.register(auth(request, ("hospital",)))
+        hospital = auth(request, ("hospital",))
+        await read_body(request)  # the body is unused, but bounded: 413 past max_body_bytes
+        coord.register(hospital)
         return coord.status()
 
-    @app.get("/status", response_model=FederationStatus)
+    @app.get("/status", response_model=FederationStatus, responses=responses(401, 403))
     async def status(request: Request):
         auth(request, ("hospital", "party", "coordinator"))
         return coord.status()
 
-    @app.get("/rounds/{rnd}", response_model=RoundStatus)
-    async def round_status(rnd: int, request: Request):
+    @app.get("/rounds/{rnd}", response_model=RoundStatus, responses=responses(401, 403, 404, 422))
+    async def round_status(rnd: Annotated[int, PathParam(ge=1, le=10**9)], request: Request):
         auth(request, ("hospital", "party", "coordinator"))
         if rnd not in coord.rounds:
-            return JSONResponse({"error": "unknown_round", "detail": str(rnd)}, status_code=404)
+            return refuse(request, 404, "unknown_round", str(rnd))
         return coord.rounds[rnd]
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=responses(401, 403))
     async def metrics(request: Request):
         auth(request, ("coordinator", "party"))
         return dict(coord.counters)

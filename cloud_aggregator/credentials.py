@@ -8,6 +8,8 @@ principal its own key file only; ``registry.json`` and ``tls/ca.pem`` are public
 `iomt cloud credentials --max-samples ID=N --out DIR` declares the most samples hospital ID
 may claim per round (parties refuse larger claims); services re-read the registry when it
 changes.
+services re-read the registry when it changes. Ids must be plain identifiers
+(protocols.auth.PRINCIPAL_ID: they name the key files); anything else exits 2.
 """
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from protocols.auth import declare_max_samples, make_credentials, make_tls, revoke
+from protocols.auth import check_principal_id, declare_max_samples, make_credentials, make_tls, revoke
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,35 +43,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     registry = args.out / "registry.json"
     if args.revoke:
+        try:
+            check_principal_id(args.revoke)
+        except ValueError as err:
+            return _fail(f"--revoke: {err}")
         if not registry.exists():
-            print(f"error: no registry at {registry}", file=sys.stderr)
-            return 2
+            return _fail(f"no registry at {registry}")
         revoke(registry, args.revoke)
         print(f"revoked {args.revoke} in {registry}")
-        return 0
+        return EXIT_OK
     if args.max_samples:
         if not registry.exists():
-            print(f"error: no registry at {registry}", file=sys.stderr)
-            return 2
+            return _fail(f"no registry at {registry}")
         for item in args.max_samples:
             pid, _, value = item.partition("=")
             try:
                 declare_max_samples(registry, pid, None if value.lower() == "none" else int(value))
             except ValueError as err:
-                print(f"error: --max-samples {item}: {err}", file=sys.stderr)
-                return 2
+                return _fail(f"--max-samples {item}: {err}")
             print(f"{pid} may claim at most {value} samples per round")
-        return 0
-    hospitals = [h for h in (args.hospitals or "").split(",") if h]
+        return EXIT_OK
+    hospitals = [h.strip() for h in (args.hospitals or "").split(",") if h.strip()]
     if not hospitals or args.parties < 2:
-        print("error: give --hospitals a,b,... and --parties >= 2", file=sys.stderr)
-        return 2
+        return _fail("give --hospitals a,b,... and --parties >= 2")
+    try:
+        for h in hospitals:
+            check_principal_id(h)
+    except ValueError as err:
+        return _fail(f"--hospitals: {err}")
+    reserved = [h for h in hospitals if h == "coordinator" or h.startswith("party-")]
+    if len(set(hospitals)) != len(hospitals) or reserved:
+        return _fail("--hospitals: ids must be distinct and not 'coordinator' or 'party-<i>'")
     if registry.exists():
-        print(f"error: {registry} exists; refusing to replace the federation's keys", file=sys.stderr)
-        return 2
+        return _fail(f"{registry} exists; refusing to replace the federation's keys")
     make_credentials(args.out, hospitals, args.parties)
     print(f"keys for {len(hospitals)} hospitals, {args.parties} parties and the coordinator in {args.out / 'keys'}")
     if args.tls_host:
         paths = make_tls(args.out / "tls", tuple(args.tls_host), days=args.days)
         print(f"TLS CA {paths['ca']} and server certificate for {', '.join(args.tls_host)}")
-    return 0
+    return EXIT_OK

@@ -13,17 +13,19 @@ import collections
 import logging
 import ssl
 import time
+from typing import Annotated
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
 from cloud_aggregator.accumulator import RoundAccumulator
 from cloud_aggregator.serve import serve, split_listen
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
 from cloud_aggregator.strategies import get_strategy
+from cloud_aggregator.web import bounded_route, error_response, install_error_handlers, read_body, refuse, responses
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult, Receipt,
                                             Receipts, RoundConfig, RoundStatus, UploadAck, upload_from_wire)
 from protocols.auth import AuthError, Registry, Signer
@@ -33,6 +35,10 @@ from protocols.params import normalise_spec, spec_size, unflatten
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG = 0, 2
+#: A round number in a path: 1 .. 10^9.
+RoundNo = Annotated[int, Path(ge=1, le=10**9)]
+#: A global model version in a path: ``latest`` or 1 .. 10^9 in plain digits.
+VersionRef = Annotated[str, Path(pattern=r"^(latest|[1-9][0-9]{0,8})$")]
 
 
 class RoundRefused(Exception):
@@ -52,7 +58,7 @@ class Party:
         self.sums = RoundAccumulator()
         #: the CrypTen worker of the encrypted-inference router (None without --mpc-master)
         self.mpc = None
-        self.registry = Registry(settings.registry)
+        self.registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
         self.signer = Signer.from_file(settings.key_file) if settings.key_file else None
         self.counters: collections.Counter[str] = collections.Counter()
         self.lock = asyncio.Lock()
@@ -193,10 +199,6 @@ class Party:
             raise StoreError("mpc_failed", f"{err.code}: {err.message}") from err
 
 
-def _error(status: int, reason: str, detail: str = "") -> JSONResponse:
-    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
-
-
 def create_app(settings: PartySettings) -> FastAPI:
     """The party's FastAPI app (plus the encrypted-inference router when installed)."""
     party = Party(settings)
@@ -204,49 +206,51 @@ def create_app(settings: PartySettings) -> FastAPI:
     app.state.party = party
     app.state.settings = settings
 
+    def body_limit(route) -> int:  # enforced while the body streams in (cloud_aggregator.web)
+        if route.path.endswith("/share") and "PUT" in route.methods:
+            return settings.max_upload_bytes
+        if route.path.startswith("/inference/"):
+            return settings.max_inference_bytes
+        return settings.max_body_bytes
+
+    app.router.route_class = bounded_route(body_limit)
+    install_error_handlers(app, f"party {settings.index}", party.counters)
+
     @app.exception_handler(AuthError)
-    async def _auth(request: Request, err: AuthError):
-        return _error(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason)
+    async def _auth(request: Request, err: AuthError):  # counted and logged by Party.auth
+        return error_response(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason)
 
     @app.exception_handler(ShareError)
     async def _share(request: Request, err: ShareError):
-        party.counters[f"rejected_{err.reason}"] += 1
-        log.warning("party %d rejected %s: %s", settings.index, request.url.path, err)
-        return _error(400 if err.reason != "too_large" else 413, err.reason, err.detail)
+        return refuse(request, 400 if err.reason != "too_large" else 413, err.reason, err.detail)
 
     @app.exception_handler(RoundRefused)
     async def _refused(request: Request, err: RoundRefused):
-        party.counters[f"rejected_{err.reason}"] += 1
-        log.warning("party %d refused %s: %s", settings.index, request.url.path, err.detail)
-        return _error(503 if err.reason == "coordinator_unreachable" else 409, err.reason, err.detail)
+        return refuse(request, 503 if err.reason == "coordinator_unreachable" else 409, err.reason, err.detail)
 
     @app.exception_handler(StoreError)
     async def _store(request: Request, err: StoreError):
-        party.counters[f"rejected_{err.reason}"] += 1
-        log.warning("party %d refused %s: %s", settings.index, request.url.path, err)
-        return _error(409 if err.reason != "bad_id" else 400, err.reason, str(err))
+        return refuse(request, 409 if err.reason != "bad_id" else 400, err.reason, str(err))
 
     @app.exception_handler(ConfigError)
     async def _config(request: Request, err: ConfigError):
-        return _error(400, "bad_config", str(err))
+        return refuse(request, 400, "bad_config", str(err))
 
     @app.get("/health")
     async def health():
         return {"party_index": settings.index, "parties": settings.parties,
                 "latest_version": latest_version(settings.data_dir)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=responses(401, 403))
     async def metrics(request: Request):
         party.auth(request, ("coordinator", "party"))
         return dict(party.counters)
 
-    @app.put("/rounds/{rnd}/share", response_model=UploadAck)
-    async def upload(rnd: int, request: Request):
+    @app.put("/rounds/{rnd}/share", response_model=UploadAck,
+             responses=responses(400, 401, 403, 409, 413, 422, 503))
+    async def upload(rnd: RoundNo, request: Request):
         hospital = party.auth(request, ("hospital",))
-        length = int(request.headers.get("content-length") or 0)
-        if length > settings.max_upload_bytes:
-            raise ShareError("too_large", f"{length} bytes > {settings.max_upload_bytes}")
-        raw = await request.body()
+        raw = await read_body(request)  # 413 as soon as it passes max_upload_bytes
         async with party.lock:  # one upload at a time: the replay check and the write are atomic
             receipt, new = await run_in_threadpool(party.accept, hospital, rnd, raw)
         if new:
@@ -259,13 +263,14 @@ def create_app(settings: PartySettings) -> FastAPI:
         return UploadAck(round=rnd, hospital=hospital, party_index=settings.index, sha256=receipt.sha256,
                          commitment=receipt.commitment, stored=new)
 
-    @app.get("/rounds/{rnd}/receipts", response_model=Receipts)
-    async def receipts(rnd: int, request: Request):
+    @app.get("/rounds/{rnd}/receipts", response_model=Receipts, responses=responses(401, 403, 422))
+    async def receipts(rnd: RoundNo, request: Request):
         party.auth(request, ("coordinator", "party"))
         return Receipts(round=rnd, party_index=settings.index, receipts=party.store.receipts(rnd))
 
-    @app.post("/rounds/{rnd}/aggregate", response_model=AggregateResult)
-    async def aggregate(rnd: int, req: AggregateRequest, request: Request):
+    @app.post("/rounds/{rnd}/aggregate", response_model=AggregateResult,
+              responses=responses(400, 401, 403, 409, 413, 422))
+    async def aggregate(rnd: RoundNo, req: AggregateRequest, request: Request):
         party.auth(request, ("coordinator",))
         if req.config.round != rnd:
             raise ShareError("wrong_round", "body and URL name different rounds")
@@ -280,20 +285,20 @@ def create_app(settings: PartySettings) -> FastAPI:
             return latest
         return int(version)
 
-    @app.get("/global/{version}/meta")
-    async def global_meta(version: str, request: Request):
+    @app.get("/global/{version}/meta", responses=responses(401, 403, 404, 409, 422))
+    async def global_meta(version: VersionRef, request: Request):
         party.auth(request, ("hospital", "party", "coordinator"))
         path = party.store.global_dir(_version(version)) / "meta.json"
         if not path.exists():
-            return _error(404, "no_such_version", version)
+            return refuse(request, 404, "no_such_version", version)
         return FileResponse(path, media_type="application/json")
 
-    @app.get("/global/{version}/share")
-    async def global_share(version: str, request: Request):
+    @app.get("/global/{version}/share", responses=responses(401, 403, 404, 409, 422))
+    async def global_share(version: VersionRef, request: Request):
         party.auth(request, ("hospital",))
         path = party.store.global_dir(_version(version)) / "share.npz"
         if not path.exists():
-            return _error(404, "no_such_version", version)
+            return refuse(request, 404, "no_such_version", version)
         party.counters["global_downloads"] += 1
         return FileResponse(path, media_type="application/octet-stream")
 
@@ -302,7 +307,7 @@ def create_app(settings: PartySettings) -> FastAPI:
     except ImportError:
         log.debug("encrypted inference router not installed")
     else:
-        router = build_router(settings)
+        router = build_router(settings, route_class=app.router.route_class)
         party.mpc = getattr(router, "mpc_supervisor", None)
         app.include_router(router)
     return app
@@ -333,8 +338,9 @@ def run(args: argparse.Namespace) -> int:
                                  coordinator_url=args.coordinator, tls_cert=args.tls_cert,
                                  tls_key=args.tls_key, tls_ca=args.tls_ca, mpc_master=args.mpc_master,
                                  max_samples=args.max_samples)
-    except ValueError as err:
-        logging.getLogger(__name__).error("bad party settings: %s", err)
+        app = create_app(settings)
+    except (ValueError, ConfigError, OSError) as err:  # settings, registry, key file
+        log.error("bad party settings: %s", err)
         return EXIT_CONFIG
-    serve(create_app(settings), settings)
+    serve(app, settings)
     return EXIT_OK

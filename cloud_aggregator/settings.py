@@ -11,7 +11,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from protocols.aggregation_messages import MAX_SAMPLES_DEFAULT
 
 
-class _TLS(BaseSettings):
+class _HTTP(BaseSettings):
+    #: Longest token lifetime (exp - iat, seconds) accepted, plus 30 s of clock tolerance.
+    max_token_ttl: float = Field(default=600.0, gt=0, le=86400)
+    #: Largest JSON request body (bytes) on routes without a larger limit of their own.
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)
+
+
+class _TLS(_HTTP):
     #: Server certificate and key (PEM). Both unset means plain HTTP (development only).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -43,8 +50,10 @@ class PartySettings(_TLS):
     coordinator_url: str | None = None
     #: host:port of torch.distributed's rendezvous for encrypted inference (CrypTen).
     mpc_master: str | None = None
-    #: Largest accepted upload body in bytes.
-    max_upload_bytes: int = 1 << 31
+    #: Largest share upload body in bytes (enforced while the body streams in).
+    max_upload_bytes: int = Field(default=1 << 31, ge=1024)
+    #: Largest encrypted-inference request body in bytes (base64 shares of the inputs).
+    max_inference_bytes: int = Field(default=256 << 20, ge=1024)
     #: Most samples one hospital may claim per round (FedAvg weight); larger claims are refused.
     max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)
 

@@ -11,14 +11,14 @@ Layout under the party's data dir ``D``::
     D/global/LATEST                             the newest version number
 
 Every write is temp file + fsync + rename + fsync of the directory, so an acknowledged
-upload or a published version survives a crash.
+upload or a published version survives a crash. Files are created 0600 and the folders
+this store makes 0700: a share is readable by the party's own user only.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from protocols.aggregation_messages import Receipt, RoundConfig, Upload, upload_from_wire
+from protocols.auth import check_principal_id
 from protocols.errors import IomtError
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: Mode of the folders the store creates (files are 0600: mkstemp, or _create_private).
+DIR_MODE = 0o700
 
 
 class StoreError(IomtError):
@@ -48,9 +50,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it is either absent or complete after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write ``data`` to ``path`` (mode 0600) so that it is either absent or complete after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: 0600
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -63,10 +65,17 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _create_private(path: Path):
+    """A new file opened for binary writing, mode 0600 whatever the umask."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
 def check_id(hospital: str) -> str:
-    if not _ID.match(hospital):
-        raise StoreError("bad_id", f"hospital id {hospital!r} is not a safe name")
-    return hospital
+    """``hospital`` if it is a plain principal id (protocols.auth.PRINCIPAL_ID), else StoreError."""
+    try:
+        return check_principal_id(hospital)
+    except ValueError as err:
+        raise StoreError("bad_id", f"hospital id {hospital!r} is not a safe name") from err
 
 
 class PartyStore:
@@ -74,8 +83,9 @@ class PartyStore:
 
     def __init__(self, data_dir: str | Path) -> None:
         self.root = Path(data_dir)
-        (self.root / "rounds").mkdir(parents=True, exist_ok=True)
-        (self.root / "global").mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        (self.root / "rounds").mkdir(exist_ok=True, mode=DIR_MODE)
+        (self.root / "global").mkdir(exist_ok=True, mode=DIR_MODE)
 
     def _round_dir(self, rnd: int) -> Path:
         return self.root / "rounds" / f"r{rnd:06d}"
@@ -139,14 +149,14 @@ class PartyStore:
         final = self.global_dir(version)
         if final.exists():
             return file_sha256(final / "share.npz")
-        tmp = Path(tempfile.mkdtemp(dir=self.root / "global", prefix=f".v{version:06d}."))
+        tmp = Path(tempfile.mkdtemp(dir=self.root / "global", prefix=f".v{version:06d}."))  # 0700
         try:
-            with open(tmp / "share.npz", "wb") as f:
+            with _create_private(tmp / "share.npz") as f:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
-            with open(tmp / "meta.json", "w") as f:
-                json.dump(meta, f, indent=1)
+            with _create_private(tmp / "meta.json") as f:
+                f.write(json.dumps(meta, indent=1).encode())
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)

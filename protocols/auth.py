@@ -5,7 +5,11 @@ A token is ``base64url(claims JSON) "." base64url(Ed25519 signature)``; the clai
 subject (``sub``), its role, the audience (the one service it is for, so a party cannot
 replay a hospital's token to another party), issue and expiry times and a nonce. The
 verifier looks the subject up in a :class:`Registry` (public keys and revocations, a JSON
-file re-read when it changes, so revoking needs no restart).
+file re-read when it changes, so revoking needs no restart), type-checks every claim and
+caps the lifetime ``exp - iat`` itself, whatever the holder asked for.
+
+Principal ids (hospitals, ``party-<i>``, the coordinator) are plain identifiers
+(:data:`PRINCIPAL_ID`): they name key files and store paths, so ``..`` or ``/`` never pass.
 """
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ import datetime as dt
 import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -27,14 +33,31 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from protocols.errors import IomtError
+from protocols.errors import ConfigError, IomtError
 
 log = logging.getLogger(__name__)
 
 ROLES = ("hospital", "party", "coordinator")
+#: Lifetime a :class:`Signer` gives its tokens.
 TOKEN_TTL_S = 300.0
+#: Longest lifetime (``exp - iat``) a verifier accepts, whatever the token says; services
+#: take theirs from their settings (``max_token_ttl``).
+MAX_TOKEN_TTL_S = 600.0
 CLOCK_SKEW_S = 30.0
+#: Largest token accepted (characters); a real one is about 250.
+MAX_TOKEN_CHARS = 2048
+#: A principal id: letters, digits, ``_ . -``, starting with a letter or digit, at most 64
+#: characters, never ``..``. One rule for the registry, the credentials CLI and the stores.
+PRINCIPAL_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_principal_id(pid: object) -> str:
+    """``pid`` if it is a plain principal id (:data:`PRINCIPAL_ID`), else :class:`ValueError`."""
+    if not isinstance(pid, str) or not PRINCIPAL_ID.fullmatch(pid):
+        raise ValueError(f"{pid!r} is not a plain id (letters, digits, _ . -; at most 64; no '..')")
+    return pid
 
 
 class AuthError(IomtError):
@@ -54,14 +77,29 @@ def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-@dataclass(frozen=True, slots=True)
-class Claims:
-    sub: str
-    role: str
-    aud: str
+class Claims(BaseModel):
+    """A token's claims, type-checked: a list or object where a string belongs is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    sub: str = Field(max_length=64)
+    role: Literal["hospital", "party", "coordinator"]
+    aud: str = Field(max_length=64)
     iat: float
     exp: float
-    nonce: str
+    nonce: str = Field(max_length=64)
+
+    @field_validator("sub")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        return check_principal_id(v)
+
+    @field_validator("iat", "exp")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("times must be finite")
+        return v
 
 
 class Signer:
@@ -100,33 +138,52 @@ class Registry:
     round (:meth:`max_samples`; see :func:`declare_max_samples`).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_ttl: float = MAX_TOKEN_TTL_S) -> None:
         self.path = Path(path)
+        #: longest token lifetime accepted (seconds), plus :data:`CLOCK_SKEW_S`
+        self.max_ttl = max_ttl
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
         self._revoked: set[str] = set()
         self._max_samples: dict[str, int] = {}
-        self._reload()
+        self._load()
+
+    def _load(self) -> None:
+        """Read the file; :class:`ConfigError` if it is unreadable or names a bad principal."""
+        try:
+            mtime = self.path.stat().st_mtime_ns
+            if mtime == self._mtime:
+                return
+            data = json.loads(self.path.read_text())
+            keys, caps = {}, {}
+            for pid, entry in data.get("principals", {}).items():
+                check_principal_id(pid)
+                if entry["role"] not in ROLES:
+                    raise ValueError(f"{pid}: unknown role {entry['role']!r}")
+                pub = serialization.load_pem_public_key(entry["public_key"].encode())
+                if not isinstance(pub, Ed25519PublicKey):
+                    raise ValueError(f"{pid}: public key is not Ed25519")
+                keys[pid] = (entry["role"], pub)
+                cap = entry.get("max_samples")
+                if cap is not None:
+                    if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+                        caps[pid] = cap
+                    else:  # one bad declaration must not stop authentication for everybody
+                        log.error("registry %s: %s's max_samples %r is not a positive integer; ignored",
+                                  self.path, pid, cap)
+            revoked = set(data.get("revoked", []))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"registry {self.path}: {err}") from err
+        self._keys, self._revoked, self._mtime = keys, revoked, mtime
+        self._max_samples = caps
 
     def _reload(self) -> None:
-        mtime = self.path.stat().st_mtime_ns
-        if mtime == self._mtime:
-            return
-        data = json.loads(self.path.read_text())
-        keys, caps = {}, {}
-        for pid, entry in data.get("principals", {}).items():
-            pub = serialization.load_pem_public_key(entry["public_key"].encode())
-            keys[pid] = (entry["role"], pub)
-            cap = entry.get("max_samples")
-            if cap is not None:
-                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
-                    caps[pid] = cap
-                else:  # one bad declaration must not stop authentication for everybody
-                    log.error("registry %s: %s's max_samples %r is not a positive integer; ignored",
-                              self.path, pid, cap)
-        self._keys, self._revoked, self._mtime = keys, set(data.get("revoked", [])), mtime
-        self._max_samples = caps
+        """Pick up an edited registry; a broken edit keeps the last good one (with a warning)."""
+        try:
+            self._load()
+        except ConfigError as err:
+            log.warning("keeping the previous registry: %s", err)
 
     def principals(self, role: str | None = None) -> list[str]:
         with self._lock:
@@ -144,10 +201,16 @@ class Registry:
         with self._lock:
             self._reload()
             keys, revoked = self._keys, self._revoked
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthError(f"token longer than {MAX_TOKEN_CHARS} characters")
         try:
             body, sig = token.split(".")
-            claims = Claims(**json.loads(_b64d(body)))
-        except (ValueError, TypeError) as err:
+            claims = Claims.model_validate_json(_b64d(body))
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "claims"
+            raise AuthError(f"malformed token: {where}: {first['msg']}") from err
+        except ValueError as err:
             raise AuthError("malformed token") from err
         entry = keys.get(claims.sub)
         if entry is None:
@@ -163,6 +226,8 @@ class Registry:
             raise AuthError(f"role {role!r} may not do this", 403)
         if claims.aud != audience:
             raise AuthError(f"token is for {claims.aud!r}, not {audience!r}")
+        if not 0 < claims.exp - claims.iat <= self.max_ttl + CLOCK_SKEW_S:
+            raise AuthError(f"token lifetime {claims.exp - claims.iat:.0f}s is not in (0, {self.max_ttl:.0f}s]")
         now = time.time()
         if claims.exp < now - CLOCK_SKEW_S or claims.iat > now + CLOCK_SKEW_S:
             raise AuthError("token expired or not yet valid")
@@ -186,10 +251,14 @@ def make_credentials(out: str | Path, hospitals: list[str], parties: int,
     Parties are named ``party-<i>``. Returns the registry path.
     """
     out = Path(out)
-    (out / "keys").mkdir(parents=True, exist_ok=True)
-    principals = {}
     names = [(h, "hospital") for h in hospitals] + [(f"party-{i}", "party") for i in range(parties)]
     names.append((coordinator, "coordinator"))
+    for pid, _ in names:  # before writing anything: an id names a file under keys/
+        check_principal_id(pid)
+    if len({pid for pid, _ in names}) != len(names):
+        raise ValueError("principal ids must be distinct")
+    (out / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
+    principals = {}
     for pid, role in names:
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -205,6 +274,7 @@ def make_credentials(out: str | Path, hospitals: list[str], parties: int,
 
 def revoke(registry: str | Path, principal: str) -> None:
     """Add ``principal`` to the registry's revocation list (atomic rewrite)."""
+    check_principal_id(principal)
     path = Path(registry)
     data = json.loads(path.read_text())
     data["revoked"] = sorted(set(data.get("revoked", [])) | {principal})

@@ -19,6 +19,7 @@ import numpy as np
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
 from cloud_aggregator.inference.publish import split_shares
+from protocols.aggregation_messages import ErrorBody
 from protocols.auth import Signer
 from protocols.fixedpoint import decode, encode
 from protocols.sharing import reconstruct
@@ -126,12 +127,11 @@ def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray]
         except httpx.HTTPError as err:
             raise InferenceError("party_unreachable", f"party {i} at {party_urls[i]}: {err}") from err
         if resp.status_code != 200:
-            try:
-                detail = resp.json().get("detail", {})
+            try:  # the parties' ErrorBody
+                err = ErrorBody.model_validate_json(resp.content)
+                code, msg = err.error, err.detail
             except ValueError:
-                detail = {}
-            code = detail.get("error", "refused") if isinstance(detail, dict) else "refused"
-            msg = detail.get("detail", resp.text[:200]) if isinstance(detail, dict) else str(detail)
+                code, msg = "refused", resp.text[:200]
             raise InferenceError(code, f"party {i} answered {resp.status_code}: {msg}")
         return InferenceResponse.model_validate_json(resp.content)
 

@@ -3,7 +3,8 @@
 ``POST /inference/v1/predict`` takes this party's share of a query (hospital tokens
 only; audience ``party-<i>``), hands it to the party's CrypTen worker and returns this
 party's share of the answer. ``GET /inference/v1/status`` reports whether the MPC group is
-up. Worker settings not in ``PartySettings`` come from the environment:
+up. Refusals answer the services' shared ErrorBody (``{"error": code, "detail": message}``).
+Worker settings not in ``PartySettings`` come from the environment:
 ``IOMT_MPC_PROVIDER`` (``TTP``, default, or ``TFP`` for single-host development) and
 ``IOMT_MPC_DEVICE`` (``cpu`` or ``cuda``).
 """
@@ -15,12 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
 
 from cloud_aggregator.inference.audit import AuditLog
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
 from cloud_aggregator.inference.worker import Job, WorkerConfig, WorkerSupervisor
+from cloud_aggregator.web import Refused, responses
 from protocols.auth import AuthError, Registry
 
 log = logging.getLogger(__name__)
@@ -29,10 +32,13 @@ _STATUS = {"mpc_unavailable": 503, "party_unreachable": 503, "timeout": 504, "no
            "duplicate_request": 409, "no_model": 404, "missing_share": 409, "client_mismatch": 409}
 
 
-def build_router(settings: Any) -> APIRouter:
-    """The inference router of party ``settings.index`` (starts its MPC worker at app startup)."""
-    router = APIRouter(prefix="/inference/v1", tags=["encrypted inference"])
-    registry = Registry(settings.registry)
+def build_router(settings: Any, route_class: type[APIRoute] = APIRoute) -> APIRouter:
+    """The inference router of party ``settings.index`` (starts its MPC worker at app startup).
+
+    ``route_class`` is the party's (it bounds request bodies, see cloud_aggregator.web).
+    """
+    router = APIRouter(prefix="/inference/v1", tags=["encrypted inference"], route_class=route_class)
+    registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
     audience = f"party-{settings.index}"
     audit = AuditLog(Path(settings.data_dir) / "audit" / "inference.jsonl")
     counters: collections.Counter = collections.Counter()
@@ -46,20 +52,23 @@ def build_router(settings: Any) -> APIRouter:
         router.on_shutdown.append(supervisor.stop)
     router.mpc_supervisor = supervisor  # the party also runs server-optimiser jobs on this group
 
-    def _refuse(client: str, rid: str, version: int | None, code: str, message: str, status: int) -> HTTPException:
+    def _refuse(client: str, rid: str, version: int | None, code: str, message: str, status: int) -> Refused:
         counters[f"rejected_{code}"] += 1
         audit.record(client, rid, version, code, None)
         log.warning("party %d refused inference %s from %s: %s", settings.index, rid, client, message)
-        return HTTPException(status, detail={"error": code, "detail": message})
+        return Refused(status, code, message, noted=True)
 
-    @router.post("/predict", response_model=InferenceResponse)
+    @router.post("/predict", response_model=InferenceResponse,
+                 responses=responses(400, 401, 403, 404, 409, 413, 422, 503, 504))
     def predict(body: InferenceRequest, request: Request) -> InferenceResponse:
         """Compute on this party's share of the query; returns this party's share of the answer."""
         try:
             client = registry.verify_header(request.headers.get("authorization"), audience, ("hospital",)).sub
         except AuthError as err:
             counters[f"auth_rejected_{err.status}"] += 1
-            raise HTTPException(err.status, detail={"error": "unauthorized", "detail": err.reason}) from err
+            log.warning("party %d refused inference: %s", settings.index, err.reason)
+            raise Refused(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason,
+                          noted=True) from err
         if supervisor is None:
             raise _refuse(client, body.request_id, body.model_version, "mpc_unavailable",
                           "encrypted inference is not configured (no mpc_master)", 503)

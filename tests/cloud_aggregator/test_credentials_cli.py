@@ -30,3 +30,16 @@ def test_credentials_declare_a_hospitals_max_samples(tmp_path):
     assert bad.returncode == 2 and "not a hospital" in bad.stderr
     run_iomt("cloud", "credentials", "--out", str(out), "--max-samples", "h1=none")
     assert Registry(out / "registry.json").max_samples("h1") is None
+
+
+def test_credentials_refuse_ids_that_are_not_plain(tmp_path):
+    out = tmp_path / "fed" / "out"
+    for bad in ("../../x", "h1,../escape", "a/b", ".hidden", "x" * 65, "h..1", "party-0", "h1,h1"):
+        proc = run_iomt("cloud", "credentials", "--out", str(out), "--hospitals", bad, check=False)
+        assert proc.returncode == 2 and "--hospitals" in proc.stderr, (bad, proc.stderr)
+    assert not any(tmp_path.rglob("*.json")), "nothing written for a refused id"
+    run_iomt("cloud", "credentials", "--out", str(out), "--hospitals", "h1,St-Mary_2.east")
+    assert (out / "keys").stat().st_mode & 0o777 == 0o700
+    assert all(k.stat().st_mode & 0o777 == 0o600 for k in (out / "keys").iterdir())
+    proc = run_iomt("cloud", "credentials", "--out", str(out), "--revoke", "../h1", check=False)
+    assert proc.returncode == 2 and "--revoke" in proc.stderr

@@ -69,9 +69,9 @@ def build_router(settings: Any, route_class: type[APIRoute] = APIRoute) -> APIRo
             log.warning("party %d refused inference: %s", settings.index, err.reason)
             raise Refused(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason,
                           noted=True) from err
-        if supervisor is None:
-            raise _refuse(client, body.request_id, body.model_version, "mpc_unavailable",
-                          "encrypted inference is not configured (no mpc_master)", 503)
+        if supervisor is None:  # not a passing outage (503) but how this party was set up
+            raise _refuse(client, body.request_id, body.model_version, "not_configured",
+                          "this party serves no encrypted inference (started without --mpc-master)", 404)
         try:
             inputs = {name: share.to_array() for name, share in body.inputs.items()}
             shares, info = supervisor.submit(Job(body.request_id, client, body.model_version, inputs))

@@ -11,7 +11,7 @@ parameters exist only as shares; nothing here ever calls ``get_plain_text`` on t
 * The multimodal model (:mod:`protocols.model`): CrypTen cannot run its LSTM and
   transformer encoders, so the cloud evaluates the **attention fusion and the classifier
   head** on secret-shared modality features that the edge computed (see
-  :class:`EncryptedFusionHead`, 94 rounds, or for a ``fusion="quadratic"`` model
+  :class:`EncryptedFusionHead`, 92 rounds, or for a ``fusion="quadratic"`` model
   :class:`EncryptedQuadraticHead`, 12 rounds); the cloud sees neither the features, the
   modality mask, the weights nor the outputs.
 """
@@ -50,8 +50,11 @@ EXP_SQUARINGS = 4
 RECIPROCAL_ITERS = 10
 #: degree of the polynomial for (1 - t) / (1 + t) on [0, 1] in tanh (max error ~1e-5)
 TANH_DEGREE = 7
-#: squarings of tanh's exp(-2|x|): valid for |x| <= 3.5 * 2^5 / 2 = 56
-TANH_EXP_SQUARINGS = 5
+#: beyond |x| = TANH_CLIP, tanh(x) = sign(x) to 2.3e-7 (selected by a secure comparison)
+TANH_CLIP = 8.0
+#: squarings of tanh's exp(-2|x|) for |x| <= TANH_CLIP: the Taylor step sees x / 8 >= -2; measured
+#: max error 1.3e-4 on a grid to |x| = 2^30 (4 and 5 squarings: 2.1e-4, 3.8e-4: more rounding amplified)
+TANH_EXP_SQUARINGS = 3
 #: squarings in that initial guess's exp, (1 + x / 2^8)^(2^8), as CrypTen's default
 EXP_LIMIT_SQUARINGS = 8
 
@@ -460,26 +463,33 @@ _TANH_COEFFS = _tanh_poly_coefficients()
 
 
 def _tanh(x: Any) -> Any:
-    """tanh(x) = (1 - t) / (1 + t) with t = exp(-2|x|) in (0, 1], the quotient a degree-7 polynomial.
+    """tanh(x): ``sign(x)`` for |x| > :data:`TANH_CLIP`, else (1 - t) / (1 + t) with t = exp(-2|x|), a degree-7 polynomial in t.
 
-    Both branches are evaluated at once on the stacked ``[-2x, 2x]`` (no multiplication by
-    the sign first): the branch whose exponent is <= 0 is the valid one, and the secure sign
-    bit selects it; the other branch may hold any ring value (its exp overflows for
-    |x| > 16), which the exact multiplication by a 0 bit removes. Accurate to ~4e-4 for
-    |x| <= 56 (``_exp``'s range for non-positive arguments with 5 squarings; measured 3.4e-4
-    in 2-party fixed point); wrong beyond. 20 rounds: exp 8, powers 3, sign 8, select 1
-    (CrypTen's sigmoid-based tanh: 23).
+    Both branches of the polynomial are evaluated at once on the stacked ``[-2x, 2x]`` (no
+    multiplication by the sign first): the branch whose exponent is <= 0 is the valid one.
+    One batched secure comparison gives three bits, ``x < 0``, ``x > T`` and ``x < -T``, and
+    one product with them selects the valid branch inside [-T, T] and the constant +-1
+    outside. Branches that are not selected may hold any ring value (their exp is
+    evaluated far outside its range); an exact product with a 0 bit (scale 1, no
+    truncation) removes them. So the result is right for any input the fixed point holds
+    (|x| < 2^31), not only where ``_exp`` is valid: the version before returned garbage
+    beyond |x| = 56, which a DP-trained model's fusion reached (issue 11). 1 - tanh(T) =
+    2.3e-7 at T = 8, below the 16-bit fixed point's 1.5e-5. 18 rounds: exp 6, powers 3,
+    comparison 8, select 1; the comparison moves three times the bits of the old sign.
     """
     crypten = load_crypten()
-    t = _exp(crypten.stack([x.mul(-2), x.mul(2)]), TANH_EXP_SQUARINGS)  # exp(-2x) valid for x >= 0, exp(2x) for x < 0
+    t = _exp(crypten.stack([x.mul(-2), x.mul(2)]), TANH_EXP_SQUARINGS)  # exp(-2x) valid for 0 <= x <= T, exp(2x) for -T <= x < 0
     t2 = t.square()
     t3, t4 = crypten.stack([t, t2]).mul(crypten.stack([t2, t2])).unbind(0)
     t5, t6, t7 = crypten.stack([t4, t4, t4]).mul(crypten.stack([t, t2, t3])).unbind(0)
     c = _TANH_COEFFS
     g = c[0] + t * c[1] + t2 * c[2] + t3 * c[3] + t4 * c[4] + t5 * c[5] + t6 * c[6] + t7 * c[7]
     g_pos, g_neg = g.unbind(0)  # tanh(|x|) from the x >= 0 branch, and from the x < 0 branch
-    negative = x._ltz()
-    return g_pos - negative * (g_pos + g_neg)
+    negative, above, below = crypten.stack([x, TANH_CLIP - x, x + TANH_CLIP])._ltz().unbind(0)
+    # inside [-T, T]: g_pos - [x < 0] (g_pos + g_neg); above T: 1; below -T: -1
+    keep, flip = (crypten.stack([1 - above - below, negative - below])
+                  * crypten.stack([g_pos, g_pos + g_neg])).unbind(0)
+    return keep - flip + above - below
 
 
 def _inv_sqrt(x: Any, iters: int) -> Any:

@@ -28,6 +28,7 @@ import torch
 
 from cloud_aggregator.crypten_compat import export_onnx, from_onnx, load_crypten
 from cloud_aggregator.inference.errors import InferenceError
+from cloud_aggregator.inference.ranges import SCALED_MAX, shared_weight_violations
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ BN_SQRT_ITERS = 16
 FUSION_PREFIXES = ("fusion.", "head.")
 #: Iterations for LayerNorm's 1/sqrt(var): fused features can have variance ~1e-3, where
 #: CrypTen's default 3 are far off; from CrypTen's initial guess 12 coupled (Goldschmidt)
-#: iterations reach 1e-3 relative on [1.1e-4, 325].
+#: iterations reach 1e-3 relative on [0.01, 200], 6e-3 at 1e-3 and 5 % at 2e-4; past 204.8 the
+#: guess is negative (ranges.LN_VAR_RANGE, checked by the client on every answer).
 LN_SQRT_ITERS = 12
 #: exp(x) = exp(x / 2^k)^(2^k); with k = 4 the Taylor step sees |x / 16| <= 1 for |x| <= 16.
 EXP_SQUARINGS = 4
@@ -196,8 +198,9 @@ class EncryptedFusionHead:
 
     * the softmax subtracts the *mean* score (linear, free) instead of the max (a tree of
       secure comparisons, ~180 rounds); the exponent stays small: tanh is in [-1, 1], so
-      ``|s_m - mean(s)| <= 1.5 ||v||_1`` and ``_exp`` (accurate for |x| <= 16) covers every
-      input while ``||v||_1 <= 10`` (a trained dim-32 model: 2.8);
+      ``|s_m - mean(s)| <= 1.5 ||v||_1``; with the reciprocal's range the head is valid for
+      ``||v||_1 <= 4.14`` (``ranges.score_norm_limit``; a trained dim-32 model: 2.8), which
+      :meth:`prepare` checks on shares;
     * exp is a degree-7 Taylor polynomial of ``x / 16`` (powers batched two per round) and
       4 squarings, instead of 8 squarings of ``1 + x / 256`` (also more accurate);
     * the softmax's division is a Goldschmidt division of the stacked numerators
@@ -229,11 +232,28 @@ class EncryptedFusionHead:
             raise InferenceError("model_mismatch", f"the shared model lacks {missing}")
         self.p = params
         self._folded: tuple[Any, Any] | None = None
+        self._refusal: str | None = None
 
     def prepare(self) -> None:
-        """Fold LayerNorm's affine map into the first head layer, on shares (collective; once per model)."""
+        """Check the weights' bounds and fold LayerNorm's affine map into the first head layer (collective; once per model).
+
+        Raises
+        ------
+        InferenceError
+            ``model_out_of_range`` when a bound fails (:func:`ranges.shared_weight_violations`):
+            this version's activations can leave the approximations' valid ranges, so it is
+            refused for every request rather than answered wrongly.
+        """
+        if self._refusal is not None:
+            raise InferenceError("model_out_of_range", self._refusal)
         if self._folded is not None:
             return
+        with _untraced():  # once per model, like the fold
+            violations = shared_weight_violations(self.p, self.n_mod)
+        if violations:
+            self._refusal = "this model version cannot be evaluated encrypted: " + "; ".join(violations)
+            log.warning("refusing model for encrypted serving: %s", self._refusal)
+            raise InferenceError("model_out_of_range", self._refusal)
         p = self.p
         w1 = p["head.1.weight"]  # (H, D)
         with _untraced():  # a once-per-model cost: not part of a request's prefetched triples
@@ -300,13 +320,19 @@ class EncryptedQuadraticHead:
     sign of ``rho a`` (CrypTen's comparison: 7 AND rounds and a bit conversion); (12) the
     product with the sign bits.
 
-    Fixed point: every product stays far below the 2^31 at which CrypTen's 16-bit fixed
-    point wraps; the largest, ``q_m r (W1 f_m + b1)``, reached ~3e5 for a model trained here
-    to over-confidence (scores up to 47). A head with a square activation instead of ReLU
-    (5 rounds) was tried and dropped: its ``(rho a)^2`` passed 2^31 on that model.
+    Fixed point: a product must stay below the 2^31 at which CrypTen's 16-bit fixed point
+    wraps, and a 2-party truncation fails with probability ~|x| / 2^32; either error moves a
+    value by a multiple of 2^32. The largest product, ``q_m r (W1 f_m + b1)``, reached ~3e5 for
+    a model trained here to over-confidence (scores up to 47); large scores (``s^2`` passes
+    2^31 for |s| > 46,341) make it wrap. Such an error shows at the client in the returned
+    sums (``ranges.check_scaled``), except in ``rho a``, which only decides the ReLU's sign:
+    the sign's comparison also compares ``|rho a|`` with ``SCALED_MAX`` (2^30), and the count
+    of rows' violations is returned as ``range_violations``, secret-shared like the answer,
+    so only the client learns it. A head with a square activation instead of ReLU (5 rounds)
+    was tried and dropped: its ``(rho a)^2`` passed 2^31 on that model.
     """
 
-    outputs = ("scaled_logits", "logit_scale", "scaled_weights")
+    outputs = ("scaled_logits", "logit_scale", "scaled_weights", "range_violations")
     prefetch_triples = True
     #: each party's share of the scale ``r`` is uniform on this interval
     SCALE_DRAW = (0.25, 2.0)
@@ -351,11 +377,15 @@ class EncryptedQuadraticHead:
             (terms, r),  # (B, M)
             (terms.unsqueeze(-1).unsqueeze(-1), r_w2_hidden),  # (B, M, C, H)
             (terms.unsqueeze(-1), r_b2.unsqueeze(1))])  # (B, M, C)
-        positive = pre.sum(dim=1).ge(0)  # (B, H): the sign of rho a, in {0, 1}
+        rho_a = pre.sum(dim=1)  # (B, H)
+        # the ReLU's sign and, in the same comparison (no extra round), whether |rho a| <= SCALED_MAX
+        negative, above, below = load_crypten().stack(
+            [rho_a, SCALED_MAX - rho_a, rho_a + SCALED_MAX])._ltz().unbind(0)
+        positive = 1 - negative  # (B, H): the sign of rho a, in {0, 1}
         out = pre_out.sum(dim=1)  # (B, C, H) = W2[c, h] rho a_h
         logits = (out * positive.unsqueeze(1).expand(*out.size())).sum(dim=-1) + bias_out.sum(dim=1)
         return {"scaled_logits": logits, "logit_scale": scaled_terms.sum(dim=1, keepdim=True),
-                "scaled_weights": scaled_terms}
+                "scaled_weights": scaled_terms, "range_violations": (above + below).sum(dim=1, keepdim=True)}
 
 
 def _local_generator() -> torch.Generator:

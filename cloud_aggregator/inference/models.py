@@ -235,7 +235,9 @@ class EncryptedFusionHead:
         self._refusal: str | None = None
 
     def prepare(self) -> None:
-        """Check the weights' bounds and fold LayerNorm's affine map into the first head layer (collective; once per model).
+        """Check the weights' bounds, then fold LayerNorm's affine map into the first head layer.
+
+        Collective, once per model.
 
         Raises
         ------
@@ -493,7 +495,9 @@ _TANH_COEFFS = _tanh_poly_coefficients()
 
 
 def _tanh(x: Any) -> Any:
-    """tanh(x): ``sign(x)`` for |x| > :data:`TANH_CLIP`, else (1 - t) / (1 + t) with t = exp(-2|x|), a degree-7 polynomial in t.
+    """tanh(x): ``sign(x)`` for |x| > :data:`TANH_CLIP`, else a degree-7 polynomial in t = exp(-2|x|).
+
+    Inside, tanh(|x|) = (1 - t) / (1 + t), the quotient fitted on [0, 1].
 
     Both branches of the polynomial are evaluated at once on the stacked ``[-2x, 2x]`` (no
     multiplication by the sign first): the branch whose exponent is <= 0 is the valid one.
@@ -508,7 +512,8 @@ def _tanh(x: Any) -> Any:
     comparison 8, select 1; the comparison moves three times the bits of the old sign.
     """
     crypten = load_crypten()
-    t = _exp(crypten.stack([x.mul(-2), x.mul(2)]), TANH_EXP_SQUARINGS)  # exp(-2x) valid for 0 <= x <= T, exp(2x) for -T <= x < 0
+    # exp(-2x) is valid for 0 <= x <= T, exp(2x) for -T <= x < 0
+    t = _exp(crypten.stack([x.mul(-2), x.mul(2)]), TANH_EXP_SQUARINGS)
     t2 = t.square()
     t3, t4 = crypten.stack([t, t2]).mul(crypten.stack([t2, t2])).unbind(0)
     t5, t6, t7 = crypten.stack([t4, t4, t4]).mul(crypten.stack([t, t2, t3])).unbind(0)

@@ -105,8 +105,8 @@ def shared_weight_violations(params: dict[str, Any], n_mod: int) -> list[str]:
     bad = margins._ltz()  # 1 where a bound fails
     # open whether any row fails, not which: one more comparison on the count
     flags = crypten.cat([bad[:1], (0.5 - bad[1:].sum()).reshape(1)._ltz()]).get_plain_text()
-    names = ("softmax: score vector ||v||_1 > %.2f" % score_norm_limit(n_mod),
-             "tanh input: fusion projection could exceed %.0e for features within %g" % (PRE_ACTIVATION_MAX, FEATURE_MAX))
+    names = (f"softmax: score vector ||v||_1 > {score_norm_limit(n_mod):.2f}",
+             f"tanh input: fusion projection could exceed {PRE_ACTIVATION_MAX:.0e} for features within {FEATURE_MAX:g}")
     return [name for name, flag in zip(names, flags.tolist()) if flag > 0.5]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -100,8 +101,15 @@ def test_model_beyond_the_softmax_range_is_refused_with_a_reason(cloud):
         predict(cloud.urls, cloud.signer, {"features": feats, "mask": mask}, model_version=2)
     assert err.value.code == "model_out_of_range"
     out = _infer(cloud, tmp, feats, mask, 2)
-    assert out.returncode == 3 and "model_out_of_range" in out.stderr
+    assert out.returncode == 3 and "model_out_of_range" in out.stderr and "||v||_1" in out.stderr
     assert out.stdout == ""  # no class printed
+    # counted and audited at every party, and the service still answers for other versions
+    for url, d in zip(cloud.urls, cloud.dirs):
+        counters = httpx.get(f"{url}/inference/v1/status", timeout=10).json()["counters"]
+        assert counters["rejected_model_out_of_range"] == 2
+        statuses = [json.loads(x)["status"] for x in (d / "audit" / "inference.jsonl").read_text().splitlines()]
+        assert statuses.count("model_out_of_range") == 2
+    assert predict(cloud.urls, cloud.signer, {"features": feats, "mask": mask}, model_version=3).model_version == 3
 
 
 def _audit_lines(cloud) -> int:

@@ -28,14 +28,14 @@ import torch
 
 from cloud_aggregator.crypten_compat import export_onnx, from_onnx, load_crypten
 from cloud_aggregator.inference.errors import InferenceError
-from cloud_aggregator.inference.ranges import SCALED_MAX, shared_weight_violations
+from cloud_aggregator.inference.ranges import BN_VAR_RANGE, SCALED_MAX, shared_any_outside, shared_weight_violations
 
 log = logging.getLogger(__name__)
 
 VISION_ARCHS = ("resnet18", "alexnet")
 #: Newton iterations for BatchNorm's 1/sqrt(var + eps), computed once per loaded model
 #: when folding it into the convolution; CrypTen's default (3) is only accurate near
-#: var = 1, 16 covers about [1e-4, 200].
+#: var = 1, 16 cover about [1e-4, 204] (ranges.BN_VAR_RANGE).
 BN_SQRT_ITERS = 16
 FUSION_PREFIXES = ("fusion.", "head.")
 #: Iterations for LayerNorm's 1/sqrt(var): fused features can have variance ~1e-3, where
@@ -111,12 +111,25 @@ class EncryptedVisionModel:
         self._params = params
         self._device = device
         self._graphs: dict[int, Any] = {}
+        self._refusal: str | None = None
 
     def prepare(self) -> None:
-        """Fold the BatchNorms on shares (collective: the worker calls it once every party accepted a request)."""
+        """Fold the BatchNorms on shares (collective: the worker calls it once every party accepted a request).
+
+        Raises ``InferenceError("model_out_of_range")``, now and for every later request, when
+        a running variance is outside the fold's 1/sqrt range (:data:`ranges.BN_VAR_RANGE`).
+        """
+        if self._refusal is not None:
+            raise InferenceError("model_out_of_range", self._refusal)
         if self._pairs:
             with _untraced():
-                self._params = fold_shared_batchnorm(self._params, self._pairs)
+                try:
+                    self._params = fold_shared_batchnorm(self._params, self._pairs)
+                except InferenceError as err:
+                    if err.code == "model_out_of_range":
+                        self._refusal = err.message
+                        log.warning("refusing model for encrypted serving: %s", err.message)
+                    raise
             self._pairs = []
 
     def _graph(self, batch: int) -> Any:
@@ -158,7 +171,9 @@ def fold_shared_batchnorm(params: dict[str, Any], pairs: list[tuple[str, str, fl
     several hospitals' models and the folding is not linear in them, so it cannot be done
     per hospital before sharing: the parties compute it on the shared average (one batched
     ``1/sqrt`` with :data:`BN_SQRT_ITERS` Newton iterations for all layers, then one
-    multiplication per convolution). Returns the parameters of the folded architecture.
+    multiplication per convolution). Returns the parameters of the folded architecture;
+    raises ``InferenceError("model_out_of_range")`` when a variance is outside
+    :data:`ranges.BN_VAR_RANGE` (one opened bit says so).
     """
     crypten = load_crypten()
     if not pairs:
@@ -169,6 +184,10 @@ def fold_shared_batchnorm(params: dict[str, Any], pairs: list[tuple[str, str, fl
             raise InferenceError("model_mismatch", f"the shared model lacks {missing}")
     cat = [crypten.cat([params[f"{bn}.{k}"] for _, bn, _ in pairs]) for k in ("weight", "bias", "running_mean")]
     var = crypten.cat([params[f"{bn}.running_var"].add(eps) for _, bn, eps in pairs])
+    if shared_any_outside(var, *BN_VAR_RANGE):  # opens this one bit
+        raise InferenceError("model_out_of_range", "this model version cannot be evaluated encrypted: a BatchNorm "
+                             f"running variance is outside {BN_VAR_RANGE[0]:g}..{BN_VAR_RANGE[1]:g}, where the "
+                             "fold's 1/sqrt is valid")
     with crypten.cfg.temp_override({"functions.sqrt_nr_iters": BN_SQRT_ITERS}):
         inv_std = var.inv_sqrt()
     gamma, beta, mean = cat

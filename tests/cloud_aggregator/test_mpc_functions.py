@@ -55,3 +55,24 @@ def test_tanh_division_and_batched_products_in_two_party_mpc():
     assert np.abs(one - 1).max() < 1e-3
     # batched products equal the separate ones up to fixed-point truncation (2^-16)
     assert np.abs(products).max() < 1e-3
+
+
+def _fold(variances: list[float]) -> str:
+    crypten = load_crypten()
+    n = len(variances)
+    params = {"conv.weight": crypten.cryptensor(torch.ones(n, 1, 1, 1), src=0),
+              "bn.weight": crypten.cryptensor(torch.ones(n), src=0), "bn.bias": crypten.cryptensor(torch.zeros(n), src=0),
+              "bn.running_mean": crypten.cryptensor(torch.zeros(n), src=0),
+              "bn.running_var": crypten.cryptensor(torch.tensor(variances), src=0)}
+    try:
+        folded = models.fold_shared_batchnorm(params, [("conv", "bn", 1e-5)])
+    except models.InferenceError as err:
+        return err.code
+    return f"{folded['conv.weight'].get_plain_text().flatten()[0].item():.4f}"
+
+
+def test_batchnorm_fold_refuses_variances_beyond_its_inverse_sqrt():
+    """From var = 204.8 CrypTen's 1/sqrt returns -1/sqrt(var) (measured): such a model is refused, not folded."""
+    run = load_crypten().mpc.run_multiprocess(world_size=2)(_fold)
+    assert run([4.0, 150.0]) == ["0.5000"] * 2
+    assert run([4.0, 300.0]) == ["model_out_of_range"] * 2

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
                         "at a nominal epsilon (see the report and `iomt experiment fig4`)")
     p.add_argument("--fusion", choices=("attention", "quadratic"), default="attention",
                    help="the model's fusion and head: the paper's attention, or the MPC-friendly quadratic one "
-                        "(encrypted inference in 12 rounds instead of 94)")
+                        "(encrypted inference in 12 rounds instead of 92)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="reuse an --out folder that a demo did not make")
     p.set_defaults(func=run)

@@ -8,8 +8,13 @@ models; ``features`` and ``mask`` for the fusion head). The inputs are secret-sh
 share i goes to party i, and only this client reconstructs the class probabilities and
 modality weights. No party sees the inputs, the answer or the model.
 
-Exit codes: 0 answered; 1 the cloud refused or failed; 2 bad arguments, a bad modality mask, or no
-such patient/model.
+Exit codes: 0 answered; 1 the cloud refused or failed; 2 bad arguments, a bad modality mask,
+features that are not finite or beyond +-1024 (input_out_of_range), or no such patient/model;
+3 no answer because the model's activations can leave the encrypted approximations' valid
+ranges: the parties refused the model version (model_out_of_range) or the reconstructed
+answer cannot be the model's (answer_out_of_range: logits not finite, modality weights
+not in [0, 1] summing to 1, LayerNorm input out of range). Nothing is printed on stdout
+then, so no class reaches the clinician.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ import numpy as np
 
 from protocols.schema import CONDITIONS, MODALITIES
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUT_OF_RANGE = 0, 1, 2, 3
+#: refusals because the encrypted approximations cannot answer this model or query correctly
+OUT_OF_RANGE = frozenset({"model_out_of_range", "answer_out_of_range", "bad_answer"})
 
 
 def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None:
@@ -78,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         pred = predict(args.parties.split(","), Signer.from_file(args.key_file), inputs,
                        model_version=args.model_version, verify=args.ca or True)
     except InferenceError as err:
+        if err.code in OUT_OF_RANGE:
+            print(f"error: {err.code}: no answer, since it could be wrong: {err.message}", file=sys.stderr)
+            return EXIT_OUT_OF_RANGE
         print(f"error: {err.code}: {err.message}", file=sys.stderr)
         return EXIT_FAILED
     probs = pred.probabilities

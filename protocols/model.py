@@ -8,7 +8,7 @@ layer scores every feature, takes a softmax over the modalities that are *presen
 modality mask) and returns the weighted sum together with the weights (source paper,
 Sec. III-E, eq. 1). ``fusion="quadratic"`` swaps that layer and the head for an
 MPC-friendly variant (:class:`QuadraticFusion`) that the cloud's encrypted inference runs
-in 12 communication rounds instead of 94. All inputs are always passed (zeros where a
+in 12 communication rounds instead of 92. All inputs are always passed (zeros where a
 modality is missing), so the same graph exports to ONNX and serves every subset of
 modalities.
 

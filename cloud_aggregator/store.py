@@ -27,18 +27,19 @@ import numpy as np
 
 from protocols.aggregation_messages import Receipt, RoundConfig, Upload, upload_from_wire
 from protocols.auth import check_principal_id
-from protocols.errors import IomtError
+from protocols.errors import IomtError, Refusal
 
 #: Mode of the folders the store creates (files are 0600: mkstemp, or _create_private).
 DIR_MODE = 0o700
 
 
 class StoreError(IomtError):
-    """The store refuses an operation (``reason`` is a counter label)."""
+    """The store could not read or write (disk full, I/O error, permissions): a failure of this
+    host, not of the request. Refused requests raise :class:`UploadRefused` instead."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+
+class UploadRefused(Refusal):
+    """An upload or a stored object that the store refuses (``replay``, ``bad_id``)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,7 +51,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600) so that it is either absent or complete after a crash."""
+    """Write ``data`` to ``path`` (mode 0600) so that it is either absent or complete after a crash;
+    :class:`StoreError` if the disk refuses."""
+    try:
+        _atomic_write(path, data)
+    except OSError as err:
+        raise StoreError(f"cannot write {path}: {err}") from err
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: 0600
     try:
@@ -71,11 +80,11 @@ def _create_private(path: Path):
 
 
 def check_id(hospital: str) -> str:
-    """``hospital`` if it is a plain principal id (protocols.auth.PRINCIPAL_ID), else StoreError."""
+    """``hospital`` if it is a plain principal id (protocols.auth.PRINCIPAL_ID), else UploadRefused."""
     try:
         return check_principal_id(hospital)
     except ValueError as err:
-        raise StoreError("bad_id", f"hospital id {hospital!r} is not a safe name") from err
+        raise UploadRefused("bad_id", f"hospital id {hospital!r} is not a safe name") from err
 
 
 class PartyStore:
@@ -108,12 +117,12 @@ class PartyStore:
 
     def held(self, rnd: int, hospital: str, raw: bytes) -> Receipt | None:
         """The receipt of the upload already stored for (round, hospital) if it is ``raw`` itself
-        (a retry: answer it again); :class:`StoreError` ``replay`` if a different one is stored."""
+        (a retry: answer it again); :class:`UploadRefused` ``replay`` if a different one is stored."""
         old = self.receipt(rnd, hospital)
         if old is None:
             return None
         if old.sha256 != hashlib.sha256(raw).hexdigest():
-            raise StoreError("replay", f"{hospital} already uploaded a different share for round {rnd} "
+            raise UploadRefused("replay", f"{hospital} already uploaded a different share for round {rnd} "
                              f"(sharing {old.commitment[:12]}); a retry must resend the same bytes")
         return old
 
@@ -122,7 +131,7 @@ class PartyStore:
         answers a resent identical one from :meth:`held` first)."""
         h = upload.header
         if self.has_upload(h.round, h.hospital):
-            raise StoreError("replay", f"{h.hospital} already uploaded for round {h.round}")
+            raise UploadRefused("replay", f"{h.hospital} already uploaded for round {h.round}")
         digest = hashlib.sha256(raw).hexdigest()
         rdir = self._round_dir(h.round)
         atomic_write(rdir / f"{h.hospital}.share", raw)

@@ -6,17 +6,22 @@ class IomtError(Exception):
     """Base class of every error this system raises on purpose."""
 
 
-class ProtocolError(IomtError):
-    """A message that cannot be decoded or fails validation.
+class Refusal(IomtError):
+    """Something this system refuses to do, for a stated reason.
 
-    ``reason`` is a short machine-readable slug used as a counter label
-    (``bad_version``, ``bad_checksum``, ``wrong_shape`` ...).
+    ``reason`` is a short machine-readable slug (a counter label and the ``error`` of an HTTP
+    error body: ``bad_version``, ``replay``, ``round_closed`` ...); ``detail`` is for people.
+    Every refusal names its reason this way.
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class ProtocolError(Refusal):
+    """A message that cannot be decoded or fails validation."""
 
 
 class TopicError(ProtocolError):

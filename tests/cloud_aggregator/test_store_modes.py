@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cloud_aggregator.inference.publish import publish_shared_model
-from cloud_aggregator.store import PartyStore, StoreError, check_id
+from cloud_aggregator.store import PartyStore, UploadRefused, check_id
 
 
 def _mode(path) -> int:
@@ -43,5 +43,6 @@ def test_publish_shared_model_writes_private_files(tmp_path, loose_umask):
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "..", "h..1", "", ".h", "x" * 65, "h\n1"])
 def test_store_refuses_ids_that_are_not_plain(bad):
-    with pytest.raises(StoreError):
+    with pytest.raises(UploadRefused) as err:
         check_id(bad)
+    assert err.value.reason == "bad_id"

@@ -31,12 +31,10 @@ from protocols.ranges import printable
 from protocols.schema import SIGNAL_STREAMS
 from protocols.topics import CONTROL_STREAMS, Topic
 
-from edge_server.store import Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
+from edge_server.store import REJECTED_HEAD, Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
 
 log = logging.getLogger(__name__)
 
-#: Bytes of a rejected payload kept in the store for diagnosis.
-REJECTED_HEAD = 256
 #: Distinct topics whose parse is cached (devices x streams; bad topics are never cached).
 TOPIC_CACHE = 65_536
 

@@ -22,7 +22,6 @@ rejection (per reason), and the edge's peak memory.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import random

@@ -160,7 +160,7 @@ class SqliteStore(Store):
                       documents=[d for d in batch.documents if id(d) not in out],
                       devices=[d for d in batch.devices if id(d) not in out], presence=batch.presence,
                       rejections=[*batch.rejections, *(rej for _, rej in refused)], received=batch.received)
-        for row, rej in refused:
+        for _, rej in refused:
             log.warning("store refused a row of %s: %s", rej.topic, rej.detail)
         db.execute("BEGIN IMMEDIATE")
         try:

@@ -6,7 +6,9 @@ manually: deliveries are validated into a batch, the batch is committed to the s
 only then are its PUBACKs sent. A daemon killed at any point therefore loses nothing the
 broker delivered (unacknowledged messages are redelivered to the resumed session) and
 stores nothing twice (redeliveries hit the store's UNIQUE constraints and count as
-duplicates).
+duplicates). No message's content can stop it: what validation lets through but the store
+cannot hold is rejected by the store (``unstorable``) and the rest of the batch committed
+and acknowledged; only a failure of the store itself ends the daemon (exit 3).
 
 Exit codes: 0 stopped by SIGTERM/SIGINT after a final commit; 2 bad configuration (or a
 data directory that belongs to another hospital); 3 the store failed (nothing of the
@@ -229,8 +231,14 @@ class EdgeDaemon:
         self.metrics.observe_commit(batch, result, time.perf_counter() - started)
         if ack and acks:
             self._send_acks(acks)
-        if self._sink is not None and batch.frames:
-            self._sink.write_frames(batch.frames)
+        frames = batch.frames
+        if result.refused:
+            refused = {id(row) for row, _ in result.refused}
+            frames = [f for f in frames if id(f) not in refused]
+            if any(id(d) in refused for d in batch.devices):  # forget a registration the store refused
+                self.ingestor.known = self.store.devices()
+        if self._sink is not None and frames:
+            self._sink.write_frames(frames)
         log.debug("committed %d deliveries: stored %s, %d duplicates, %d rejected", batch.received,
                   result.stored, result.duplicates, len(batch.rejections))
 

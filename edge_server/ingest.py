@@ -1,6 +1,9 @@
 """Validation of one delivery at a time: topic and payload in, a store row or a rejection out.
 
-No MQTT here, so the rules are tested directly and the daemon stays a thin loop. Every
+No MQTT here, so the rules are tested directly and the daemon stays a thin loop. The
+sender is checked before the payload is parsed: a data message (frame, study, record, note)
+from a device that has not registered (or a frame on a stream its device did not register)
+is rejected from its topic alone, so nobody unknown can make the edge inflate a DICOM or parse a Bundle. Every
 failure becomes a :class:`~edge_server.store.RejectionRow` with the
 :class:`~protocols.errors.ProtocolError` reason (or ``unknown_device``, ``unregistered_stream``
 (a signal frame on a stream its device did not register), ``wrong_hospital``,
@@ -24,15 +27,14 @@ from protocols.messages import (
     Presence,
     from_wire,
 )
+from protocols.ranges import printable
 from protocols.schema import SIGNAL_STREAMS
-from protocols.topics import Topic
+from protocols.topics import CONTROL_STREAMS, Topic
 
-from edge_server.store import Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
+from edge_server.store import REJECTED_HEAD, Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
 
 log = logging.getLogger(__name__)
 
-#: Bytes of a rejected payload kept in the store for diagnosis.
-REJECTED_HEAD = 256
 #: Distinct topics whose parse is cached (devices x streams; bad topics are never cached).
 TOPIC_CACHE = 65_536
 
@@ -78,6 +80,8 @@ class Ingestor:
                 raise ProtocolError("wrong_hospital", f"{parsed.hospital!r} is not {self.hospital!r}")
             if parsed.stream in SIGNAL_STREAMS:
                 return self._frame(parsed, payload, batch, received_at)
+            if parsed.stream not in CONTROL_STREAMS:
+                self._device(parsed)  # the sender first: nothing of an unknown device's payload is read
             msg = from_wire(parsed, payload)
             return self._accept(parsed, msg, payload, batch, received_at)
         except ProtocolError as err:
@@ -88,22 +92,22 @@ class Ingestor:
                                 payload, batch, received_at)
 
     def _frame(self, topic: Topic, payload: bytes, batch: Batch, now: float) -> Outcome:
-        """A signal frame: the checks of ``from_wire`` and :meth:`_accept`, in their order.
+        """A signal frame: the sender's checks, then those of ``from_wire``.
 
         The hot path (one call per frame): :func:`~protocols.frames.check_frame` validates the
         payload and returns its header, and the row keeps the wire bytes, so no
         :class:`SignalFrame` or sample array is built.
         """
+        device = self._device(topic)
+        if topic.stream not in device.streams:
+            raise ProtocolError("unregistered_stream",
+                                f"{topic.device_id!r} registered {list(device.streams)}, not {topic.stream!r}")
         if not payload:
             raise ProtocolError("truncated", "empty payload")
         head = check_frame(payload)
         if head.device_id != topic.device_id or head.stream != topic.stream:
             raise ProtocolError("topic_mismatch", f"frame device/stream {(head.device_id, head.stream)!r} differs"
                                 f" from the topic's {(topic.device_id, topic.stream)!r}")
-        device = self._device(topic)
-        if topic.stream not in device.streams:
-            raise ProtocolError("unregistered_stream",
-                                f"{topic.device_id!r} registered {list(device.streams)}, not {topic.stream!r}")
         batch.frames.append(FrameRow(head.device_id, head.stream, head.seq, device.patient_id, head.start_ts,
                                      head.sample_rate, head.n_samples, head.channels, now, bytes(payload)))
         return _ACCEPTED[topic.stream]
@@ -128,7 +132,6 @@ class Ingestor:
         if isinstance(msg, Presence):
             batch.presence.append(PresenceRow(msg.device_id, msg.online, now))
             return Outcome(True, topic.stream)
-        self._device(topic)
         if isinstance(msg, ImagingStudy):
             natural = msg.sop_instance_uid or msg.study_uid
             batch.documents.append(DocumentRow("image", natural, topic.device_id, topic.stream, msg.patient_id,
@@ -147,7 +150,8 @@ class Ingestor:
 
     def _reject(self, reason: str, detail: str, topic: str, device_id: str | None, payload: bytes,
                 batch: Batch, now: float) -> Outcome:
+        topic, detail = printable(topic, 300), printable(detail)  # the store's TEXT is UTF-8
         log.warning("rejected %s on %s: %s (payload %s)", reason, clip(topic, 120), detail, clip(payload))
-        batch.rejections.append(RejectionRow(reason, str(topic)[:300], device_id, detail, len(payload), now,
+        batch.rejections.append(RejectionRow(reason, topic, device_id, detail, len(payload), now,
                                              bytes(payload[:REJECTED_HEAD])))
         return Outcome(False, reason=reason)

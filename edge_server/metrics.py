@@ -45,6 +45,8 @@ class EdgeMetrics:
             self.stored.labels(stream=stream).inc(n)
         for rej in batch.rejections:
             self.rejected.labels(reason=rej.reason).inc()
+        for _, rej in result.refused:
+            self.rejected.labels(reason=rej.reason).inc()
         if result.duplicates:
             self.duplicates.inc(result.duplicates)
         self.commits.inc()

@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from protocols.ranges import printable
+
 from edge_server.store import (
     DOCUMENT_MODALITY,
     Batch,
@@ -22,11 +24,18 @@ from edge_server.store import (
     DocumentRow,
     FrameRow,
     Store,
+    refusal,
 )
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "edge.sqlite3"
+#: Extended result codes (sqlite3.Error.sqlite_errorname) of errors caused by one value:
+#: a NULL (or NaN, which SQLite binds as NULL) in a NOT NULL column, a failed CHECK, a
+#: value too big. A trigger's RAISE (SQLITE_CONSTRAINT_TRIGGER), I/O, a full disk or a
+#: lock are the store failing, not the row.
+_CONTENT_CODES = frozenset({"SQLITE_CONSTRAINT_NOTNULL", "SQLITE_CONSTRAINT_CHECK", "SQLITE_CONSTRAINT_DATATYPE",
+                            "SQLITE_TOOBIG", "SQLITE_MISMATCH"})
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -63,6 +72,21 @@ CREATE TABLE IF NOT EXISTS patient_records (
 """
 
 
+def _content_error(err: BaseException) -> bool:
+    """Whether ``err`` is a value the database cannot hold rather than the database failing.
+
+    Python's sqlite3 raises the first kind while binding parameters, before SQLite runs
+    anything: OverflowError (an int outside signed 64-bit), UnicodeEncodeError (a str with
+    a lone surrogate), InterfaceError/ProgrammingError "Error binding parameter" (a type it
+    cannot bind).
+    """
+    if isinstance(err, (OverflowError, UnicodeEncodeError)):
+        return True
+    if isinstance(err, (sqlite3.InterfaceError, sqlite3.ProgrammingError)):
+        return "binding parameter" in str(err)
+    return isinstance(err, sqlite3.DatabaseError) and getattr(err, "sqlite_errorname", None) in _CONTENT_CODES
+
+
 class SqliteStore(Store):
     """:class:`Store` in ``data_dir/edge.sqlite3``; ``data_dir=":memory:"`` for a throwaway one."""
 
@@ -91,69 +115,135 @@ class SqliteStore(Store):
     def commit(self, batch: Batch) -> CommitResult:
         now = time.time()
         db = self._db
-        stored: dict[str, int] = {}
-        attempted = 0
         db.execute("BEGIN IMMEDIATE")
         try:
-            if batch.devices:
-                db.executemany(
-                    "INSERT INTO devices (device_id, device_class, patient_id, streams, registered_at, payload)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
-                    " device_class = excluded.device_class, patient_id = excluded.patient_id,"
-                    " streams = excluded.streams, registered_at = excluded.registered_at,"
-                    " payload = excluded.payload",
-                    [(d.device_id, d.device_class, d.patient_id, json.dumps(list(d.streams)),
-                      d.registered_at, d.payload) for d in batch.devices])
-            if batch.frames:
-                by_stream: dict[str, list[FrameRow]] = {}
-                for f in batch.frames:
-                    by_stream.setdefault(f.stream, []).append(f)
-                for stream, rows in by_stream.items():
-                    before = db.total_changes
-                    db.executemany(
-                        "INSERT INTO frames (device_id, stream, seq, patient_id, start_ts,"
-                        " sample_rate, n_samples, channels, received_at, stored_at, payload)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                        " ON CONFLICT (device_id, stream, seq) DO NOTHING",
-                        [(*f[:9], now, f[9]) for f in rows])
-                    stored[stream] = stored.get(stream, 0) + db.total_changes - before
-                    attempted += len(rows)
-            if batch.documents:
-                for doc in batch.documents:
-                    before = db.total_changes
-                    db.execute(
-                        "INSERT INTO documents (kind, natural_id, device_id, stream, patient_id,"
-                        " received_at, stored_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                        " ON CONFLICT (kind, natural_id) DO NOTHING",
-                        (doc.kind, doc.natural_id, doc.device_id, doc.stream, doc.patient_id,
-                         doc.received_at, now, doc.payload))
-                    stored[doc.stream] = stored.get(doc.stream, 0) + db.total_changes - before
-                    attempted += 1
-            if batch.rejections:
-                db.executemany(
-                    "INSERT INTO rejections (reason, topic, device_id, detail, size, received_at, payload_head)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(r.reason, r.topic, r.device_id, r.detail[:500], r.size, r.received_at, r.payload_head)
-                     for r in batch.rejections])
-            seen: dict[str, float] = {}
-            for row in (*batch.frames, *batch.documents):
-                if row.received_at > seen.get(row.device_id, 0.0):
-                    seen[row.device_id] = row.received_at
-            for p in batch.presence:
-                seen[p.device_id] = max(seen.get(p.device_id, 0.0), p.at)
-            if seen:
-                db.executemany("UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE device_id = ?",
-                               [(t, d) for d, t in seen.items()])
-            if batch.presence:
-                db.executemany("UPDATE devices SET online = ? WHERE device_id = ?",
-                               [(int(p.online), p.device_id) for p in batch.presence])
-            duplicates = attempted - sum(stored.values())
-            self._bump(("received", batch.received), ("duplicates", duplicates))
+            stored, duplicates = self._apply(batch, now)
+            db.execute("COMMIT")
+        except BaseException as err:
+            db.execute("ROLLBACK")
+            if not _content_error(err):
+                raise
+            return self._commit_isolating(batch, now, err)
+        return CommitResult(stored={k: v for k, v in stored.items() if v}, duplicates=duplicates, committed_at=now)
+
+    def _commit_isolating(self, batch: Batch, now: float, first: BaseException) -> CommitResult:
+        """Commit ``batch`` without the rows the database refuses for their content.
+
+        The slow path, taken only after a content error: each row is tried alone inside a
+        savepoint of a transaction that is then rolled back, so the culprits are found
+        without storing anything; the batch is then committed without them, with an
+        ``unstorable`` rejection for each. A store failure during the search still raises.
+        """
+        db = self._db
+        hospital = self.get_meta("hospital")
+        refused: list[tuple] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for insert, rows in ((self._insert_devices, batch.devices), (self._insert_frames, batch.frames),
+                                 (self._insert_documents, batch.documents)):
+                for row in rows:
+                    db.execute("SAVEPOINT probe")
+                    try:
+                        insert([row], now)
+                    except Exception as err:  # noqa: BLE001 - classified just below
+                        if not _content_error(err):
+                            raise
+                        refused.append((row, refusal(row, hospital, f"{type(err).__name__}: {err}", now)))
+                    db.execute("ROLLBACK TO probe")
+                    db.execute("RELEASE probe")
+        finally:
+            db.execute("ROLLBACK")
+        if not refused:  # not attributable to a row: treat it as the store failing
+            raise first
+        out = {id(row) for row, _ in refused}
+        clean = Batch(frames=[f for f in batch.frames if id(f) not in out],
+                      documents=[d for d in batch.documents if id(d) not in out],
+                      devices=[d for d in batch.devices if id(d) not in out], presence=batch.presence,
+                      rejections=[*batch.rejections, *(rej for _, rej in refused)], received=batch.received)
+        for _, rej in refused:
+            log.warning("store refused a row of %s: %s", rej.topic, rej.detail)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            stored, duplicates = self._apply(clean, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return CommitResult(stored={k: v for k, v in stored.items() if v}, duplicates=duplicates, committed_at=now)
+        return CommitResult(stored={k: v for k, v in stored.items() if v}, duplicates=duplicates,
+                            committed_at=now, refused=tuple(refused))
+
+    def _apply(self, batch: Batch, now: float) -> tuple[dict[str, int], int]:
+        """Every statement of a commit, inside the caller's transaction; ``(stored, duplicates)``."""
+        db = self._db
+        stored: dict[str, int] = {}
+        self._insert_devices(batch.devices, now)
+        by_stream: dict[str, list[FrameRow]] = {}
+        for f in batch.frames:
+            by_stream.setdefault(f.stream, []).append(f)
+        for stream, rows in by_stream.items():
+            stored[stream] = stored.get(stream, 0) + self._insert_frames(rows, now)
+        for stream, n in self._insert_documents(batch.documents, now).items():
+            stored[stream] = stored.get(stream, 0) + n
+        if batch.rejections:
+            db.executemany(
+                "INSERT INTO rejections (reason, topic, device_id, detail, size, received_at, payload_head)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(r.reason, printable(r.topic), None if r.device_id is None else printable(r.device_id),
+                  printable(r.detail, 500), r.size, r.received_at, r.payload_head) for r in batch.rejections])
+        seen: dict[str, float] = {}
+        for row in (*batch.frames, *batch.documents):
+            if row.received_at > seen.get(row.device_id, 0.0):
+                seen[row.device_id] = row.received_at
+        for p in batch.presence:
+            seen[p.device_id] = max(seen.get(p.device_id, 0.0), p.at)
+        if seen:
+            db.executemany("UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE device_id = ?",
+                           [(t, d) for d, t in seen.items()])
+        if batch.presence:
+            db.executemany("UPDATE devices SET online = ? WHERE device_id = ?",
+                           [(int(p.online), p.device_id) for p in batch.presence])
+        duplicates = len(batch.frames) + len(batch.documents) - sum(stored.values())
+        self._bump(("received", batch.received), ("duplicates", duplicates))
+        return stored, duplicates
+
+    def _insert_devices(self, rows: list[DeviceRow], now: float) -> None:
+        if rows:
+            self._db.executemany(
+                "INSERT INTO devices (device_id, device_class, patient_id, streams, registered_at, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+                " device_class = excluded.device_class, patient_id = excluded.patient_id,"
+                " streams = excluded.streams, registered_at = excluded.registered_at,"
+                " payload = excluded.payload",
+                [(d.device_id, d.device_class, d.patient_id, json.dumps(list(d.streams)),
+                  d.registered_at, d.payload) for d in rows])
+
+    def _insert_frames(self, rows: list[FrameRow], now: float) -> int:
+        """Insert frames; returns how many were new."""
+        db = self._db
+        before = db.total_changes
+        if rows:
+            db.executemany(
+                "INSERT INTO frames (device_id, stream, seq, patient_id, start_ts,"
+                " sample_rate, n_samples, channels, received_at, stored_at, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (device_id, stream, seq) DO NOTHING",
+                [(*f[:9], now, f[9]) for f in rows])
+        return db.total_changes - before
+
+    def _insert_documents(self, rows: list[DocumentRow], now: float) -> dict[str, int]:
+        """Insert documents; returns how many were new per stream."""
+        db = self._db
+        stored: dict[str, int] = {}
+        for doc in rows:
+            before = db.total_changes
+            db.execute(
+                "INSERT INTO documents (kind, natural_id, device_id, stream, patient_id,"
+                " received_at, stored_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (kind, natural_id) DO NOTHING",
+                (doc.kind, doc.natural_id, doc.device_id, doc.stream, doc.patient_id,
+                 doc.received_at, now, doc.payload))
+            stored[doc.stream] = stored.get(doc.stream, 0) + db.total_changes - before
+        return stored
 
     def _bump(self, *pairs: tuple[str, int]) -> None:
         rows = [(name, n) for name, n in pairs if n]

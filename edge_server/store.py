@@ -6,6 +6,12 @@ deliveries only after they are durable. Deduplication is the store's job: a sign
 identified by ``(device_id, stream, seq)`` and every other message kind by its natural id,
 each with a UNIQUE constraint, so a redelivered message is counted as a duplicate and never
 stored twice.
+
+One row's content never fails a commit: a row the backend refuses (a value outside its
+ranges, which validation should already have rejected) is stored as a rejection with reason
+``unstorable`` and the rest of the batch is committed (:attr:`CommitResult.refused`). Only
+failures of the store itself (I/O, disk full, locking, a trigger) make :meth:`Store.commit`
+raise.
 """
 from __future__ import annotations
 
@@ -16,6 +22,12 @@ from typing import NamedTuple
 
 #: Modality (as in protocols.schema.MODALITIES) of each document kind; frames are "signals".
 DOCUMENT_MODALITY: dict[str, str] = {"image": "image", "ehr": "ehr", "note": "text"}
+#: Device class that publishes each document kind (for the topic of a refused row).
+DOCUMENT_CLASS: dict[str, str] = {"image": "imaging", "ehr": "ehr", "note": "notes"}
+#: Reason of a rejection the store made: a row whose content it could not hold.
+UNSTORABLE = "unstorable"
+#: Bytes of a rejected payload kept for diagnosis.
+REJECTED_HEAD = 256
 
 
 class FrameRow(NamedTuple):
@@ -96,13 +108,34 @@ class Batch:
         return self.received
 
 
+def refusal(row: "FrameRow | DocumentRow | DeviceRow", hospital: str | None, detail: str,
+            at: float) -> "RejectionRow":
+    """The rejection that stands for a row the store could not hold (reason ``unstorable``)."""
+    from protocols.ranges import printable
+
+    if isinstance(row, FrameRow):
+        cls, stream, received_at = "wearable", row.stream, row.received_at
+    elif isinstance(row, DocumentRow):
+        cls, stream, received_at = DOCUMENT_CLASS.get(row.kind, row.kind), row.stream, row.received_at
+    else:
+        cls, stream, received_at = row.device_class, "registration", row.registered_at
+    topic = printable(f"iomt/{hospital or '?'}/{cls}/{row.device_id}/{stream}", 300)
+    return RejectionRow(UNSTORABLE, topic, printable(row.device_id, 64), printable(detail, 500),
+                        len(row.payload), received_at if isinstance(received_at, float) else at,
+                        bytes(row.payload[:REJECTED_HEAD]))
+
+
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    """New rows per stream (frames) or kind (documents), and redelivered rows ignored."""
+    """New rows per stream (frames) or kind (documents), redelivered rows ignored, rows refused.
+
+    ``refused`` pairs each row the store could not hold with the rejection stored for it.
+    """
 
     stored: dict[str, int]
     duplicates: int
     committed_at: float
+    refused: tuple[tuple["FrameRow | DocumentRow | DeviceRow", "RejectionRow"], ...] = ()
 
     @property
     def stored_total(self) -> int:
@@ -114,7 +147,12 @@ class Store(ABC):
 
     @abstractmethod
     def commit(self, batch: Batch) -> CommitResult:
-        """Apply ``batch`` atomically: all of it is durable when this returns, or none."""
+        """Apply ``batch`` atomically: all of it is durable when this returns, or none.
+
+        Rows the backend cannot hold are not applied but stored as ``unstorable``
+        rejections (see :attr:`CommitResult.refused`); this raises only when the store
+        itself fails, and then nothing of the batch is applied.
+        """
 
     @abstractmethod
     def devices(self) -> dict[str, DeviceRow]:

@@ -8,6 +8,7 @@ we use are well formed. :func:`build_bundle` writes the bundles the simulators p
 from __future__ import annotations
 
 import math
+import re
 from datetime import date, datetime, timezone
 
 from protocols.errors import ProtocolError
@@ -17,6 +18,9 @@ LOINC = "http://loinc.org"
 CONDITION_SYSTEM = "urn:iomt:condition"
 UCUM = "http://unitsofmeasure.org"
 MAX_ENTRIES = 1000
+#: FHIR R4's ``id`` datatype (https://hl7.org/fhir/R4/datatypes.html#id); Bundle.id is the
+#: record's natural id in the edge's store.
+FHIR_ID = re.compile(r"[A-Za-z0-9.-]{1,64}")
 _UNITS = {
     "age": "a", "heart_rate": "/min", "resp_rate": "/min", "body_temp": "Cel", "spo2": "%",
     "systolic_bp": "mm[Hg]", "diastolic_bp": "mm[Hg]", "wbc": "10*3/uL", "lactate": "mmol/L",
@@ -26,6 +30,14 @@ _UNITS = {
 
 def _bad(detail: str) -> ProtocolError:
     return ProtocolError("bad_fhir", detail)
+
+
+def _finite(value: int | float) -> bool:
+    """Whether ``value`` is a finite float64 (a JSON integer may be far larger)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _codings(resource: dict, where: str) -> list[dict]:
@@ -42,6 +54,13 @@ def validate_bundle(bundle: object, patient_id: str) -> None:
     """Raise :class:`ProtocolError` (reason ``bad_fhir``) unless ``bundle`` is usable."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise _bad("not a FHIR Bundle")
+    if "id" in bundle and not (isinstance(bundle["id"], str) and FHIR_ID.fullmatch(bundle["id"])):
+        raise _bad(f"Bundle.id {ascii(bundle['id'])[:80]} is not a FHIR id ({FHIR_ID.pattern})")
+    if "timestamp" in bundle:
+        try:
+            datetime.fromisoformat(bundle["timestamp"])
+        except (TypeError, ValueError) as err:
+            raise _bad(f"Bundle.timestamp {ascii(bundle['timestamp'])[:80]}") from err
     entries = bundle.get("entry")
     if not isinstance(entries, list) or not entries or len(entries) > MAX_ENTRIES:
         raise _bad(f"Bundle.entry must be a list of 1-{MAX_ENTRIES} entries")
@@ -67,8 +86,8 @@ def validate_bundle(bundle: object, patient_id: str) -> None:
             if "valueQuantity" in res:
                 vq = res["valueQuantity"]
                 value = vq.get("value") if isinstance(vq, dict) else None
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise _bad(f"Observation (entry {i}) valueQuantity.value {value!r}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+                    raise _bad(f"Observation (entry {i}) valueQuantity.value {ascii(value)[:80]}")
         elif kind == "Condition":
             coding = _codings(res, f"Condition (entry {i})")[0]
             if coding.get("system") == CONDITION_SYSTEM and coding["code"] not in CONDITIONS:

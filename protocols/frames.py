@@ -4,7 +4,7 @@ Layout (little-endian), version 1::
 
     magic  "IMSF"        4 bytes
     version              u8
-    seq                  u64    sequence number, per device and stream
+    seq                  u64    sequence number, per device and stream; < 2**63
     start_ts             f64    unix seconds of the first sample
     sample_rate          f64    Hz
     channels             u16
@@ -15,6 +15,9 @@ Layout (little-endian), version 1::
     device_id, stream    ASCII
     samples              n_samples * channels values, row-major (sample, channel)
     crc32                u32    zlib.crc32 of every byte before it
+
+``seq`` is an unsigned 64-bit field, but values of 2**63 and above are refused
+(``out_of_range``): stores keep it in a signed 64-bit integer (see :mod:`protocols.ranges`).
 
 Decoding is a handful of ``struct`` calls, one numpy view of the payload and one
 finiteness pass: no per-sample Python and no second pydantic pass over fields the decoder
@@ -31,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from protocols.errors import ProtocolError
+from protocols.ranges import MAX_INT
 from protocols.schema import SIGNAL_STREAMS
 from protocols.topics import ID_PATTERN
 
@@ -60,8 +64,8 @@ def _check(device_id: str, stream: str, seq: int, start_ts: float, sample_rate: 
         raise ProtocolError("bad_field", f"device_id {device_id!r}")
     if stream not in SIGNAL_STREAMS:
         raise ProtocolError("unknown_stream", f"{stream!r} is not a signal stream")
-    if not 0 <= seq < 2**64:
-        raise ProtocolError("bad_field", f"seq {seq} out of range")
+    if not (isinstance(seq, int) and 0 <= seq <= MAX_INT):
+        raise ProtocolError("out_of_range", f"seq {seq} is not in [0, 2**63)")
     if not math.isfinite(start_ts) or not (math.isfinite(sample_rate) and 0 < sample_rate <= 100_000):
         raise ProtocolError("bad_field", f"start_ts {start_ts} / sample_rate {sample_rate}")
     if channels != SIGNAL_STREAMS[stream][0]:
@@ -234,6 +238,8 @@ def _decode(payload: bytes) -> tuple[FrameHeader, np.ndarray, int]:
     spec = SIGNAL_STREAMS.get(stream)
     if spec is None:
         raise ProtocolError("unknown_stream", f"{stream!r} is not a signal stream")
+    if seq > MAX_INT:
+        raise ProtocolError("out_of_range", f"seq {seq} is not in [0, 2**63)")
     if not math.isfinite(start_ts) or not (math.isfinite(rate) and 0 < rate <= 100_000):
         raise ProtocolError("bad_field", f"start_ts {start_ts} / sample_rate {rate}")
     if channels != spec[0]:
@@ -260,8 +266,8 @@ def decode_frame(payload: bytes) -> SignalFrame:
 
     The returned samples are a read-only view of ``payload``. Every check of
     :class:`SignalFrame` runs, in the same order, except those the layout makes true by
-    construction (2-D shape with ``channels`` columns, dtype matching its code, ``seq`` in
-    u64 range); the frame is then built without a second validation pass.
+    construction (2-D shape with ``channels`` columns, dtype matching its code, ``seq``
+    not negative); the frame is then built without a second validation pass.
     """
     head, flat, _ = _decode(payload)
     return SignalFrame._trusted(head.device_id, head.stream, head.seq, head.start_ts, head.sample_rate,

@@ -3,17 +3,25 @@
 Encoding writes a DICOM Part 10 file (explicit VR little endian) with pydicom; decoding
 accepts any single-image DICOM file pydicom can decode without extra codecs, so a study
 from a real modality or PACS export is ingested like a simulated one.
+
+Decoding is bounded before anything expands: a deflated dataset (transfer syntax
+1.2.840.10008.1.2.1.99) is inflated at most to ``MAX_INFLATED_BYTES`` in a dry run before
+pydicom inflates it, and the pixel data's decoded size (rows x columns x frames x samples x
+bytes) is checked from the header before pixels are decoded (RLE expands too), so a small
+payload cannot make the edge allocate gigabytes (reason ``oversized``).
 """
 from __future__ import annotations
 
 import io
 import math
+import zlib
 from datetime import datetime, timezone
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from protocols.errors import ProtocolError
+from protocols.ranges import check_text
 from protocols.topics import ID_PATTERN
 
 #: SOP classes we write: Computed Radiography for CR, Digital X-Ray for DX, else Secondary Capture.
@@ -23,6 +31,15 @@ SOP_CLASSES = {
 }
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MAX_PIXELS = 4096 * 4096
+#: Most bytes a study may decode to: its inflated dataset, and its pixel data (all frames).
+#: 64 MiB holds a 4096 x 4096 16-bit image or 8-bit RGB one.
+MAX_DECODED_BYTES = 64 * 1024 * 1024
+#: DICOM's UI value representation holds at most 64 characters (PS3.5 table 6.2-1).
+MAX_UID_CHARS = 64
+#: Most bytes a deflated dataset may inflate to: the pixel data and 4 MiB of other elements.
+MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 4 * 1024 * 1024
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_INFLATE_CHUNK = 1024 * 1024
 _INT_KINDS = "iu"
 
 
@@ -58,6 +75,15 @@ class ImagingStudy(BaseModel):
             raise ProtocolError("bad_dtype", f"pixels are {self.pixels.dtype}")
         if self.acquired_ts is not None and not math.isfinite(self.acquired_ts):
             raise ProtocolError("bad_field", "acquired_ts is not finite")
+        if self.pixel_spacing is not None and not all(math.isfinite(v) for v in self.pixel_spacing):
+            raise ProtocolError("bad_field", "pixel_spacing is not finite")
+        for name in ("study_uid", "series_uid", "sop_instance_uid"):
+            uid = getattr(self, name)
+            if uid is not None and not 0 < len(uid) <= MAX_UID_CHARS:
+                raise ProtocolError("bad_field", f"{name} must be 1-{MAX_UID_CHARS} characters")
+        for name in ("patient_id", "study_uid", "modality", "body_part", "series_uid", "sop_instance_uid"):
+            if getattr(self, name) is not None:
+                check_text(getattr(self, name), name)
         return self
 
 
@@ -128,15 +154,72 @@ def _acquired_ts(ds) -> float | None:
     return None
 
 
+def _check_inflated_size(payload: bytes) -> None:
+    """Raise ``oversized`` if a deflated dataset would inflate past ``MAX_INFLATED_BYTES``.
+
+    pydicom inflates a deflated file's dataset in one ``zlib.decompress`` call, unbounded
+    (a 1 MB payload can hold gigabytes of zeros); this dry run counts the output chunk by
+    chunk without keeping it. The file meta group is read with pydicom's own reader.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(payload)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    except Exception as err:  # pydicom raises many types for damaged files
+        raise ProtocolError("bad_dicom", f"{type(err).__name__}: {str(err)[:120]}") from err
+    if syntax != DEFLATED:
+        return
+    inflater, data, total = zlib.decompressobj(-zlib.MAX_WBITS), payload[fp.tell():], 0
+    try:
+        while True:
+            chunk = inflater.decompress(data, _INFLATE_CHUNK)
+            total += len(chunk)
+            if total > MAX_INFLATED_BYTES:
+                raise ProtocolError("oversized", f"deflated dataset inflates past {MAX_INFLATED_BYTES} bytes")
+            data = inflater.unconsumed_tail
+            if inflater.eof or (not data and len(chunk) < _INFLATE_CHUNK):
+                return
+    except zlib.error as err:
+        raise ProtocolError("bad_dicom", f"deflated dataset: {err}") from err
+
+
+def _check_pixel_size(ds) -> None:
+    """Raise ``oversized`` if the header promises more pixels than we decode."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
+    if abs(rows * cols) > MAX_PIXELS:
+        raise ProtocolError("oversized", f"{rows}x{cols} pixels > {MAX_PIXELS}")
+    decoded = abs(rows * cols * frames * samples) * max(1, (abs(bits) + 7) // 8)
+    if decoded > MAX_DECODED_BYTES:
+        raise ProtocolError("oversized", f"pixel data decodes to {decoded} bytes > {MAX_DECODED_BYTES}")
+
+
 def decode_study(device_id: str, payload: bytes) -> ImagingStudy:
     """The study in the DICOM file ``payload``; ``device_id`` comes from the topic."""
     import pydicom
 
+    _check_inflated_size(payload)
     try:
         ds = pydicom.dcmread(io.BytesIO(payload), force=False)
+        _check_pixel_size(ds)
         pixels = ds.pixel_array
+    except ProtocolError:
+        raise
     except Exception as err:  # pydicom raises many types for damaged files
         raise ProtocolError("bad_dicom", f"{type(err).__name__}: {str(err)[:120]}") from err
+    try:
+        return _study(device_id, ds, pixels)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError, IndexError) as err:  # odd header values
+        raise ProtocolError("bad_dicom", f"{type(err).__name__}: {str(err)[:120]}") from err
+
+
+def _study(device_id: str, ds, pixels: np.ndarray) -> ImagingStudy:
     if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 3:
         pixels = pixels.mean(axis=-1)
     elif pixels.ndim == 3:

@@ -14,7 +14,9 @@ registration    DeviceRegistration JSON with ``v``; published retained
 :func:`from_wire` raises :class:`protocols.errors.ProtocolError` for every bad payload,
 with a short ``reason`` (``bad_version``, ``bad_checksum``, ``truncated``,
 ``wrong_sample_count``, ``non_finite``, ``oversized``, ``bad_json``, ``bad_dicom``,
-``bad_fhir``, ``invalid``, ``topic_mismatch``, ``unknown_stream`` ...), never a traceback.
+``bad_fhir``, ``invalid``, ``topic_mismatch``, ``unknown_stream``, ``out_of_range``,
+``bad_text`` ...), never a traceback. Every decoded field fits the ranges of
+:mod:`protocols.ranges`, so whatever this accepts a store can hold.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from protocols.errors import ProtocolError
 from protocols.fhir import bundle_condition, bundle_features, validate_bundle
 from protocols.frames import MAX_PAYLOAD, SignalFrame, decode_frame, encode_frame
 from protocols.imaging import ImagingStudy, decode_study, encode_study
+from protocols.ranges import check_json_text
 from protocols.schema import SIGNAL_STREAMS
 from protocols.topics import DATA_STREAMS, DEVICE_CLASSES, ID_PATTERN, Topic
 
@@ -177,10 +180,15 @@ def _no_constants(name: str) -> float:
 
 
 def _json(payload: bytes) -> object:
+    """The parsed JSON; every string in it UTF-8 encodable (``bad_text`` otherwise)."""
     try:
-        return json.loads(payload, parse_constant=_no_constants)
+        value = json.loads(payload, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise ProtocolError("bad_json", str(err)[:120]) from err
+    except RecursionError as err:  # [[[[...: nesting deeper than the interpreter's stack
+        raise ProtocolError("bad_json", "nested too deeply") from err
+    check_json_text(value)
+    return value
 
 
 def _validate(model: type[BaseModel], data: object) -> BaseModel:

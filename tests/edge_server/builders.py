@@ -54,3 +54,37 @@ def ehr(device_id: str, patient_id: str, condition: str | None = "cardiac",
 def note(device_id: str, patient_id: str, note_id: str, text: str = "chest pain on exertion") -> tuple[str, bytes]:
     msg = ClinicalNote(patient_id=patient_id, note_id=note_id, text=text, ts=T0)
     return topic(device_id, "note", "notes"), to_wire(msg)
+
+
+def deflated_study(device_id: str, patient_id: str, uid: str, rows: int, cols: int) -> tuple[str, bytes]:
+    """A DICOM file in the deflated transfer syntax whose pixel data is ``rows x cols`` 16-bit zeros.
+
+    The zeros are streamed through zlib 64 MiB at a time (one block, repeated: each ends on a
+    full flush, so copies of it continue the stream), so a gigabyte of pixels costs a second
+    and a few megabytes here, and about 1/1000 of its size on the wire: a deflate bomb.
+    """
+    import io
+    import struct
+    import zlib
+
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(study(device_id, patient_id, uid, size=2)[1]))
+    del ds.PixelData
+    ds.Rows, ds.Columns = rows, cols
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    fp = io.BytesIO(buf.getvalue())
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    meta, body = buf.getvalue()[:fp.tell()], zlib.decompress(buf.getvalue()[fp.tell():], -zlib.MAX_WBITS)
+    size, block = rows * cols * 2, 64 * 1024 * 1024
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = body + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", size)
+    out = [deflate.compress(head) + deflate.flush(zlib.Z_FULL_FLUSH)]
+    out.append((deflate.compress(bytes(block)) + deflate.flush(zlib.Z_FULL_FLUSH)) * (size // block))
+    out.append(deflate.compress(bytes(size % block)) + deflate.flush())
+    return topic(device_id, "study", "imaging"), meta + b"".join(out)

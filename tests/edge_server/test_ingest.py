@@ -63,6 +63,7 @@ def _registered(device_id):
 def test_every_bad_payload_is_a_rejection_with_its_reason(caplog):
     ing, batch = Ingestor("h1", max_payload=64 * 1024), Batch()
     _handle(ing, batch, b.registration("w-1", "p1"))
+    _handle(ing, batch, b.registration("nt-1", "p1", "notes"))  # the sender is checked before the payload
     topic, good = b.frame("w-1", "ecg", 1)
     bad = {
         "bad_magic": (topic, b"not a frame at all"),

@@ -100,3 +100,41 @@ def test_sqlite_store_survives_reopen_and_reads_readonly(tmp_path):
         assert ro.status()["stored"]["by_stream"] == {"ecg": 3}
     with pytest.raises(FileNotFoundError):
         SqliteStore(tmp_path / "nothing", readonly=True)
+
+
+class TestRowsTheStoreCannotHold:
+    """One row's content never fails a commit; the store failing still does (SqliteStore)."""
+
+    def test_refused_rows_become_unstorable_rejections_and_the_rest_is_committed(self, store):
+        store.set_meta("hospital", "h1")
+        good = [_frame(seq=0), _frame(seq=1), DocumentRow("note", "n1", "nt-1", "note", "p1", 1.0, b"ok")]
+        bad = [_frame(seq=2**63), _frame(seq=5)._replace(start_ts=float("nan")),
+               DocumentRow("ehr", "\ud800", "ehr-1", "record", "p1", 2.0, b"x" * 300),
+               DeviceRow("w-\udfff", "wearable", "p1", ("ecg",), 3.0, b"{}")]
+        rej = RejectionRow("bad_checksum", "iomt/h1/wearable/w-1/ecg", "w-1", "crc \ud800", 9, 1.0, b"x")
+        batch = Batch(frames=[good[0], bad[0], good[1], bad[1]], documents=[bad[2], good[2]],
+                      devices=[_device(), bad[3]], rejections=[rej], received=9)
+
+        result = store.commit(batch)
+
+        assert result.stored == {"ecg": 2, "note": 1} and result.duplicates == 0
+        assert [row for row, _ in result.refused] == [bad[3], bad[0], bad[1], bad[2]]
+        status = store.status()
+        assert status["rejected"] == {"bad_checksum": 1, "unstorable": 4} and status["received"] == 9
+        assert list(status["devices"]) == ["w-1"]
+        reasons = {r.topic: r for _, r in result.refused}
+        assert reasons["iomt/h1/ehr/ehr-1/record"].payload_head == b"x" * 256  # first bytes kept
+        assert "OverflowError" in reasons["iomt/h1/wearable/w-1/ecg"].detail or \
+            "IntegrityError" in reasons["iomt/h1/wearable/w-1/ecg"].detail
+        details = sorted(r.detail.split(":")[0] for _, r in result.refused)
+        assert details == ["IntegrityError", "OverflowError", "UnicodeEncodeError", "UnicodeEncodeError"]
+
+    def test_a_store_failure_raises_and_applies_nothing(self, store):
+        store._db.execute("CREATE TRIGGER fail BEFORE INSERT ON frames BEGIN SELECT RAISE(ABORT, 'disk gone'); END")
+        import sqlite3
+
+        with pytest.raises(sqlite3.IntegrityError, match="disk gone"):
+            store.commit(Batch(frames=[_frame(seq=0), _frame(seq=2**63)],
+                               documents=[DocumentRow("note", "n1", "nt-1", "note", "p1", 1.0, b"ok")], received=3))
+
+        assert store.status()["stored"]["total"] == 0 and store.status()["received"] == 0

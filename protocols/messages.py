@@ -27,6 +27,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from protocols import safejson
 from protocols.errors import ProtocolError
 from protocols.fhir import bundle_condition, bundle_features, validate_bundle
 from protocols.frames import MAX_PAYLOAD, SignalFrame, decode_frame, encode_frame
@@ -175,18 +176,10 @@ def to_wire(msg: Message) -> bytes:
     return payload
 
 
-def _no_constants(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _json(payload: bytes) -> object:
-    """The parsed JSON; every string in it UTF-8 encodable (``bad_text`` otherwise)."""
-    try:
-        value = json.loads(payload, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise ProtocolError("bad_json", str(err)[:120]) from err
-    except RecursionError as err:  # [[[[...: nesting deeper than the interpreter's stack
-        raise ProtocolError("bad_json", "nested too deeply") from err
+    """The parsed JSON (nesting bounded, no NaN/Infinity); every string in it UTF-8 encodable
+    (``bad_text`` otherwise)."""
+    value = safejson.loads(payload)
     check_json_text(value)
     return value
 

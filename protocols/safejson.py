@@ -25,6 +25,10 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+def _no_constants(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's extension, not RFC 8259
+
+
 def loads(raw: str | bytes | bytearray, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """``json.loads`` that refuses input nested deeper than ``max_depth`` or not JSON at all.
 
@@ -34,11 +38,11 @@ def loads(raw: str | bytes | bytearray, max_depth: int = MAX_JSON_DEPTH) -> Any:
         ``reason == "bad_json"``, with what is wrong in ``detail``.
     """
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_no_constants)
     except RecursionError as err:  # CPython's parser gives up near the interpreter's recursion limit
         raise ProtocolError("bad_json", f"nested deeper than {max_depth}") from err
     except ValueError as err:  # JSONDecodeError and undecodable bytes
-        raise ProtocolError("bad_json", f"not JSON: {err}") from err
+        raise ProtocolError("bad_json", f"not JSON: {str(err)[:120]}") from err
     if json_depth(value) > max_depth:
         raise ProtocolError("bad_json", f"nested deeper than {max_depth}")
     return value

@@ -120,9 +120,10 @@ def refusal(row: "FrameRow | DocumentRow | DeviceRow", hospital: str | None, det
     else:
         cls, stream, received_at = row.device_class, "registration", row.registered_at
     topic = printable(f"iomt/{hospital or '?'}/{cls}/{row.device_id}/{stream}", 300)
+    payload = row.payload if isinstance(row.payload, (bytes, bytearray, memoryview)) else b""
     return RejectionRow(UNSTORABLE, topic, printable(row.device_id, 64), printable(detail, 500),
-                        len(row.payload), received_at if isinstance(received_at, float) else at,
-                        bytes(row.payload[:REJECTED_HEAD]))
+                        len(payload), received_at if isinstance(received_at, float) else at,
+                        bytes(payload[:REJECTED_HEAD]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,14 +70,16 @@ class TestStoreContract:
         assert status["last_seen"] == {"w-1": 70.0}
         assert status["devices"]["w-1"] == {"class": "wearable", "patient_id": "p2", "online": True}
 
-    def test_failed_commit_leaves_nothing_behind(self, store):
-        bad = Batch(frames=[_frame(seq=1), _frame(seq=2)], received=2)
+    def test_a_row_the_schema_refuses_is_rejected_and_the_rest_committed(self, store):
+        bad = Batch(frames=[_frame(seq=1), _frame(seq=2)], received=3)
         bad.frames.append(FrameRow("w-1", "ecg", 3, "p1", 1.0, 250.0, 1, 1, 1.0, None))  # NOT NULL payload
 
-        with pytest.raises(Exception):
-            store.commit(bad)
+        result = store.commit(bad)
 
-        assert store.status()["stored"]["total"] == 0 and store.status()["received"] == 0
+        assert result.stored == {"ecg": 2} and [row for row, _ in result.refused] == [bad.frames[2]]
+        status = store.status()
+        assert status["rejected"] == {"unstorable": 1} and status["received"] == 3
+        assert "NOT NULL" in result.refused[0][1].detail and result.refused[0][1].payload_head == b""
 
     def test_record_cache_follows_patient_version(self, store):
         store.commit(Batch(frames=[_frame(seq=0)], received=1))

@@ -7,6 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from protocols.errors import ProtocolError
 from protocols.fhir import build_bundle
@@ -232,7 +233,7 @@ def test_decoded_frame_is_the_same_model_as_a_validated_one():
     assert type(g) is SignalFrame and g.model_fields_set == f.model_fields_set
     assert g.model_dump().keys() == f.model_dump().keys()
     assert SignalFrame(**{k: getattr(g, k) for k in SignalFrame.model_fields}).seq == g.seq
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         g.seq = 8                                       # frozen like every message
     assert not g.samples.flags.writeable                # a read-only view of the payload
     assert g.model_copy(update={"seq": 9}).seq == 9 and g.seq == 7

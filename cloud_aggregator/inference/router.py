@@ -20,6 +20,7 @@ from fastapi import APIRouter, HTTPException, Request
 from cloud_aggregator.inference.audit import AuditLog
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
+from cloud_aggregator.inference.mpclink import resolve_link
 from cloud_aggregator.inference.worker import Job, WorkerConfig, WorkerSupervisor
 from protocols.auth import AuthError, Registry
 
@@ -30,7 +31,9 @@ _STATUS = {"mpc_unavailable": 503, "party_unreachable": 503, "timeout": 504, "no
 
 
 def build_router(settings: Any) -> APIRouter:
-    """The inference router of party ``settings.index`` (starts its MPC worker at app startup)."""
+    """The inference router of party ``settings.index`` (starts its MPC worker at app startup).
+
+    Raises ``MpcLinkError`` when the MPC link is not protected (inference.mpclink)."""
     router = APIRouter(prefix="/inference/v1", tags=["encrypted inference"])
     registry = Registry(settings.registry)
     audience = f"party-{settings.index}"
@@ -38,10 +41,12 @@ def build_router(settings: Any) -> APIRouter:
     counters: collections.Counter = collections.Counter()
     supervisor: WorkerSupervisor | None = None
     if settings.mpc_master:
+        link = resolve_link(settings.mpc_master, settings.index, settings.mpc_address, settings.mpc_interface,
+                            settings.mpc_insecure)
         supervisor = WorkerSupervisor(WorkerConfig(
             rank=settings.index, world_size=settings.parties, master=settings.mpc_master,
             data_dir=str(settings.data_dir), provider=os.environ.get("IOMT_MPC_PROVIDER", "TTP"),
-            device=os.environ.get("IOMT_MPC_DEVICE", "cpu")))
+            device=os.environ.get("IOMT_MPC_DEVICE", "cpu"), link=link))
         router.on_startup.append(supervisor.start)
         router.on_shutdown.append(supervisor.stop)
     router.mpc_supervisor = supervisor  # the party also runs server-optimiser jobs on this group

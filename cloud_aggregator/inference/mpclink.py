@@ -14,8 +14,9 @@ deployment (``deploy/wireguard/``). Before joining, :func:`check_link` verifies 
   without a tunnel, logged at INFO; every process of the group is on this host and no link
   leaves it (the demo and the tests);
 * otherwise the MPC address must sit on ``--mpc-interface``, that interface must be a
-  WireGuard interface (``wg show``) with at least one peer, and (ranks other than 0) the
-  route to the rendezvous must leave through it;
+  WireGuard interface (kernel, or userspace wireguard-go) with at least one peer (when
+  ``wg show`` may list them: it needs CAP_NET_ADMIN), and (ranks other than 0) the route to
+  the rendezvous must leave through it;
 * ``--mpc-insecure`` (development only) joins anyway and logs a WARNING saying why the link
   is unprotected.
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: How long a command that inspects the host's interfaces may take (seconds).
 TOOL_TIMEOUT_S = 10.0
+#: Linux's loopback interface (it holds all of 127.0.0.0/8 and ::1).
+LOOPBACK_INTERFACE = "lo"
 
 
 class MpcLinkError(ConfigError):
@@ -109,20 +112,32 @@ def interface_addresses() -> dict[str, list[str]]:
             for link in _ip_json("addr", "show")}
 
 
-def wireguard_peers(interface: str) -> list[str] | None:
-    """Public keys of the interface's WireGuard peers; None when it is not a WireGuard interface.
+#: Where userspace WireGuard (wireguard-go, boringtun) puts an interface's control socket.
+WG_SOCKET_DIR = "/var/run/wireguard"
 
-    ``wg show`` answers for the kernel module and for userspace implementations (wireguard-go)."""
+
+def wireguard_kind(interface: str) -> str | None:
+    """"kernel" or "userspace" for a WireGuard interface, else None (no privileges needed)."""
+    links = _ip_json("-d", "link", "show", "dev", interface)
+    kind = (links[0].get("linkinfo") or {}).get("info_kind") if links else None
+    if kind == "wireguard":
+        return "kernel"
+    if kind == "tun" and os.path.exists(os.path.join(WG_SOCKET_DIR, f"{interface}.sock")):
+        return "userspace"
+    return None
+
+
+def wireguard_peers(interface: str) -> list[str] | None:
+    """Public keys of the interface's WireGuard peers; None when ``wg`` cannot tell (it needs
+    CAP_NET_ADMIN, or wireguard-tools is not installed)."""
     if shutil.which("wg") is None:
-        raise MpcLinkError("wireguard-tools (`wg`) is needed to check the MPC interface")
+        return None
     try:
         out = subprocess.run(["wg", "show", interface, "peers"], capture_output=True, text=True,
                              timeout=TOOL_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise MpcLinkError(f"`wg show {interface}` failed: {err}") from err
-    if out.returncode != 0:
+    except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.split()
+    return out.stdout.split() if out.returncode == 0 else None
 
 
 def route_interface(dst: str) -> str | None:
@@ -139,6 +154,13 @@ def resolve_link(master: str, rank: int, address: str | None = None, interface: 
     ``address`` the interface's first address is used; without either, loopback when the
     master is on loopback. See the module docstring for the rule on protection."""
     master_ip = _ip(split_master(master)[0])
+    if interface is None and _is_loopback(master_ip) and (address is None or _is_loopback(_ip(address))):
+        address = _ip(address) if address else master_ip
+        if rank == 0 and address != master_ip:
+            raise MpcLinkError(f"party 0 hosts the rendezvous: its MPC address {address} must be the "
+                               f"mpc master's host {master_ip}")
+        log.info("MPC link on loopback (%s): every member is on this host, no tunnel needed", address)
+        return MpcLink(master, address, LOOPBACK_INTERFACE, "loopback")
     addrs = interface_addresses()
     if address is None and interface is not None:
         if interface not in addrs:
@@ -181,10 +203,12 @@ def resolve_link(master: str, rank: int, address: str | None = None, interface: 
 
 
 def _tunnel_problem(interface: str, master_ip: str, rank: int) -> str | None:
+    if wireguard_kind(interface) is None:
+        return f"interface {interface!r} is not a WireGuard interface"
     peers = wireguard_peers(interface)
     if peers is None:
-        return f"interface {interface!r} is not a WireGuard interface"
-    if not peers:
+        log.info("cannot list the peers of %s (`wg show` needs CAP_NET_ADMIN); checked its type and route", interface)
+    elif not peers:
         return f"WireGuard interface {interface!r} has no peers"
     if rank != 0:
         via = route_interface(master_ip)

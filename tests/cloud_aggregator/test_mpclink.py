@@ -12,7 +12,8 @@ import psutil
 import pytest
 import torch.distributed as dist
 
-from cloud_aggregator.inference.mpclink import MpcLinkError, bind_distributed, interface_addresses, resolve_link
+from cloud_aggregator.inference.mpclink import (MpcLinkError, bind_distributed, interface_addresses, resolve_link,
+                                               wireguard_kind)
 from tests.utils.procs import free_port
 
 needs_ip = pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 (`ip`) is not installed")
@@ -81,3 +82,8 @@ def test_rendezvous_and_gloo_listen_on_the_mpc_address_only(monkeypatch):
     assert ("127.0.0.1", port) in listening  # the rendezvous
     assert len(listening) >= 2  # and gloo's own listener
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+
+
+@needs_ip
+def test_loopback_and_plain_interfaces_are_not_wireguard():
+    assert wireguard_kind("lo") is None

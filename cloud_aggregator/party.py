@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from cloud_aggregator.accumulator import RoundAccumulator
+from cloud_aggregator.inference.mpclink import add_mpc_link_arguments
 from cloud_aggregator.serve import serve, split_listen
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
@@ -327,6 +328,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="server private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle to verify the coordinator")
     parser.add_argument("--mpc-master", help="host:port of the MPC rendezvous for encrypted inference")
+    add_mpc_link_arguments(parser)
     parser.add_argument("--max-samples", type=int, default=MAX_SAMPLES_DEFAULT,
                         help="refuse uploads claiming more samples per hospital and round (default %(default)s; "
                              "the coordinator's cap and the registry's per-hospital max_samples also apply)")
@@ -339,9 +341,10 @@ def run(args: argparse.Namespace) -> int:
                                  port=port, registry=args.registry, key_file=args.key_file,
                                  coordinator_url=args.coordinator, tls_cert=args.tls_cert,
                                  tls_key=args.tls_key, tls_ca=args.tls_ca, mpc_master=args.mpc_master,
-                                 max_samples=args.max_samples)
+                                 mpc_address=args.mpc_address, mpc_interface=args.mpc_interface,
+                                 mpc_insecure=args.mpc_insecure, max_samples=args.max_samples)
         app = create_app(settings)
-    except (ValueError, ConfigError, OSError) as err:  # settings, registry, key file
+    except (ValueError, ConfigError, OSError) as err:  # settings, registry, key file, MPC link
         log.error("bad party settings: %s", err)
         return EXIT_CONFIG
     serve(app, settings)

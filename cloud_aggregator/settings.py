@@ -50,6 +50,13 @@ class PartySettings(_TLS):
     coordinator_url: str | None = None
     #: host:port of torch.distributed's rendezvous for encrypted inference (CrypTen).
     mpc_master: str | None = None
+    #: This party's MPC address (its gloo and rendezvous listeners bind here only); default:
+    #: the first address of ``mpc_interface``, else the master's host on loopback / party 0.
+    mpc_address: str | None = None
+    #: Interface of the MPC link; off loopback it must be WireGuard (inference.mpclink).
+    mpc_interface: str | None = None
+    #: Development only: join the MPC group over an unprotected link (logged at WARNING).
+    mpc_insecure: bool = False
     #: Largest share upload body in bytes (enforced while the body streams in).
     max_upload_bytes: int = Field(default=1 << 31, ge=1024)
     #: Largest encrypted-inference request body in bytes (base64 shares of the inputs).

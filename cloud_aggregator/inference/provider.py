@@ -6,6 +6,9 @@ which hands each party correlated randomness (multiplication triples, wrap count
 masks) derived from per-party seeds. It never receives a share of any input, model or
 output. Each CrypTen group gets a fresh server process; when a group breaks (a party
 restarts) the server is replaced and joins the next group.
+
+Its link to the parties carries each party's triple-generator seed: before it joins, the
+link is checked and its listeners bound to the MPC address only (inference.mpclink).
 """
 from __future__ import annotations
 
@@ -14,17 +17,19 @@ import logging
 import multiprocessing as mp
 import time
 
+from cloud_aggregator.inference.mpclink import MpcLink, MpcLinkError, add_mpc_link_arguments, resolve_link
 from cloud_aggregator.inference.worker import RESTART_BACKOFF_S, configure_distributed
 
 log = logging.getLogger(__name__)
+EXIT_CONFIG = 2
 
 
-def serve_once(parties: int, master: str) -> None:
+def serve_once(parties: int, master: str, link: MpcLink | None = None) -> None:
     """Child-process body: one TTPServer for one MPC group (returns when the group ends)."""
     import torch
 
     torch.set_num_threads(1)
-    configure_distributed(parties, parties, master, "TTP")
+    configure_distributed(parties, parties, master, "TTP", link)
     from crypten.mpc.provider.ttp_provider import TTPServer
 
     TTPServer()
@@ -33,15 +38,21 @@ def serve_once(parties: int, master: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parties", type=int, required=True, help="number of computing parties n")
     parser.add_argument("--mpc-master", required=True, help="HOST:PORT of party 0's MPC rendezvous")
+    add_mpc_link_arguments(parser)
     parser.add_argument("--max-groups", type=int, default=0, help="stop after serving this many groups (0: forever)")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:  # the provider is the last rank, after the parties
+        link = resolve_link(args.mpc_master, args.parties, args.mpc_address, args.mpc_interface, args.mpc_insecure)
+    except MpcLinkError as err:
+        log.error("%s", err)
+        return EXIT_CONFIG
     ctx = mp.get_context("spawn")
     served = 0
     try:
         while not args.max_groups or served < args.max_groups:
-            proc = ctx.Process(target=serve_once, args=(args.parties, args.mpc_master), name="iomt-ttp")
+            proc = ctx.Process(target=serve_once, args=(args.parties, args.mpc_master, link), name="iomt-ttp")
             proc.start()
             log.info("triples provider pid %d waiting for %d parties at %s", proc.pid, args.parties, args.mpc_master)
             proc.join()

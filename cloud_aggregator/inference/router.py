@@ -22,6 +22,7 @@ from fastapi.routing import APIRoute
 from cloud_aggregator.inference.audit import AuditLog
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
+from cloud_aggregator.inference.mpclink import resolve_link
 from cloud_aggregator.inference.worker import Job, WorkerConfig, WorkerSupervisor
 from cloud_aggregator.web import Refused, responses
 from protocols.auth import AuthError, Registry
@@ -38,6 +39,7 @@ def build_router(settings: Any, route_class: type[APIRoute] = APIRoute) -> APIRo
     """The inference router of party ``settings.index`` (starts its MPC worker at app startup).
 
     ``route_class`` is the party's (it bounds request bodies, see cloud_aggregator.web).
+    Raises ``MpcLinkError`` when the MPC link is not protected (inference.mpclink).
     """
     router = APIRouter(prefix="/inference/v1", tags=["encrypted inference"], route_class=route_class)
     registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
@@ -46,10 +48,12 @@ def build_router(settings: Any, route_class: type[APIRoute] = APIRoute) -> APIRo
     counters: collections.Counter = collections.Counter()
     supervisor: WorkerSupervisor | None = None
     if settings.mpc_master:
+        link = resolve_link(settings.mpc_master, settings.index, settings.mpc_address, settings.mpc_interface,
+                            settings.mpc_insecure)
         supervisor = WorkerSupervisor(WorkerConfig(
             rank=settings.index, world_size=settings.parties, master=settings.mpc_master,
             data_dir=str(settings.data_dir), provider=os.environ.get("IOMT_MPC_PROVIDER", "TTP"),
-            device=os.environ.get("IOMT_MPC_DEVICE", "cpu")))
+            device=os.environ.get("IOMT_MPC_DEVICE", "cpu"), link=link))
         router.on_startup.append(supervisor.start)
         router.on_shutdown.append(supervisor.stop)
     router.mpc_supervisor = supervisor  # the party also runs server-optimiser jobs on this group

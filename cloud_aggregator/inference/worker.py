@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cloud_aggregator.inference.errors import InferenceError
+from cloud_aggregator.inference.mpclink import MpcLink, bind_distributed
 from cloud_aggregator.inference.triples import TriplePrefetcher
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class WorkerConfig:
     threads: int = 1
     #: fetch the next request's Beaver triples from the TTP while idle (inference.triples)
     prefetch_triples: bool = True
+    #: checked MPC address and interface (inference.mpclink.resolve_link); None: torch's defaults
+    link: MpcLink | None = None
 
 
 @dataclass
@@ -72,8 +75,11 @@ class Job:
     params: dict = field(default_factory=dict)
 
 
-def configure_distributed(cfg_rank: int, world_size: int, master: str, provider: str) -> Any:
-    """Environment, timeout and provider for CrypTen's DistributedCommunicator; returns crypten."""
+def configure_distributed(cfg_rank: int, world_size: int, master: str, provider: str,
+                          link: MpcLink | None = None) -> Any:
+    """Environment, timeout and provider for CrypTen's DistributedCommunicator; returns crypten.
+
+    With ``link``, gloo and the rendezvous listen on the link's address only (mpclink)."""
     import torch.distributed as dist
 
     from cloud_aggregator.crypten_compat import load_crypten
@@ -84,6 +90,8 @@ def configure_distributed(cfg_rank: int, world_size: int, master: str, provider:
         "RENDEZVOUS": f"tcp://{host or '127.0.0.1'}:{port}", "MASTER_ADDR": host or "127.0.0.1",
         "MASTER_PORT": port,
     })
+    if link is not None:
+        bind_distributed(link)
     if not getattr(dist.init_process_group, "_iomt_timeout", False):
         original = dist.init_process_group
 
@@ -105,7 +113,7 @@ def run_worker(cfg: WorkerConfig, jobs: Any, results: Any) -> None:
 
     torch.set_num_threads(cfg.threads)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s party{cfg.rank}-mpc %(levelname)s %(message)s")
-    crypten = configure_distributed(cfg.rank, cfg.world_size, cfg.master, cfg.provider)
+    crypten = configure_distributed(cfg.rank, cfg.world_size, cfg.master, cfg.provider, cfg.link)
     crypten.init()
     results.put(("ready", None, None))
     loop = _WorkerLoop(cfg, jobs, results, crypten)

@@ -189,9 +189,18 @@ def run_with_temp_config(exe: str, text: str) -> int:
         conf = Path(tmp) / "mosquitto.conf"
         conf.write_text(text)
         log.info("%s -c %s with:\n%s", exe, conf, text)
-        proc = subprocess.Popen([exe, "-c", str(conf)])
+        proc: subprocess.Popen | None = None
+        early: list[int] = []
+
+        def forward(sig: int, _frame) -> None:
+            early.append(sig) if proc is None else proc.send_signal(sig)
+
+        # Handlers first: a SIGTERM that came before them would kill us and leave the config.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda s, _frame: proc.send_signal(s))
+            signal.signal(sig, forward)
+        proc = subprocess.Popen([exe, "-c", str(conf)])  # exec resets the handlers in the child
+        for sig in early:
+            proc.send_signal(sig)
         return proc.wait()
 
 

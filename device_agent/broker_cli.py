@@ -152,11 +152,16 @@ def run(args: argparse.Namespace) -> int:
     exe = None if args.embedded else find_mosquitto()
     if exe is not None:
         if args.config is not None:
+            if args.data_dir is not None or args.user is not None or args.autosave_changes is not None:
+                log.warning("--data-dir/--user/--autosave-changes are ignored with --config: set persistence, "
+                            "user and autosave in %s", args.config)
             log.info("exec %s -c %s", exe, args.config)
             os.execv(exe, [exe, "-c", str(args.config)])
         try:
             if args.autosave_changes is not None and args.autosave_changes < 1:
                 raise BrokerSetupError("--autosave-changes must be 1 or more")
+            if any("\n" in str(v) or "\r" in str(v) for v in (args.host, args.data_dir, args.user)):
+                raise BrokerSetupError("--host, --data-dir and --user must be single lines (they go into the config)")
             account = drop_user(args.user)
             if args.data_dir is not None:
                 prepare_data_dir(args.data_dir, account)

@@ -112,3 +112,17 @@ def test_a_data_dir_with_other_files_is_not_handed_to_the_broker_user(tmp_path):
     assert out.returncode == 2
     assert "holds other files (notes.txt)" in out.stderr
     assert tmp_path.stat().st_uid == 0
+
+
+@pytest.mark.integration
+@needs_mosquitto
+@pytest.mark.parametrize("flags, reason", [
+    (["--autosave-changes", "0"], "--autosave-changes must be 1 or more"),
+    (["--data-dir", "{tmp}/d\nuser root"], "must be single lines"),
+], ids=["autosave-0", "config-injection"])
+def test_bad_flags_exit_2_with_the_reason(tmp_path, flags, reason):
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    out = run_iomt("broker", "--port", str(free_port()), "--data-dir", str(tmp_path / "d"), *flags,
+                   check=False, timeout=60)
+    assert out.returncode == 2 and reason in out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was created

@@ -4,6 +4,14 @@ Mosquitto is the production broker (persistence, TLS, ACLs via its own config fi
 embedded broker (amqtt, MIT, pure Python) exists so `make demo` runs without root or
 system packages; it is for demos and tests, not for a hospital: it keeps no sessions or
 messages across restarts and is far slower than Mosquitto.
+
+The generated Mosquitto config never touches the file system: on Linux it is handed over as
+an anonymous in-memory file (``memfd_create``, read through ``/dev/fd/N``), and this process
+becomes Mosquitto (``exec``), so signals reach the broker itself and nothing is left behind
+however it stops. Elsewhere it goes into a private temporary directory that is removed when
+Mosquitto exits. Started as root, Mosquitto drops to an unprivileged user (``--user``, by
+default ``mosquitto``, else ``nobody``, as Mosquitto itself would); the data directory is
+handed to that user first, and the command refuses to start if that user could not write it.
 """
 from __future__ import annotations
 
@@ -11,13 +19,29 @@ import argparse
 import asyncio
 import logging
 import os
+import pwd
 import shutil
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
+from protocols.errors import IomtError
+
 log = logging.getLogger(__name__)
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+# Files Mosquitto keeps in its persistence directory (the store and its save-in-progress copy).
+DB_FILES = ("mosquitto.db", "mosquitto.db.new")
+# Mosquitto saves its in-memory store on a clean stop and every AUTOSAVE_S seconds (2.0.11
+# saves once more than AUTOSAVE_S whole seconds have passed: about every 2 s for 1). A save
+# rewrites the whole store, so saving more often costs more the larger the backlog; see the
+# README's "iomt broker" section for what a SIGKILL can lose and what --autosave-changes does.
+AUTOSAVE_S = 1
+EXIT_BAD_SETUP = 2  # like every `iomt` command: bad configuration
+
+
+class BrokerSetupError(IomtError):
+    """The broker cannot start as asked (data directory, user); the message says what to change."""
 
 
 def find_mosquitto() -> str | None:
@@ -30,36 +54,159 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--embedded", action="store_true", help="use the embedded pure-Python broker even if Mosquitto is installed")
     p.add_argument("--data-dir", type=Path, help="Mosquitto persistence directory (sessions and queued messages survive restarts)")
+    p.add_argument("--user", help="started as root, Mosquitto runs as this user, which gets the data directory "
+                                  "(default: mosquitto if that user exists, else nobody)")
+    p.add_argument("--autosave-changes", type=int, metavar="N",
+                   help="save the store after every N changes (messages queued or taken off a queue, "
+                        "sessions, subscriptions) instead of every second; 1 bounds what a SIGKILL loses "
+                        "to one event-loop pass but makes a large backlog slow")
     p.add_argument("--config", type=Path, help="use this Mosquitto config file as is (TLS, passwords, ACLs)")
     p.set_defaults(func=run)
 
 
-def mosquitto_config(host: str, port: int, data_dir: Path | None) -> str:
+def mosquitto_config(host: str, port: int, data_dir: Path | None, user: str | None = None,
+                     autosave_changes: int | None = None) -> str:
+    """The config `iomt broker` runs Mosquitto with.
+
+    ``user`` is the account a root-started Mosquitto drops to; ``autosave_changes`` saves the
+    store after that many changes instead of every :data:`AUTOSAVE_S` seconds.
+    """
     lines = [f"listener {port} {host}", "allow_anonymous true",
              "max_queued_messages 1000000", "max_inflight_messages 1000"]
+    if user is not None:
+        lines.append(f"user {user}")
     if data_dir is not None:
-        lines += ["persistence true", f"persistence_location {data_dir.resolve()}/", "autosave_interval 5"]
+        lines += ["persistence true", f"persistence_location {data_dir.resolve()}/",
+                  f"autosave_on_changes {'false' if autosave_changes is None else 'true'}",
+                  f"autosave_interval {AUTOSAVE_S if autosave_changes is None else autosave_changes}"]
     else:
         lines.append("persistence false")
     return "\n".join(lines) + "\n"
 
 
+def drop_user(requested: str | None) -> pwd.struct_passwd | None:
+    """The account a Mosquitto started by us runs as, or None when it keeps ours (we are not root)."""
+    if os.geteuid() != 0:
+        if requested is not None:
+            log.warning("--user %s applies only when started as root; Mosquitto runs as uid %d", requested,
+                        os.geteuid())
+        return None
+    names = [requested] if requested else ["mosquitto", "nobody"]
+    for name in names:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise BrokerSetupError(f"no user {' or '.join(names)} on this system to run Mosquitto as; pass --user NAME")
+
+
+def _first_blocked(path: Path, account: pwd.struct_passwd | None) -> Path | None:
+    """The first directory on the way to ``path`` (``path`` included) that ``account`` cannot
+    search, or ``path`` itself when it cannot write there; None when all is well."""
+    chain = [*reversed(path.parents), path]
+    if account is None:
+        for d in chain:
+            if not os.access(d, os.X_OK):
+                return d
+        return None if os.access(path, os.W_OK) else path
+    # Ask as that user (with the groups Mosquitto's initgroups gives it): access rights, ACLs
+    # and group membership are then the kernel's answer, not our reading of mode bits.
+    script = 'for d; do [ -x "$d" ] || { printf %s "$d"; exit 1; }; done; [ -w "$d" ] || { printf %s "$d"; exit 1; }'
+    done = subprocess.run(["/bin/sh", "-c", script, "sh", *map(str, chain)], capture_output=True, text=True,
+                          user=account.pw_uid, group=account.pw_gid,
+                          extra_groups=os.getgrouplist(account.pw_name, account.pw_gid))
+    return Path(done.stdout) if done.returncode else None
+
+
+def prepare_data_dir(data_dir: Path, account: pwd.struct_passwd | None) -> None:
+    """Create ``data_dir`` and make it Mosquitto's: owned by ``account`` (when we are root) and
+    writable by it all the way down, or raise :class:`BrokerSetupError` saying why not."""
+    data_dir = data_dir.resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BrokerSetupError(f"cannot create the data directory {data_dir}: {err}") from err
+    if account is not None and account.pw_uid != 0:
+        owned = [data_dir, *(data_dir / f for f in DB_FILES if (data_dir / f).exists())]
+        if any(p.stat().st_uid != account.pw_uid for p in owned):
+            # Never chown a directory that holds anything but Mosquitto's store: a mistyped
+            # --data-dir (/var/lib, a home) must not be handed to the broker's user.
+            others = sorted(p.name for p in data_dir.iterdir() if p.name not in DB_FILES)
+            if others:
+                raise BrokerSetupError(
+                    f"{data_dir} is not {account.pw_name}'s and holds other files ({', '.join(others[:5])}); "
+                    "give the broker a directory of its own")
+            for p in owned:
+                os.chown(p, account.pw_uid, account.pw_gid)
+            log.info("data directory %s handed to user %s", data_dir, account.pw_name)
+    blocked = _first_blocked(data_dir, account if account is not None and account.pw_uid != 0 else None)
+    if blocked is not None:
+        who = account.pw_name if account is not None else f"uid {os.geteuid()}"
+        what = "write" if blocked == data_dir else "enter"
+        raise BrokerSetupError(
+            f"Mosquitto runs as {who}, which cannot {what} {blocked}, so it could not save to {data_dir}; "
+            "choose a data directory it can reach (e.g. under /var/lib) or another --user")
+
+
 def run(args: argparse.Namespace) -> int:
     exe = None if args.embedded else find_mosquitto()
     if exe is not None:
-        conf = args.config
-        if conf is None:
+        if args.config is not None:
+            if args.data_dir is not None or args.user is not None or args.autosave_changes is not None:
+                log.warning("--data-dir/--user/--autosave-changes are ignored with --config: set persistence, "
+                            "user and autosave in %s", args.config)
+            log.info("exec %s -c %s", exe, args.config)
+            os.execv(exe, [exe, "-c", str(args.config)])
+        try:
+            if args.autosave_changes is not None and args.autosave_changes < 1:
+                raise BrokerSetupError("--autosave-changes must be 1 or more")
+            if any("\n" in str(v) or "\r" in str(v) for v in (args.host, args.data_dir, args.user)):
+                raise BrokerSetupError("--host, --data-dir and --user must be single lines (they go into the config)")
+            account = drop_user(args.user)
             if args.data_dir is not None:
-                args.data_dir.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix="iomt-mosquitto-", suffix=".conf")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(mosquitto_config(args.host, args.port, args.data_dir))
-            conf = Path(name)
-        log.info("exec %s -c %s", exe, conf)
-        os.execv(exe, [exe, "-c", str(conf)])  # replaces this process: signals go straight to Mosquitto
+                prepare_data_dir(args.data_dir, account)
+        except BrokerSetupError as err:
+            log.error("%s", err)
+            return EXIT_BAD_SETUP
+        text = mosquitto_config(args.host, args.port, args.data_dir, account.pw_name if account else None,
+                                args.autosave_changes)
+        if hasattr(os, "memfd_create"):
+            exec_with_memfd_config(exe, text)
+        return run_with_temp_config(exe, text)
     if args.config is not None or args.data_dir is not None:
         log.warning("--config/--data-dir apply to Mosquitto only; the embedded broker ignores them")
     return asyncio.run(serve_embedded(args.host, args.port))
+
+
+def exec_with_memfd_config(exe: str, text: str) -> None:
+    """Become Mosquitto, reading ``text`` from an in-memory file: nothing on disk to clean up,
+    even after SIGKILL, and a SIGHUP reload re-reads the same file."""
+    fd = os.memfd_create("iomt-mosquitto.conf", 0)  # flags 0: not close-on-exec, Mosquitto inherits it
+    os.write(fd, text.encode())
+    log.info("exec %s -c /dev/fd/%d with:\n%s", exe, fd, text)
+    os.execv(exe, [exe, "-c", f"/dev/fd/{fd}"])  # replaces this process: signals go straight to Mosquitto
+
+
+def run_with_temp_config(exe: str, text: str) -> int:
+    """Where there is no memfd: the config in a private temporary directory, Mosquitto as a
+    child that gets our SIGTERM/SIGINT/SIGHUP, the directory removed when it exits."""
+    with tempfile.TemporaryDirectory(prefix="iomt-broker-") as tmp:
+        conf = Path(tmp) / "mosquitto.conf"
+        conf.write_text(text)
+        log.info("%s -c %s with:\n%s", exe, conf, text)
+        proc: subprocess.Popen | None = None
+        early: list[int] = []
+
+        def forward(sig: int, _frame) -> None:
+            early.append(sig) if proc is None else proc.send_signal(sig)
+
+        # Handlers first: a SIGTERM that came before them would kill us and leave the config.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        proc = subprocess.Popen([exe, "-c", str(conf)])  # exec resets the handlers in the child
+        for sig in early:
+            proc.send_signal(sig)
+        return proc.wait()
 
 
 async def serve_embedded(host: str, port: int, stop: asyncio.Event | None = None) -> int:

@@ -125,7 +125,9 @@ def _run(args: argparse.Namespace, out: Path, hospitals: list[str], sup: Supervi
                                  if k != "func"}, "hospitals": hospitals}
     # 1. broker -------------------------------------------------------------------------
     port = free_port()
-    broker = sup.start("broker", iomt_argv("broker", "--port", str(port), "--data-dir", str(out / "broker")))
+    # No --data-dir: the demo never restarts its broker, and as root a data directory inside a
+    # private (0700) --out would be refused, since Mosquitto runs as its own user.
+    broker = sup.start("broker", iomt_argv("broker", "--port", str(port)))
     wait_port(port, proc=broker.proc, name="broker")
     broker_url = f"mqtt://127.0.0.1:{port}"
     _say(f"broker listening on {broker_url}")

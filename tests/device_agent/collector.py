@@ -14,12 +14,14 @@ from protocols.topics import Topic
 class Collector:
     """``durable=True`` keeps a persistent session, so nothing is missed across a broker restart."""
 
-    def __init__(self, port: int, pattern: str = "iomt/#", durable: bool = False, ca_file=None, **auth) -> None:
-        """``ca_file`` connects over TLS trusting that CA; ``username``/``password`` log in."""
+    def __init__(self, port: int, pattern: str = "iomt/#", durable: bool = False, ca_file=None,
+                 client_id: str | None = None, **auth) -> None:
+        """``ca_file`` connects over TLS trusting that CA; ``username``/``password`` log in;
+        reusing a durable collector's ``client_id`` takes over its session."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{port}-{id(self)}",
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"collector-{port}-{id(self)}",
                                   clean_session=not durable)
         if auth:
             self.client.username_pw_set(auth["username"], auth["password"])

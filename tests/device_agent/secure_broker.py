@@ -59,7 +59,3 @@ class SecureMosquitto(Mosquitto):
     def ca_file(self) -> Path:
         """The CA certificate that signed the broker's certificate (what clients trust)."""
         return self.tls["ca"]
-
-    def log_text(self) -> str:
-        path = self.workdir / "mosquitto.log"
-        return path.read_text(errors="replace") if path.exists() else ""

@@ -15,7 +15,7 @@ Features (:func:`features`), from the preprocessed :class:`PatientRecord` the mo
 
 A patient lacking a modality gets zeros in its block and a 1 in the block's "absent"
 column, so every test patient of a row is scored (the same patients as the model's row).
-Every block is standardised on the training patients; the classifier is
+Every column but the TF-IDF ones is standardised on the training patients; the classifier is
 ``LogisticRegression(C=1.0, max_iter=2000)`` (L2, lbfgs, multinomial).
 
 Pooled baselines train on every hospital's training patients; per-hospital baselines
@@ -103,13 +103,16 @@ class Features:
             self._width[m] = len(blocks[0]) if blocks else 0
             if m == "ehr" and blocks:
                 self._ehr_missing = np.isnan(np.stack(blocks)).any(axis=0)
-        x = self._raw(records)
+        x, text = self._raw(records)
         mean, std = x.mean(axis=0), x.std(axis=0)
+        # TF-IDF columns keep their own scale: standardising them would blow up rare n-grams.
+        mean[text], std[text] = 0.0, 1.0
         self._scale = (mean, np.where(std > 1e-9, std, 1.0))
         return self
 
-    def _raw(self, records: Sequence[PatientRecord]) -> np.ndarray:
-        parts = []
+    def _raw(self, records: Sequence[PatientRecord]) -> tuple[np.ndarray, np.ndarray]:
+        """The unscaled columns, and which of them are TF-IDF."""
+        parts, text = [], []
         n = len(records)
         for m in self.modalities:
             if m == "text":
@@ -117,7 +120,9 @@ class Features:
                     continue
                 notes = [r.note or "" for r in records]
                 parts.append(self._tfidf.transform(notes).toarray())
+                text.append(np.ones(parts[-1].shape[1], dtype=bool))
                 parts.append(np.array([[0.0 if r.note else 1.0] for r in records]))
+                text.append(np.zeros(1, dtype=bool))
                 continue
             width = self._width.get(m, 0)
             if not width:
@@ -133,15 +138,20 @@ class Features:
                 block = np.nan_to_num(block, nan=0.0)
                 if self._ehr_missing is not None and self._ehr_missing.any():
                     parts.append(missing[:, self._ehr_missing].astype(float))
-            parts.append(block)
-            parts.append(absent)
-        return np.concatenate(parts, axis=1) if parts else np.zeros((n, 0))
+            parts.extend((block, absent))
+        if not parts:
+            return np.zeros((n, 0)), np.zeros(0, dtype=bool)
+        x = np.concatenate(parts, axis=1)
+        is_text = np.zeros(x.shape[1], dtype=bool)
+        if text:  # TF-IDF and its absent flag are the last columns (text is the last modality)
+            flags = np.concatenate(text)
+            is_text[x.shape[1] - len(flags):] = flags
+        return x, is_text
 
     def transform(self, records: Sequence[PatientRecord]) -> np.ndarray:
-        x = self._raw(records)
+        x, _ = self._raw(records)
         if self._scale is None:
             raise RuntimeError("Features.transform before fit")
-        # TF-IDF columns are already on a common scale; standardising them too is harmless for LR.
         return (x - self._scale[0]) / self._scale[1]
 
 

@@ -150,7 +150,8 @@ def fusion_gain(summary: list[dict]) -> dict:
     out = {}
     for model in TABLE3_MODELS:
         rows = {r["modalities"]: r for r in summary if r["model"] == model}
-        singles = {n: rows[n]["accuracy_mean"] for n in SINGLE if n in rows and not math.isnan(rows[n]["accuracy_mean"])}
+        singles = {n: rows[n]["accuracy_mean"] for n in SINGLE
+                   if n in rows and not math.isnan(rows[n]["accuracy_mean"])}
         if FUSED not in rows or not singles:
             continue
         best = max(singles, key=singles.get)

@@ -15,13 +15,16 @@ log = logging.getLogger(__name__)
 #: name -> (module:function, help line)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "table2": ("iomt.experiments.paper000:table2",
-               "paper 000 Table II: centralized, FedAvg, FedProx, unimodal federated, ours (DP + SMPC, local or distributed DP)"),
-    "table3": ("iomt.experiments.paper000:table3", "paper 000 Table III: modality ablation"),
+               "paper 000 Table II: centralized, FedAvg, FedProx, unimodal federated, ours (DP + SMPC, local or "
+               "distributed DP), logistic-regression baselines"),
+    "table3": ("iomt.experiments.paper000:table3",
+               "paper 000 Table III: modality ablation, each modality alone, and logistic-regression baselines"),
     "table4": ("iomt.experiments.paper000:table4",
                "paper 000 Table IV: global accuracy across rounds for FedAvg, FedProx, ours"),
     "fig4": ("iomt.experiments.paper000:fig4", "paper 000 Fig. 4: privacy-utility trade-off across epsilon"),
     "local_vs_global": ("iomt.experiments.local_global:local_vs_global",
-                        "paper 001: local-only vs global model accuracy per hospital"),
+                        "paper 001: local-only vs global model accuracy per hospital, beside "
+                        "logistic regressions (local and pooled)"),
     "encrypted_inference": ("iomt.experiments.encrypted:encrypted_inference",
                             "paper 002: encrypted inference time and accuracy vs batch size (ResNet-18, AlexNet)"),
     "encrypted_fusion": ("iomt.experiments.encrypted_fusion:encrypted_fusion",
@@ -42,7 +45,8 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
         if exp == "table2":
             p.add_argument("--methods", default=None,
                            help="comma-separated subset of centralized,fedavg,fedprox,unimodal_federated,ours,"
-                                "ours_distributed (default: all)")
+                                "ours_distributed,baselines (default: all; baselines = logistic "
+                                "regressions, pooled and per hospital)")
         if exp in ("encrypted_inference", "encrypted_fusion"):
             p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,5,10,25)")
         if exp == "encrypted_inference":

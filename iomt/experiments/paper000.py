@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
-from iomt.experiments import report
+from iomt.experiments import baselines, report
 from iomt.experiments.data import restrict_split
 from iomt.experiments.settings import Settings, prepared_runs
 from iomt.federation import DP_MODES, run_federation, train_centralized
@@ -14,9 +14,16 @@ from protocols.errors import ConfigError
 log = logging.getLogger(__name__)
 
 METRICS = report.METRICS
-TABLE2_METHODS = ("centralized", "fedavg", "fedprox", "unimodal_federated", "ours", "ours_distributed")
-ABLATION = (("image",), ("image", "ehr"), ("image", "ehr", "signals"), ("image", "ehr", "signals", "text"))
-ABLATION_NAMES = ("images", "images+ehr", "images+ehr+sensors", "images+ehr+sensors+text")
+TABLE2_METHODS = ("centralized", "fedavg", "fedprox", "unimodal_federated", "ours", "ours_distributed", "baselines")
+#: Table III: the paper's growing sets of modalities, then each other modality alone, so that
+#: the table says what fusion adds over the best single modality.
+ABLATION = (("image",), ("image", "ehr"), ("image", "ehr", "signals"), ("image", "ehr", "signals", "text"),
+            ("ehr",), ("signals",), ("text",))
+ABLATION_NAMES = ("images", "images+ehr", "images+ehr+sensors", "images+ehr+sensors+text", "ehr", "sensors", "text")
+FUSED = "images+ehr+sensors+text"
+SINGLE = ("images", "ehr", "sensors", "text")
+#: Table III's models: ours and the classical baselines on the same modalities' simple features.
+TABLE3_MODELS = ("ours", "lr_pooled", "lr_per_hospital")
 #: Fig. 4 sweep of DP noise multipliers (0 = no noise, epsilon infinite).
 FIG4_NOISE = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 QUICK_FIG4_NOISE = (0.0, 0.1, 1.0)
@@ -43,6 +50,10 @@ def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dic
 
     ``ours`` adds the paper's local DP noise to every update; ``ours_distributed`` splits the
     same noise among the hospitals under secure aggregation (same ε, see edge_server.privacy).
+    ``baselines`` adds logistic regressions (:mod:`iomt.experiments.baselines`) on the same
+    split: pooled and per hospital alone, on the standardised EHR, the notes' TF-IDF and both
+    (those whose modalities the data has), as rows ``lr_pooled:FEATURES`` and
+    ``lr_per_hospital:FEATURES``.
     ``methods`` picks a subset (every run of a seed uses the same data and split).
     """
     unknown = set(methods) - set(TABLE2_METHODS)
@@ -73,6 +84,9 @@ def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dic
                 detail = f"multimodal + attention + {mode} DP (eps={res.epsilon:.3g}) + SMPC"
                 runs.append(base | {"method": method, "detail": detail, "epsilon": res.epsilon}
                             | _metrics(_evaluate(cfg, res.state, test)))
+        if "baselines" in methods:
+            for row in baselines.rows(s, METRICS, len(fed.classes)):
+                runs.append(base | {"method": f"{row.pop('baseline')}:{row.pop('features')}"} | row)
 
     return report.finish(settings, "table2", runs, keys=("method",), values=(*METRICS,),
                    run_columns=("seed", "fold", "method", "detail", *METRICS, "n", "epsilon"),
@@ -100,7 +114,12 @@ def _best_unimodal(settings: Settings, seed: int, fed, cfg, s) -> list[dict]:
 
 
 def table3(settings: Settings) -> dict:
-    """Ours (DP + SMPC) trained and tested on growing sets of modalities."""
+    """Ours (DP + SMPC) trained and tested on growing sets of modalities and on each modality
+    alone, beside logistic regressions on the same modalities' simple features
+    (:mod:`iomt.experiments.baselines`), pooled and per hospital alone.
+
+    The payload's ``fusion`` says, per model, what all four modalities add over the best
+    single modality (best by mean test accuracy, which favours the single modality)."""
     runs = []
     for seed, fold, fed, cfg, s in prepared_runs(settings):
         for name, modalities in zip(ABLATION_NAMES, ABLATION):
@@ -108,13 +127,38 @@ def table3(settings: Settings) -> dict:
             if not any(sub.train.values()):
                 log.warning("no patient has any of %s: skipped", modalities)
                 continue
+            base = {"seed": seed, "fold": fold, "modalities": name}
             res = run_federation(cfg, sub.train, settings.spec("ours", seed))
-            runs.append({"seed": seed, "fold": fold, "modalities": name, "epsilon": res.epsilon}
+            runs.append(base | {"model": "ours", "epsilon": res.epsilon}
                         | _metrics(_evaluate(cfg, res.state, sub.pooled("test"))))
-    return report.finish(settings, "table3", runs, keys=("modalities",), values=(*METRICS,),
-                   run_columns=("seed", "fold", "modalities", *METRICS, "n", "epsilon"),
-                   plot=lambda summary: _bars(settings, "table3", summary, "modalities",
-                                              "Table III: modality ablation (ours)"))
+            lr = baselines.rows(sub, METRICS, len(fed.classes), sets={name: modalities})
+            runs.extend(base | {"model": row.pop("baseline")} | {k: v for k, v in row.items() if k != "features"}
+                        for row in lr)
+    payload = report.finish(settings, "table3", runs, keys=("modalities", "model"), values=(*METRICS,),
+                            run_columns=("seed", "fold", "modalities", "model", *METRICS, "n", "epsilon"),
+                            plot=lambda summary: _bars(settings, "table3",
+                                                       [r for r in summary if r["model"] == "ours"], "modalities",
+                                                       "Table III: modality ablation (ours)"))
+    payload["fusion"] = fusion_gain(payload["summary"])
+    report.write_json(settings.out / "table3.json", payload)
+    return payload
+
+
+def fusion_gain(summary: list[dict]) -> dict:
+    """model -> the best single modality, its mean test accuracy, the four-modality model's,
+    and the gain (fused minus best single; negative when fusion loses)."""
+    out = {}
+    for model in TABLE3_MODELS:
+        rows = {r["modalities"]: r for r in summary if r["model"] == model}
+        singles = {n: rows[n]["accuracy_mean"] for n in SINGLE
+                   if n in rows and not math.isnan(rows[n]["accuracy_mean"])}
+        if FUSED not in rows or not singles:
+            continue
+        best = max(singles, key=singles.get)
+        fused = rows[FUSED]["accuracy_mean"]
+        out[model] = {"best_single": best, "best_single_accuracy": singles[best], "fused_accuracy": fused,
+                      "gain": fused - singles[best]}
+    return out
 
 
 def table4(settings: Settings) -> dict:

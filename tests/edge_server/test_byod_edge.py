@@ -3,19 +3,30 @@ from __future__ import annotations
 
 import json
 
+from edge_server.byod import load_federation_folder
+from edge_server.training.data import split_records
+from iomt.experiments import baselines
 from protocols.model import ModelConfig
 from protocols.schema import EHR_FEATURES
 from tests.utils.procs import run_iomt
 
 
 def test_edge_trains_and_predicts_from_a_byod_folder(tmp_path):
-    run_iomt("experiment", "export-breast-cancer", "--out", str(tmp_path / "bc"))
+    # Prepare: the whole breast cancer set as one hospital (about 85 test patients), and a
+    # logistic regression on the edge's own split of it, the floor a trained model must reach
+    run_iomt("experiment", "export-breast-cancer", "--hospitals", "1", "--out", str(tmp_path / "bc"))
     folder = tmp_path / "bc" / "hospital-00"
+    _, hospitals = load_federation_folder(tmp_path / "bc")
+    train, _, test = split_records(hospitals["hospital-00"], seed=0)
+    floor = baselines.score(baselines.Baseline(("ehr",), 2).fit(train), test)
+    # Execute
     out = run_iomt("edge", "train", "--data-dir", str(folder), "--epochs", "15", "--lr", "0.01",
                    "--json", "--no-progress")
     result = json.loads(out.stdout)
-    assert result["patients"]["test"] > 0
-    assert result["test"]["accuracy"] >= result["test"]["majority_accuracy"]
+    # Assert: far above always answering "benign", and within a few points of the regression
+    assert result["patients"]["test"] == floor["n"] >= 80
+    assert result["test"]["accuracy"] >= result["test"]["majority_accuracy"] + 0.2, result["test"]
+    assert result["test"]["accuracy"] >= floor["accuracy"] - 0.05, (result["test"], floor)
     patient = (folder / "labels.csv").read_text().splitlines()[1].split(",")[0]
     pred = json.loads(run_iomt("edge", "predict", "--data-dir", str(folder), "--patient", patient,
                                "--json").stdout)

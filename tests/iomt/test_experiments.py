@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from iomt.experiments import run_experiment
-from iomt.experiments.paper000 import ABLATION_NAMES, TABLE2_METHODS
+from iomt.experiments.paper000 import ABLATION_NAMES, TABLE2_METHODS, TABLE3_MODELS
 from iomt.experiments.settings import Settings
 from tests.utils.procs import run_iomt
 
@@ -44,7 +44,8 @@ def test_table2(quick):
 
     columns, rows = _check_outputs(quick.out, "table2")
     assert columns[0] == "method" and set(METRIC_COLUMNS) <= set(columns)
-    assert [r["method"] for r in rows] == list(TABLE2_METHODS)
+    lr = [f"{b}:{f}" for f in ("ehr", "text", "ehr+text") for b in ("lr_pooled", "lr_per_hospital")]
+    assert [r["method"] for r in rows] == [m for m in TABLE2_METHODS if m != "baselines"] + lr
     for r in rows:
         assert 0.0 <= float(r["accuracy_mean"]) <= 1.0
     _, runs = _csv(quick.out / "table2_runs.csv")
@@ -69,8 +70,13 @@ def test_table3(quick):
     run_experiment("table3", quick)
 
     columns, rows = _check_outputs(quick.out, "table3")
-    assert columns[0] == "modalities" and set(METRIC_COLUMNS) <= set(columns)
-    assert [r["modalities"] for r in rows] == list(ABLATION_NAMES)
+    assert columns[:2] == ["modalities", "model"] and set(METRIC_COLUMNS) <= set(columns)
+    assert [(r["modalities"], r["model"]) for r in rows] == [(a, m) for a in ABLATION_NAMES for m in TABLE3_MODELS]
+    payload = json.loads((quick.out / "table3.json").read_text())
+    for model in TABLE3_MODELS:  # what fusion adds over the best single modality, for each model
+        gain = payload["fusion"][model]
+        assert gain["best_single"] in ("images", "ehr", "sensors", "text")
+        assert gain["gain"] == pytest.approx(gain["fused_accuracy"] - gain["best_single_accuracy"])
 
 
 def test_table4_evaluates_every_step_for_each_strategy(quick):
@@ -102,7 +108,10 @@ def test_local_vs_global(quick):
 
     columns, rows = _check_outputs(quick.out, "local_vs_global")
     assert columns[0] == "hospital" and "local_accuracy_mean" in columns and "global_ours_accuracy_mean" in columns
-    assert len(rows) == quick.hospitals
+    assert {"local_lr_accuracy_mean", "pooled_lr_accuracy_mean"} <= set(columns)
+    assert len(rows) == quick.hospitals and payload["lr_features"] == "ehr+text"
+    for r in rows:
+        assert 0.0 <= float(r["local_lr_accuracy_mean"]) <= 1.0
     assert payload["global_beats_local"]["hospitals"] == quick.hospitals
 
 

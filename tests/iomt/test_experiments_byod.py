@@ -62,3 +62,6 @@ def test_experiments_run_on_byod_folder(tmp_path):
     assert payload["settings"]["data"] == str(tmp_path / "data")
     # Tabular breast-cancer data is easy: a few rounds of a tiny model clearly beat chance.
     assert payload["overall"]["global_fedavg_accuracy"] > 0.6
+    # ... and a logistic regression on the same patients learns it (about 95 %), locally too
+    assert payload["lr_features"] == "ehr"
+    assert payload["overall"]["pooled_lr_accuracy"] >= 0.9 and payload["overall"]["local_lr_accuracy"] >= 0.8

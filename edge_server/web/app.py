@@ -273,7 +273,7 @@ def create_app(settings: WebSettings, ask_cloud: AskCloud | None = None) -> Fast
                     page_no=max(0, page_no), pages=pages, error="", modalities=MODALITIES)
 
     def _patient_page(request: Request, session: Session, pid: str, status: int = 200, **extra) -> HTMLResponse:
-        request.state.audit = {"patient": pid}
+        request.state.audit = {"patient": pid, **getattr(request.state, "audit", {})}
         try:
             view = patient_view(settings.data_dir, pid)
         except (LookupError, NoStore) as err:

@@ -227,6 +227,8 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
     app = FastAPI(title="iomt coordinator", lifespan=lifespan)
     app.state.coordinator = coord
+    from cloud_aggregator.web import install_operator_page
+    install_operator_page(app, coord)  # read-only operator's page at /operator
 
     def auth(request: Request, roles: tuple[str, ...]) -> str:
         try:

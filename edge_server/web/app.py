@@ -224,6 +224,9 @@ def create_app(settings: WebSettings, ask_cloud: AskCloud | None = None) -> Fast
             log.warning("sign-in for %r refused: %d failures in %.0fs", user[:64], len(recent), FAIL_WINDOW_S)
             return _login_again(request, nxt, "Too many failed sign-ins; wait a few minutes.", 429)
         if not accounts.verify(user, password):
+            if len(fails) > 10_000:  # bound the memory a flood of made-up names can take
+                for name in [n for n, ts in fails.items() if now - ts[-1] >= FAIL_WINDOW_S]:
+                    del fails[name]
             fails[user] = [*recent, now]
             log.warning("failed sign-in for %r from %s", user[:64], request.client.host if request.client else "?")
             return _login_again(request, nxt, "Wrong user name or password.", 401)

@@ -67,7 +67,7 @@ def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
         operator = re.search(r"operator's page: (https://\S+)\s+token \(24 h\):\s+(\S+)", text)
         assert clinician and operator, text[-3000:]
         assert (out / "report.md").exists()  # the report came first
-        with httpx.Client(base_url=clinician.group(1)) as web:
+        with httpx.Client(base_url=clinician.group(1), follow_redirects=True) as web:
             csrf = re.search(r'name="csrf" value="([^"]+)"', web.get("/login").text).group(1)
             resp = web.post("/login", data={"username": "demo", "password": clinician.group(2), "csrf": csrf})
             assert resp.status_code == 200 and "Patients" in resp.text and "10 patients" in resp.text
@@ -78,7 +78,11 @@ def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # SIGTERM: the demo stops every child before it exits
+            proc.terminate()
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert left == []

@@ -101,3 +101,16 @@ def test_users_command_and_password_rules(tmp_path):
 def test_plain_http_off_loopback_is_refused(tmp_path):
     with pytest.raises(ValueError, match="plain HTTP"):
         WebSettings(data_dir=tmp_path, host="0.0.0.0")
+
+
+def test_single_sign_on_header_only_from_the_trusted_gateway(edge):
+    edge_dir, ids = edge
+    # FastAPI's test client connects from the address "testclient"
+    gateway = _client(edge_dir, behind_proxy=True, remote_user_header="X-Remote-User", trusted_proxies=["testclient"])
+    resp = gateway.get("/patients", headers={"X-Remote-User": "alice"}, follow_redirects=False)
+    assert resp.status_code == 200 and 'data-testid="user">alice<' in resp.text
+    assert "secure" in resp.headers["set-cookie"].lower()  # behind the TLS gateway: Secure cookies
+    unknown = gateway.get("/patients", headers={"X-Remote-User": "mallory"}, follow_redirects=False)
+    assert unknown.status_code == 303  # no account here: not signed in
+    elsewhere = _client(edge_dir, behind_proxy=True, remote_user_header="X-Remote-User", trusted_proxies=["10.0.0.2"])
+    assert elsewhere.get("/patients", headers={"X-Remote-User": "alice"}, follow_redirects=False).status_code == 303

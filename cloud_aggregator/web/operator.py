@@ -35,6 +35,8 @@ HERE = Path(__file__).parent
 PREFIX = "/operator"
 COOKIE = "iomt_operator"
 ROLES = ("coordinator",)
+#: Largest sign-in form body read (a token is about 300 bytes).
+MAX_FORM_BYTES = 16 * 1024
 #: Paths whose successful answers do not count as a hospital being seen.
 _NOT_SEEN = ("/health", PREFIX)
 SECURITY_HEADERS = {
@@ -78,7 +80,7 @@ def install_operator_page(app: FastAPI, coord) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    router = APIRouter(prefix=PREFIX, lifespan=lifespan)
+    router = APIRouter(prefix=PREFIX, lifespan=lifespan, include_in_schema=False)  # pages, not API
 
     @app.middleware("http")
     async def seen(request: Request, call_next):
@@ -123,10 +125,20 @@ def install_operator_page(app: FastAPI, coord) -> None:
     def login_form(request: Request):
         return login_page(request)
 
+    async def form(request: Request) -> dict[str, list[str]] | None:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return None
+        return parse_qs(body.decode("utf-8", "replace"))
+
     @router.post("/login")
     async def login(request: Request):
-        form = parse_qs((await request.body()).decode("utf-8", "replace"))
-        token = (form.get("token") or [""])[0].strip()
+        form_data = await form(request)
+        if form_data is None:
+            return login_page(request, "The form was too large.", 413)
+        token = (form_data.get("token") or [""])[0].strip()
         try:
             who = coord.registry.verify(token, settings.principal, ROLES).sub
         except AuthError as err:
@@ -145,9 +157,9 @@ def install_operator_page(app: FastAPI, coord) -> None:
 
     @router.post("/logout")
     async def logout(request: Request):
-        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        form_data = await form(request) or {}
         session = sessions.get(request.cookies.get(COOKIE, ""))
-        if session and hmac.compare_digest((form.get("csrf") or [""])[0], session["csrf"]):
+        if session and hmac.compare_digest((form_data.get("csrf") or [""])[0], session["csrf"]):
             sessions.pop(request.cookies.get(COOKIE, ""), None)
         resp = RedirectResponse(f"{PREFIX}/login", status_code=303)
         resp.delete_cookie(COOKIE, path=PREFIX)

@@ -39,6 +39,8 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "iomt_session"
 LOGIN_COOKIE = "iomt_login_csrf"
 AUDIT_FILE = Path("audit") / "web.jsonl"
+#: Largest form body read (the forms carry a user name, a password and tokens).
+MAX_FORM_BYTES = 16 * 1024
 #: Failed sign-ins per user name within FAIL_WINDOW_S before further tries are refused.
 MAX_FAILS, FAIL_WINDOW_S = 5, 300.0
 SECURITY_HEADERS = {
@@ -189,8 +191,14 @@ def create_app(settings: WebSettings, ask_cloud: AskCloud | None = None) -> Fast
         return RedirectResponse(f"/login?next={quote(str(request.url.path))}", status_code=303)
 
     async def form(request: Request) -> dict[str, str]:
-        body = (await request.body()).decode("utf-8", "replace")
-        return {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+        """The urlencoded form; an oversized one reads as empty (and so fails its CSRF check)."""
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                log.warning("form body over %d bytes on %s refused", MAX_FORM_BYTES, request.url.path)
+                return {}
+        return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
 
     def page(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
         session = current_user(request) if "session" not in ctx else ctx.pop("session")

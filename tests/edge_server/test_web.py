@@ -114,3 +114,23 @@ def test_single_sign_on_header_only_from_the_trusted_gateway(edge):
     assert unknown.status_code == 303  # no account here: not signed in
     elsewhere = _client(edge_dir, behind_proxy=True, remote_user_header="X-Remote-User", trusted_proxies=["10.0.0.2"])
     assert elsewhere.get("/patients", headers={"X-Remote-User": "alice"}, follow_redirects=False).status_code == 303
+
+
+def test_an_answer_that_fails_its_checks_is_refused_with_a_clear_message():
+    from cloud_aggregator.inference.errors import InferenceError
+    from edge_server.web import CloudError
+    from iomt.infer import check_result
+
+    good = {"probabilities": [{"normal": 0.2, "cardiac": 0.3, "respiratory": 0.5}],
+            "modality_weights": [{"image": 0.25, "ehr": 0.25, "signals": 0.25, "text": 0.25}]}
+    check_result(good)
+    for bad in ({**good, "probabilities": [{"normal": 0.9, "cardiac": 0.9, "respiratory": 0.1}]},
+                {**good, "modality_weights": [{"image": 2.0, "ehr": 0.0, "signals": 0.0, "text": 0.0}]},
+                {**good, "probabilities": [{"normal": float("nan"), "cardiac": 0.5, "respiratory": 0.5}]}):
+        with pytest.raises(InferenceError) as err:
+            check_result(bad)
+        msg = CloudError(err.value.code, err.value.message)
+        assert msg.kind == "checks" and msg.for_clinician().startswith("The cloud's answer failed its checks")
+    assert CloudError("inconsistent_parties", "x").kind == "checks"
+    assert CloudError("no_model", "x").for_clinician().startswith("The cloud refused the model version")
+    assert CloudError("party_unreachable", "x").for_clinician().startswith("The cloud is unreachable")

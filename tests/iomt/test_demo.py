@@ -45,6 +45,7 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
     import re
     import signal

@@ -227,8 +227,6 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
     app = FastAPI(title="iomt coordinator", lifespan=lifespan)
     app.state.coordinator = coord
-    from cloud_aggregator.web import install_operator_page
-    install_operator_page(app, coord)  # read-only operator's page at /operator
 
     def auth(request: Request, roles: tuple[str, ...]) -> str:
         try:
@@ -269,6 +267,8 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         auth(request, ("coordinator", "party"))
         return dict(coord.counters)
 
+    from cloud_aggregator.web import install_operator_page
+    install_operator_page(app, coord)  # the read-only operator's page at /operator
     return app
 
 

@@ -59,8 +59,9 @@ CLOUD_MESSAGES = {
 }
 CODE_KIND = {"party_unreachable": "unreachable", "mpc_unavailable": "unreachable", "timeout": "unreachable",
              "no_model": "version", "model_mismatch": "version", "bad_model": "version",
-             "inconsistent_parties": "checks", "bad_answer": "checks",
-             "bad_input": "input", "bad_shape": "input", "no_global_model": "input"}
+             "model_out_of_range": "version",
+             "inconsistent_parties": "checks", "bad_answer": "checks", "answer_out_of_range": "checks",
+             "bad_input": "input", "bad_shape": "input", "no_global_model": "input", "input_out_of_range": "input"}
 
 AskCloud = Callable[[Path, str], dict]
 

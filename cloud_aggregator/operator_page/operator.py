@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from cloud_aggregator.web.view import PARTY_CACHE_S, Clock, party_health, snapshot
+from cloud_aggregator.operator_page.view import PARTY_CACHE_S, Clock, party_health, snapshot
 from protocols.auth import AuthError
 
 log = logging.getLogger(__name__)

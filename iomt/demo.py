@@ -143,10 +143,11 @@ def _serve(out: Path, hospitals: list[str], report: dict, sup: Supervisor) -> No
         "--parties", ",".join(cloud["party_urls"]), "--key-file", str(keys / f"{hospital}.json"),
         "--ca", cloud["ca"]))
     wait_port(port, proc=web.proc, name="clinician page")
-    token = Signer.from_file(keys / "coordinator.json").token("coordinator", ttl=24 * 3600.0)
+    token = Signer.from_file(keys / "coordinator.json").token("coordinator", ttl=600.0)
     _say("the federation stays up (--serve); Ctrl-C stops every process")
     print(f"  clinician's page ({hospital}): http://127.0.0.1:{port}/  user: demo  password: {password}", flush=True)
-    print(f"  operator's page: {cloud['coordinator']}/operator  token (24 h):\n    {token}", flush=True)
+    print(f"  operator's page: {cloud['coordinator']}/operator  token (sign in within 10 min):\n    {token}", flush=True)
+    print(f"  a fresh token: iomt cloud operator-token --key-file {keys / 'coordinator.json'}", flush=True)
     print(f"  (the coordinator's TLS certificate is signed by the demo's own CA, {cloud['ca']}: "
           "accept it in the browser or import that CA)", flush=True)
     try:

@@ -1,11 +1,12 @@
 """Routes of the operator's page, mounted on the coordinator's app by :func:`install_operator_page`.
 
-Authentication is the coordinator API's: an Ed25519 bearer token of role ``coordinator``
-(`iomt cloud operator-token`), verified against the registry. A browser pastes it once into
-the sign-in form and gets a session cookie (random id, ``HttpOnly``, ``SameSite=Strict``,
-``Secure`` when the coordinator serves TLS); the token stays on the server and is checked
-again on every request, so its expiry and the registry's revocations end the session.
-Scripts send the token as ``Authorization: Bearer ...`` instead. Everything is read-only.
+Authentication is the coordinator API's: a short-lived Ed25519 bearer token of role
+``coordinator`` (`iomt cloud operator-token`), verified against the registry. A browser
+pastes a fresh one into the sign-in form and gets a session cookie (random id, ``HttpOnly``,
+``SameSite=Strict``, ``Secure`` when the coordinator serves TLS) that lasts SESSION_S at most
+and IDLE_S unused; every request checks again that the principal is in the registry and not
+revoked, so a revocation ends the session at once. Scripts send the token as
+``Authorization: Bearer ...`` instead. Everything is read-only.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ HERE = Path(__file__).parent
 PREFIX = "/operator"
 COOKIE = "iomt_operator"
 ROLES = ("coordinator",)
+#: Longest session, and longest time unused, after a sign-in (seconds).
+SESSION_S, IDLE_S = 8 * 3600.0, 1800.0
 #: Largest sign-in form body read (a token is about 300 bytes).
 MAX_FORM_BYTES = 16 * 1024
 #: Paths whose successful answers do not count as a hospital being seen.
@@ -96,21 +99,27 @@ def install_operator_page(app: FastAPI, coord) -> None:
         return response
 
     def operator(request: Request) -> str | None:
-        """The signed-in operator, by bearer header or session cookie; None if neither verifies."""
+        """The signed-in operator, by bearer header or session cookie; None if neither holds."""
         header = request.headers.get("authorization")
-        token = header[len("Bearer "):] if header and header.startswith("Bearer ") else None
-        session = sessions.get(request.cookies.get(COOKIE, ""))
-        if token is None and session is not None:
-            token = session["token"]
-        if token is None:
+        if header:
+            try:
+                return coord.registry.verify_header(header, settings.principal, ROLES).sub
+            except AuthError as err:
+                coord.counters["operator_auth_rejected"] += 1
+                log.warning("operator page refused %s: %s", request.url.path, err.reason)
+                return None
+        sid = request.cookies.get(COOKIE, "")
+        session = sessions.get(sid)
+        if session is None:
             return None
-        try:
-            return coord.registry.verify(token, settings.principal, ROLES).sub
-        except AuthError as err:
-            coord.counters["operator_auth_rejected"] += 1
-            log.warning("operator page refused %s: %s", request.url.path, err.reason)
-            sessions.pop(request.cookies.get(COOKIE, ""), None)
+        now = time.time()
+        if now > session["exp"] or now - session["used"] > IDLE_S \
+                or session["who"] not in coord.registry.principals(ROLES[0]):  # expired, idle, or revoked
+            sessions.pop(sid, None)
+            log.warning("operator session of %s ended (expired, idle or revoked)", session["who"])
             return None
+        session["used"] = now
+        return session["who"]
 
     async def state() -> dict:
         if time.monotonic() - cache["at"] > PARTY_CACHE_S:
@@ -149,7 +158,7 @@ def install_operator_page(app: FastAPI, coord) -> None:
         now = time.time()
         for k in [k for k, s in sessions.items() if s["exp"] < now]:
             sessions.pop(k, None)
-        sessions[sid] = {"token": token, "who": who, "exp": now + 24 * 3600, "csrf": secrets.token_urlsafe(24)}
+        sessions[sid] = {"who": who, "exp": now + SESSION_S, "used": now, "csrf": secrets.token_urlsafe(24)}
         log.info("operator %s signed in to the page", who)
         resp = RedirectResponse(PREFIX, status_code=303)
         resp.set_cookie(COOKIE, sid, httponly=True, samesite="strict", secure=secure, path=PREFIX)

@@ -61,11 +61,11 @@ def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
         lines = []
         for line in proc.stdout:  # until both pages are printed (or the demo exits)
             lines.append(line)
-            if line.strip().startswith("(the coordinator's TLS"):
+            if line.strip().startswith("(the coordinator's TLS"):  # the last line printed
                 break
         text = "".join(lines)
         clinician = re.search(r"clinician's page \(\S+\): (http://\S+)/\s+user: demo\s+password: (\S+)", text)
-        operator = re.search(r"operator's page: (https://\S+)\s+token \(24 h\):\s+(\S+)", text)
+        operator = re.search(r"operator's page: (https://\S+)\s+token \(sign in within 10 min\):\s+(\S+)", text)
         assert clinician and operator, text[-3000:]
         assert (out / "report.md").exists()  # the report came first
         with httpx.Client(base_url=clinician.group(1), follow_redirects=True) as web:

@@ -7,6 +7,7 @@ import ssl
 import httpx
 import pytest
 
+from protocols.auth import revoke
 from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
 from tests.utils.browser import DESKTOP, TABLET, browser, check_accessible, check_fits, chromium_path, screenshot
 from tests.utils.procs import run_iomt
@@ -71,5 +72,12 @@ def test_operator_page_shows_rounds_closing_live(tmp_path):
         state = httpx.get(f"{url}/state.json", verify=verify, headers={"Authorization": f"Bearer {token}"}).json()
         assert [r["state"] for r in state["rounds"]] == ["done", "done"]
         assert state["rounds"][0]["participants"] == ["h1"] and state["parties"][0]["up"]
+        # a session outlives its short token, but not the revocation of the key that signed in
+        with httpx.Client(verify=verify) as session:
+            fresh = cluster.signer("coordinator").token("coordinator")
+            assert session.post(f"{url}/login", data={"token": fresh}).status_code == 303
+            assert session.get(url).status_code == 200
+            revoke(cluster.registry, "coordinator")
+            assert session.get(url).headers["location"].endswith("/operator/login")
     finally:
         cluster.stop()

@@ -7,5 +7,6 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "coordinator": ("cloud_aggregator.coordinator", "registers hospitals and parties, opens and closes rounds"),
     "triples": ("cloud_aggregator.inference.provider", "trusted third party that deals Beaver triples"),
     "credentials": ("cloud_aggregator.credentials", "make the federation's keys, registry and TLS certificates"),
+    "operator-token": ("cloud_aggregator.operator_page.token", "a token for the operator's page"),
 }
 

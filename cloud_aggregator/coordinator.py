@@ -294,6 +294,8 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         auth(request, ("coordinator", "party"))
         return dict(coord.counters)
 
+    from cloud_aggregator.operator_page import install_operator_page
+    install_operator_page(app, coord)  # the read-only operator's page at /operator
     return app
 
 

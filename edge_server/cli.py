@@ -8,5 +8,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "train": ("edge_server.training.cli", "train the multimodal model on this edge's store"),
     "predict": ("edge_server.onnx_predict", "predict for one patient with the global model (ONNX Runtime)"),
     "federate": ("edge_server.federated", "take part in federated rounds with the cloud parties"),
+    # composed in iomt: "Ask the cloud" uses the cloud's inference client, as `iomt infer` does
+    "web": ("iomt.edge_web", "the clinician's page: sign-in, patients, encrypted prediction"),
+    "users": ("edge_server.web.accounts", "manage the clinician page's staff accounts"),
 }
 

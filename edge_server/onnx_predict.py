@@ -79,49 +79,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
-    model = args.model
+class NotPredictable(LookupError):
+    """No model, no such patient, or data the model cannot use."""
+
+
+def predict_patient(data_dir: Path, patient: str, model: Path | None = None) -> dict:
+    """The ONNX prediction `iomt edge predict --json` prints, for ``patient`` in ``data_dir``.
+
+    Raises :class:`NotPredictable` with the reason when there is no model or patient, or
+    the patient's data cannot be used.
+    """
+    data_dir = Path(data_dir)
     if model is None:
-        model = next((args.data_dir / p for p in DEFAULT_MODELS if (args.data_dir / p).exists()), None)
+        model = next((data_dir / p for p in DEFAULT_MODELS if (data_dir / p).exists()), None)
     if model is None or not Path(model).exists():
-        print(f"error: no model at {model or args.data_dir / DEFAULT_MODELS[0]}; run `iomt edge train` "
-              "or a federated round first, or pass --model", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    if not args.data_dir.is_dir():
-        print(f"error: data directory {args.data_dir} does not exist", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        raise NotPredictable(f"no model at {model or data_dir / DEFAULT_MODELS[0]}; run `iomt edge train` "
+                             "or a federated round first, or pass --model")
+    if not data_dir.is_dir():
+        raise NotPredictable(f"data directory {data_dir} does not exist")
     from edge_server.dataset import load_records
 
-    records = [r for r in load_records(args.data_dir) if r.patient_id == args.patient]
+    records = [r for r in load_records(data_dir) if r.patient_id == patient]
     if not records:
-        print(f"error: patient {args.patient!r} is not in {args.data_dir}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        raise NotPredictable(f"patient {patient!r} is not in {data_dir}")
     try:
         predictor = OnnxPredictor(model)
     except (ValueError, OSError) as err:
-        print(f"error: cannot load model {model}: {err}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        raise NotPredictable(f"cannot load model {model}: {err}") from err
     if predictor.model_cfg.text_encoder == "minilm":
         from edge_server.text_embedding import CACHE_DIR, TextEmbeddingUnavailable, attach_note_embeddings
         try:
-            attach_note_embeddings(records[:1], cache_dir=args.data_dir / CACHE_DIR)
+            attach_note_embeddings(records[:1], cache_dir=data_dir / CACHE_DIR)
         except TextEmbeddingUnavailable as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_NOT_FOUND
+            raise NotPredictable(str(err)) from err
     ids, probs, weights = predictor.predict(records[:1])
     if not ids:
-        print(f"error: the data of patient {args.patient!r} cannot be used by the model (see log)", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        raise NotPredictable(f"the data of patient {patient!r} cannot be used by the model (see log)")
     rec = records[0]
-    result = {
-        "patient": args.patient,
+    info_path = Path(model).with_suffix(".json")
+    info = json.loads(info_path.read_text()).get("info", {}) if info_path.exists() else {}
+    return {
+        "patient": patient,
         "model": str(model),
+        "model_version": info.get("version"),
         "probabilities": {c: float(p) for c, p in zip(predictor.classes, probs[0])},
         "predicted": predictor.classes[int(probs[0].argmax())],
         "modality_weights": {m: float(w) for m, w in zip(MODALITIES, weights[0])},
         "modalities_present": list(rec.modalities()),
         "label": None if rec.label is None else predictor.classes[int(rec.label)],
     }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = predict_patient(args.data_dir, args.patient, args.model)
+    except NotPredictable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    model = result["model"]
     if args.json:
         print(json.dumps(result, indent=1))
         return EXIT_OK

@@ -9,7 +9,10 @@
    its model and uploads one share per party; the parties aggregate on shares;
 5. a clinician's encrypted inference for a held-out patient, checked against the
    plaintext prediction the hospital can make with the global model it reconstructed;
-6. a report (Markdown, JSON, PNG plots) in the output folder.
+6. a report (Markdown, JSON, PNG plots) in the output folder;
+7. with ``--serve``, the federation stays up after the report: the first hospital's
+   clinician page (`iomt edge web`, with a demo account) and the coordinator's operator
+   page (with an operator token) are printed, until Ctrl-C.
 
 Every process is stopped at the end, on error, and on Ctrl-C.
 """
@@ -52,6 +55,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
                         "(encrypted inference in 12 rounds instead of 92)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="reuse an --out folder that a demo did not make")
+    p.add_argument("--serve", action="store_true",
+                   help="after the report, leave the federation up and print the clinician's and operator's "
+                        "pages (with a demo account) until Ctrl-C")
     p.set_defaults(func=run)
 
 
@@ -102,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         report = _run(args, out, hospitals, sup)
+        report["wall_s"] = round(time.monotonic() - started, 1)
+        from iomt.demo_report import write_report
+        paths = write_report(out, report)
+        _say(f"done in {report['wall_s']:.0f}s; report: {paths['markdown']}")
+        if args.serve:
+            _serve(out, hospitals, report, sup)
     except KeyboardInterrupt:
         _say("interrupted: stopping every process")
         return 130
@@ -111,11 +123,39 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sup.stop_all()
         signal.signal(signal.SIGTERM, previous)
-    report["wall_s"] = round(time.monotonic() - started, 1)
-    from iomt.demo_report import write_report
-    paths = write_report(out, report)
-    _say(f"done in {report['wall_s']:.0f}s; report: {paths['markdown']}")
     return 0
+
+
+def _serve(out: Path, hospitals: list[str], report: dict, sup: Supervisor) -> None:
+    """Start the first hospital's clinician page, print both pages, and wait for Ctrl-C."""
+    import secrets
+
+    from edge_server.web import Accounts
+    from protocols.auth import Signer
+
+    hospital, cloud = hospitals[0], report["cloud"]
+    edge_dir, keys = out / "edge" / hospital, out / "cloud" / "creds" / "keys"
+    password = secrets.token_urlsafe(12)
+    Accounts(edge_dir).add("demo", password)
+    port = free_port()
+    web = sup.start(f"web-{hospital}", iomt_argv(
+        "edge", "web", "--data-dir", str(edge_dir), "--listen", f"127.0.0.1:{port}",
+        "--parties", ",".join(cloud["party_urls"]), "--key-file", str(keys / f"{hospital}.json"),
+        "--ca", cloud["ca"]))
+    wait_port(port, proc=web.proc, name="clinician page")
+    token = Signer.from_file(keys / "coordinator.json").token("coordinator", ttl=600.0)
+    _say("the federation stays up (--serve); Ctrl-C stops every process")
+    print(f"  clinician's page ({hospital}): http://127.0.0.1:{port}/  user: demo  password: {password}", flush=True)
+    print(f"  operator's page: {cloud['coordinator']}/operator  token (sign in within 10 min):\n    {token}", flush=True)
+    print(f"  a fresh token: iomt cloud operator-token --key-file {keys / 'coordinator.json'}", flush=True)
+    print(f"  (the coordinator's TLS certificate is signed by the demo's own CA, {cloud['ca']}: "
+          "accept it in the browser or import that CA)", flush=True)
+    try:
+        while True:
+            sup.check()
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        _say("Ctrl-C: stopping every process")
 
 
 def _run(args: argparse.Namespace, out: Path, hospitals: list[str], sup: Supervisor) -> dict:

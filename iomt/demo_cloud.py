@@ -79,7 +79,8 @@ def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup
     from iomt.demo_infer import clinician_inference
     inference = clinician_inference(out, hospitals[0], edges[hospitals[0]], keys / f"{hospitals[0]}.json",
                                     coord_url, party_urls, tls["ca"], args.seed, sup, say)
-    return {"cloud": {"parties": args.parties, "party_urls": party_urls, "coordinator": coord_url},
+    return {"cloud": {"parties": args.parties, "party_urls": party_urls, "coordinator": coord_url,
+                      "ca": str(tls["ca"])},
             "federation": results, "inference": inference}
 
 

@@ -63,6 +63,56 @@ def _inputs_from_store(data_dir: Path, patient: str) -> dict[str, np.ndarray]:
     return fusion_query(model_cfg, state, records[0])
 
 
+def to_result(patient: str, pred, average: bool) -> dict:
+    """The answer as `iomt infer --json` prints it (window rows averaged when ``average``)."""
+    probs = pred.probabilities
+    weights = pred.outputs.get("modality_weights")
+    if average:
+        probs = probs.mean(axis=0, keepdims=True)
+        weights = None if weights is None else weights.mean(axis=0, keepdims=True)
+    labels = list(CONDITIONS) if probs.shape[1] == len(CONDITIONS) else [str(i) for i in range(probs.shape[1])]
+    result = {"patient": patient, "request_id": pred.request_id, "model_version": pred.model_version,
+              "probabilities": [dict(zip(labels, map(float, row))) for row in probs],
+              "prediction": [labels[i] for i in probs.argmax(1)],
+              "seconds": pred.seconds, "rounds": pred.rounds, "bytes": pred.bytes}
+    if weights is not None:
+        result["modality_weights"] = [dict(zip(MODALITIES, map(float, row.round(4)))) for row in weights]
+    return result
+
+
+def check_result(result: dict) -> None:
+    """Refuse an answer that is not a probability distribution (``bad_answer``)."""
+    from cloud_aggregator.inference.errors import InferenceError
+
+    for row in result["probabilities"]:
+        values = np.array(list(row.values()))
+        if not (np.isfinite(values).all() and abs(values.sum() - 1.0) < 1e-3 and (values >= 0).all()):
+            raise InferenceError("bad_answer", "the reconstructed probabilities are not a distribution")
+    for row in result.get("modality_weights", []):
+        values = np.array(list(row.values()))
+        if not (np.isfinite(values).all() and abs(values.sum() - 1.0) < 1e-2 and (values >= -1e-3).all()):
+            raise InferenceError("bad_answer", "the reconstructed modality weights do not sum to 1")
+
+
+def ask_cloud(data_dir: Path, patient: str, parties: list[str], signer, model_version: int | None = None,
+              verify: bool | str = True) -> dict:
+    """Encrypted prediction for a patient of this edge's store, exactly as `iomt infer --data-dir` does.
+
+    Raises ``InferenceError`` (``no_global_model`` / ``bad_input`` before anything is sent).
+    """
+    from cloud_aggregator.inference.client import predict, prepare_inputs
+    from cloud_aggregator.inference.errors import InferenceError
+
+    try:
+        inputs = prepare_inputs(_inputs_from_store(data_dir, patient))
+    except (LookupError, ValueError) as err:
+        raise InferenceError("no_global_model" if "global model" in str(err) else "bad_input", str(err)) from err
+    pred = predict(parties, signer, inputs, model_version=model_version, verify=verify)
+    result = to_result(patient, pred, average=True)
+    check_result(result)
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     from cloud_aggregator.inference.client import predict, prepare_inputs
     from cloud_aggregator.inference.errors import InferenceError

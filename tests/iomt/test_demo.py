@@ -42,3 +42,48 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not made by `iomt demo`" in proc.stderr + proc.stdout
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
+    import re
+    import signal
+    import ssl
+
+    import httpx
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(iomt_cmd("demo", "--out", str(out), "--hospitals", "2", "--patients", "10",
+                                     "--duration", "16", "--rounds", "1", "--epochs", "1", "--serve"),
+                            env=iomt_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # until both pages are printed (or the demo exits)
+            lines.append(line)
+            if line.strip().startswith("(the coordinator's TLS"):  # the last line printed
+                break
+        text = "".join(lines)
+        clinician = re.search(r"clinician's page \(\S+\): (http://\S+)/\s+user: demo\s+password: (\S+)", text)
+        operator = re.search(r"operator's page: (https://\S+)\s+token \(sign in within 10 min\):\s+(\S+)", text)
+        assert clinician and operator, text[-3000:]
+        assert (out / "report.md").exists()  # the report came first
+        with httpx.Client(base_url=clinician.group(1), follow_redirects=True) as web:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', web.get("/login").text).group(1)
+            resp = web.post("/login", data={"username": "demo", "password": clinician.group(2), "csrf": csrf})
+            assert resp.status_code == 200 and "Patients" in resp.text and "10 patients" in resp.text
+        verify = ssl.create_default_context(cafile=str(out / "cloud" / "tls" / "ca.pem"))
+        state = httpx.get(f"{operator.group(1)}/state.json", verify=verify,
+                          headers={"Authorization": f"Bearer {operator.group(2)}"}).json()
+        assert state["summary"]["rounds_done"] == 1 and all(p["mpc"] == "ready" for p in state["parties"])
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:  # SIGTERM: the demo stops every child before it exits
+            proc.terminate()
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == []

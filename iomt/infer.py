@@ -140,18 +140,12 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OUT_OF_RANGE
         print(f"error: {err.code}: {err.message}", file=sys.stderr)
         return EXIT_FAILED
-    probs = pred.probabilities
-    weights = pred.outputs.get("modality_weights")
-    if average:
-        probs = probs.mean(axis=0, keepdims=True)
-        weights = None if weights is None else weights.mean(axis=0, keepdims=True)
-    labels = list(CONDITIONS) if probs.shape[1] == len(CONDITIONS) else [str(i) for i in range(probs.shape[1])]
-    result = {"patient": args.patient, "request_id": pred.request_id, "model_version": pred.model_version,
-              "probabilities": [dict(zip(labels, map(float, row))) for row in probs],
-              "prediction": [labels[i] for i in probs.argmax(1)],
-              "seconds": pred.seconds, "rounds": pred.rounds, "bytes": pred.bytes}
-    if weights is not None:
-        result["modality_weights"] = [dict(zip(MODALITIES, map(float, row.round(4)))) for row in weights]
+    result = to_result(args.patient, pred, average)
+    try:
+        check_result(result)
+    except InferenceError as err:
+        print(f"error: {err.code}: no answer, since it could be wrong: {err.message}", file=sys.stderr)
+        return EXIT_OUT_OF_RANGE
     if args.json:
         print(json.dumps(result))
         return EXIT_OK

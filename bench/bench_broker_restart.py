@@ -41,7 +41,7 @@ from tests.utils.procs import Mosquitto  # noqa: E402
 
 def _broker(work: Path, args: argparse.Namespace) -> Mosquitto:
     extra = () if args.autosave_changes is None else ("--autosave-changes", str(args.autosave_changes))
-    return Mosquitto(work, persistence=True, user=args.user, broker_args=extra).start()
+    return Mosquitto(work, persistence=True, user=args.user, broker_args=("--allow-anonymous", *extra)).start()
 
 
 def restarts(args: argparse.Namespace) -> None:

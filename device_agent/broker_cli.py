@@ -12,11 +12,21 @@ however it stops. Elsewhere it goes into a private temporary directory that is r
 Mosquitto exits. Started as root, Mosquitto drops to an unprivileged user (``--user``, by
 default ``mosquitto``, else ``nobody``, as Mosquitto itself would); the data directory is
 handed to that user first, and the command refuses to start if that user could not write it.
+
+Accounts (``--hospital H --passwords FILE``): every account in the ``mosquitto_passwd`` file is
+a device whose user name is its device id, except the edge's (``edge-H`` unless
+``--edge-user``). The generated ACL (another in-memory file) lets a device publish only under
+``iomt/H/+/<its user name>/+`` and read nothing; only the edge reads ``iomt/H/#``. The listener
+uses the user name as the MQTT client id, so nobody can take another account's client id or
+resume the edge's persistent session without the edge's password. Anonymous access exists only
+behind ``--allow-anonymous`` (a demo on one machine); a listener off loopback needs TLS
+(``--tls-cert``/``--tls-key``) unless ``--allow-plain``.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import pwd
@@ -27,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 from protocols.errors import IomtError
+from protocols.topics import ID_PATTERN, PREFIX
 
 log = logging.getLogger(__name__)
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
@@ -61,18 +72,103 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
                         "sessions, subscriptions) instead of every second; 1 bounds what a SIGKILL loses "
                         "to one event-loop pass but makes a large backlog slow")
     p.add_argument("--config", type=Path, help="use this Mosquitto config file as is (TLS, passwords, ACLs)")
+    acc = p.add_argument_group("accounts", "who may connect and what each account may do")
+    acc.add_argument("--hospital", help="the hospital this broker serves (its topics iomt/HOSPITAL/...)")
+    acc.add_argument("--passwords", type=Path, metavar="FILE",
+                     help="mosquitto_passwd file: one account per device (user name = device id) and the edge's")
+    acc.add_argument("--edge-user", metavar="NAME", help="the edge's account, the only one that reads "
+                                                          "(default: edge-HOSPITAL)")
+    acc.add_argument("--tls-cert", type=Path, metavar="PEM", help="the broker's certificate (chain): a TLS listener")
+    acc.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    acc.add_argument("--allow-anonymous", action="store_true",
+                     help="demo only: anyone who reaches the port may read and publish every topic")
+    acc.add_argument("--allow-plain", action="store_true",
+                     help="listen without TLS on a non-loopback --host (passwords and data cross the network in clear)")
     p.set_defaults(func=run)
 
 
+def edge_user(hospital: str, requested: str | None = None) -> str:
+    """The edge's account on a broker serving ``hospital``."""
+    return requested or f"edge-{hospital}"
+
+
+def acl_text(hospital: str, edge: str) -> str:
+    """The ACL of a broker with accounts: each device writes only its own topics, only the edge reads.
+
+    ``%u`` is the connecting account's user name; Mosquitto denies a pattern to a user name
+    holding ``+``, ``#`` or ``/``, so a device cannot widen its own subtree.
+    """
+    return (f"# iomt broker: devices of {hospital} publish under their own id; only {edge} reads.\n"
+            f"pattern write {PREFIX}/{hospital}/+/%u/+\n"
+            f"user {edge}\n"
+            f"topic read {PREFIX}/{hospital}/#\n")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_access(args: argparse.Namespace, account: pwd.struct_passwd | None) -> None:
+    """Refuse (:class:`BrokerSetupError`) a broker that would let anyone in unasked, or that Mosquitto
+    could not start as asked; log a WARNING for each insecure choice made explicitly."""
+    if args.allow_anonymous and args.passwords is not None:
+        raise BrokerSetupError("--allow-anonymous and --passwords exclude each other")
+    if not args.allow_anonymous:
+        if args.passwords is None or args.hospital is None:
+            raise BrokerSetupError(
+                "the broker needs accounts: --hospital H --passwords FILE (made with mosquitto_passwd; each "
+                "device's user name is its device id, the edge's edge-H), or --allow-anonymous for a demo")
+        for what, value in (("--hospital", args.hospital), ("--edge-user", edge_user(args.hospital, args.edge_user))):
+            if not ID_PATTERN.fullmatch(value):
+                raise BrokerSetupError(f"{what} {value!r} must match {ID_PATTERN.pattern}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise BrokerSetupError("--tls-cert and --tls-key go together")
+    if args.tls_cert is None and not is_loopback(args.host):
+        if not args.allow_plain:
+            raise BrokerSetupError(f"--host {args.host} is reachable from the network: give the listener TLS "
+                                   "(--tls-cert, --tls-key), or pass --allow-plain to send passwords in clear")
+        log.warning("plain MQTT on %s: passwords and patient data cross the network unencrypted", args.host)
+    files = [f for f in (args.passwords, args.tls_cert, args.tls_key) if f is not None]
+    for f in files:
+        if not f.is_file():
+            raise BrokerSetupError(f"{f} is not a file")
+    for f in files:  # Mosquitto reads them after dropping to its user
+        blocked = _first_blocked(f.resolve(), account if account is not None and account.pw_uid != 0 else None,
+                                 write=False)
+        if blocked is not None:
+            who = account.pw_name if account is not None else f"uid {os.geteuid()}"
+            what = "read" if blocked == f.resolve() else "enter"
+            raise BrokerSetupError(f"Mosquitto runs as {who}, which cannot {what} {blocked}; e.g. chgrp {who} and "
+                                   f"chmod 0640 the password file and TLS key, and let {who} enter their folder")
+    if args.allow_anonymous:
+        log.warning("--allow-anonymous: anyone who reaches %s:%d may read and publish every topic (demo use only)",
+                    args.host, args.port)
+
+
 def mosquitto_config(host: str, port: int, data_dir: Path | None, user: str | None = None,
-                     autosave_changes: int | None = None) -> str:
+                     autosave_changes: int | None = None, passwords: Path | None = None,
+                     acl_file: str | None = None, tls: tuple[Path, Path] | None = None) -> str:
     """The config `iomt broker` runs Mosquitto with.
 
     ``user`` is the account a root-started Mosquitto drops to; ``autosave_changes`` saves the
-    store after that many changes instead of every :data:`AUTOSAVE_S` seconds.
+    store after that many changes instead of every :data:`AUTOSAVE_S` seconds. Without
+    ``passwords`` (and ``acl_file``, see :func:`acl_text`) anyone may connect; with them the
+    user name is the client id. ``tls`` is (certificate, key) for a TLS listener.
     """
-    lines = [f"listener {port} {host}", "allow_anonymous true",
-             "max_queued_messages 1000000", "max_inflight_messages 1000"]
+    lines = [f"listener {port} {host}"]
+    if tls is not None:
+        lines += [f"certfile {tls[0].resolve()}", f"keyfile {tls[1].resolve()}"]
+    if passwords is None:
+        lines.append("allow_anonymous true")
+    else:
+        lines += ["allow_anonymous false", "use_username_as_clientid true",
+                  f"password_file {passwords.resolve()}", f"acl_file {acl_file}"]
+    lines += ["max_queued_messages 1000000", "max_inflight_messages 1000"]
     if user is not None:
         lines.append(f"user {user}")
     if data_dir is not None:
@@ -100,19 +196,21 @@ def drop_user(requested: str | None) -> pwd.struct_passwd | None:
     raise BrokerSetupError(f"no user {' or '.join(names)} on this system to run Mosquitto as; pass --user NAME")
 
 
-def _first_blocked(path: Path, account: pwd.struct_passwd | None) -> Path | None:
-    """The first directory on the way to ``path`` (``path`` included) that ``account`` cannot
-    search, or ``path`` itself when it cannot write there; None when all is well."""
-    chain = [*reversed(path.parents), path]
+def _first_blocked(path: Path, account: pwd.struct_passwd | None, write: bool = True) -> Path | None:
+    """The first directory on the way to ``path`` that ``account`` cannot search (``path``
+    included when ``write``, a directory), or ``path`` itself when it cannot write (else read)
+    it; None when all is well."""
+    chain = [*reversed(path.parents), *([path] if write else [])]
     if account is None:
         for d in chain:
             if not os.access(d, os.X_OK):
                 return d
-        return None if os.access(path, os.W_OK) else path
+        return None if os.access(path, os.W_OK if write else os.R_OK) else path
     # Ask as that user (with the groups Mosquitto's initgroups gives it): access rights, ACLs
     # and group membership are then the kernel's answer, not our reading of mode bits.
-    script = 'for d; do [ -x "$d" ] || { printf %s "$d"; exit 1; }; done; [ -w "$d" ] || { printf %s "$d"; exit 1; }'
-    done = subprocess.run(["/bin/sh", "-c", script, "sh", *map(str, chain)], capture_output=True, text=True,
+    script = ('for d; do [ -x "$d" ] || { printf %s "$d"; exit 1; }; done; '
+              f'[ -{"w" if write else "r"} "$0" ] || {{ printf %s "$0"; exit 1; }}')
+    done = subprocess.run(["/bin/sh", "-c", script, str(path), *map(str, chain)], capture_output=True, text=True,
                           user=account.pw_uid, group=account.pw_gid,
                           extra_groups=os.getgrouplist(account.pw_name, account.pw_gid))
     return Path(done.stdout) if done.returncode else None
@@ -150,48 +248,73 @@ def prepare_data_dir(data_dir: Path, account: pwd.struct_passwd | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     exe = None if args.embedded else find_mosquitto()
-    if exe is not None:
-        if args.config is not None:
-            if args.data_dir is not None or args.user is not None or args.autosave_changes is not None:
-                log.warning("--data-dir/--user/--autosave-changes are ignored with --config: set persistence, "
-                            "user and autosave in %s", args.config)
-            log.info("exec %s -c %s", exe, args.config)
-            os.execv(exe, [exe, "-c", str(args.config)])
-        try:
-            if args.autosave_changes is not None and args.autosave_changes < 1:
-                raise BrokerSetupError("--autosave-changes must be 1 or more")
-            if any("\n" in str(v) or "\r" in str(v) for v in (args.host, args.data_dir, args.user)):
-                raise BrokerSetupError("--host, --data-dir and --user must be single lines (they go into the config)")
-            account = drop_user(args.user)
-            if args.data_dir is not None:
-                prepare_data_dir(args.data_dir, account)
-        except BrokerSetupError as err:
-            log.error("%s", err)
-            return EXIT_BAD_SETUP
-        text = mosquitto_config(args.host, args.port, args.data_dir, account.pw_name if account else None,
-                                args.autosave_changes)
-        if hasattr(os, "memfd_create"):
-            exec_with_memfd_config(exe, text)
-        return run_with_temp_config(exe, text)
-    if args.config is not None or args.data_dir is not None:
-        log.warning("--config/--data-dir apply to Mosquitto only; the embedded broker ignores them")
-    return asyncio.run(serve_embedded(args.host, args.port))
+    if exe is not None and args.config is not None:
+        if any(v not in (None, False) for v in (args.data_dir, args.user, args.autosave_changes, args.hospital,
+                                                args.passwords, args.tls_cert, args.allow_anonymous)):
+            log.warning("--data-dir/--user/--autosave-changes and the account and TLS flags are ignored with "
+                        "--config: set them in %s", args.config)
+        log.info("exec %s -c %s", exe, args.config)
+        os.execv(exe, [exe, "-c", str(args.config)])
+    try:
+        if exe is None and not args.allow_anonymous:
+            raise BrokerSetupError(("the embedded broker" if args.embedded else "without Mosquitto, the embedded "
+                                    "broker") + " has no accounts: install Mosquitto, or pass --allow-anonymous "
+                                   "for a demo")
+        if args.autosave_changes is not None and args.autosave_changes < 1:
+            raise BrokerSetupError("--autosave-changes must be 1 or more")
+        if any("\n" in str(v) or "\r" in str(v) for v in (args.host, args.data_dir, args.user, args.passwords,
+                                                          args.tls_cert, args.tls_key)):
+            raise BrokerSetupError("--host, --data-dir, --user, --passwords and --tls-* must be single lines "
+                                   "(they go into the config)")
+        account = drop_user(args.user) if exe is not None else None
+        check_access(args, account)
+        if exe is not None and args.data_dir is not None:
+            prepare_data_dir(args.data_dir, account)
+    except BrokerSetupError as err:
+        log.error("%s", err)
+        return EXIT_BAD_SETUP
+    if exe is None:
+        if args.data_dir is not None or args.tls_cert is not None:
+            log.warning("--data-dir/--tls-* apply to Mosquitto only; the embedded broker ignores them")
+        return asyncio.run(serve_embedded(args.host, args.port))
+    acl = None if args.passwords is None else acl_text(args.hospital, edge_user(args.hospital, args.edge_user))
+    tls = None if args.tls_cert is None else (args.tls_cert, args.tls_key)
+
+    def config(acl_path: str | None) -> str:
+        return mosquitto_config(args.host, args.port, args.data_dir, account.pw_name if account else None,
+                                args.autosave_changes, args.passwords, acl_path, tls)
+
+    if hasattr(os, "memfd_create"):
+        exec_with_memfd_config(exe, config, acl)
+    return run_with_temp_config(exe, config, acl)
 
 
-def exec_with_memfd_config(exe: str, text: str) -> None:
-    """Become Mosquitto, reading ``text`` from an in-memory file: nothing on disk to clean up,
-    even after SIGKILL, and a SIGHUP reload re-reads the same file."""
+def exec_with_memfd_config(exe: str, config, acl: str | None = None) -> None:
+    """Become Mosquitto, reading ``config(acl path)`` (and the ``acl``) from in-memory files:
+    nothing on disk to clean up, even after SIGKILL, and a SIGHUP reload re-reads the same files."""
+    acl_path = None
+    if acl is not None:
+        afd = os.memfd_create("iomt-mosquitto.acl", 0)
+        os.write(afd, acl.encode())
+        acl_path = f"/dev/fd/{afd}"
     fd = os.memfd_create("iomt-mosquitto.conf", 0)  # flags 0: not close-on-exec, Mosquitto inherits it
+    text = config(acl_path)
     os.write(fd, text.encode())
-    log.info("exec %s -c /dev/fd/%d with:\n%s", exe, fd, text)
+    log.info("exec %s -c /dev/fd/%d with:\n%s%s", exe, fd, text, f"and the ACL {acl_path}:\n{acl}" if acl else "")
     os.execv(exe, [exe, "-c", f"/dev/fd/{fd}"])  # replaces this process: signals go straight to Mosquitto
 
 
-def run_with_temp_config(exe: str, text: str) -> int:
-    """Where there is no memfd: the config in a private temporary directory, Mosquitto as a
-    child that gets our SIGTERM/SIGINT/SIGHUP, the directory removed when it exits."""
+def run_with_temp_config(exe: str, config, acl: str | None = None) -> int:
+    """Where there is no memfd: the config (and ACL) in a private temporary directory, Mosquitto
+    as a child that gets our SIGTERM/SIGINT/SIGHUP, the directory removed when it exits."""
     with tempfile.TemporaryDirectory(prefix="iomt-broker-") as tmp:
+        os.chmod(tmp, 0o755)  # Mosquitto reads the ACL after dropping to its user
+        acl_path = None
+        if acl is not None:
+            acl_path = str(Path(tmp) / "acl")
+            Path(acl_path).write_text(acl)
         conf = Path(tmp) / "mosquitto.conf"
+        text = config(acl_path)
         conf.write_text(text)
         log.info("%s -c %s with:\n%s", exe, conf, text)
         proc: subprocess.Popen | None = None

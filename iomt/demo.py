@@ -167,7 +167,8 @@ def _run(args: argparse.Namespace, out: Path, hospitals: list[str], sup: Supervi
     port = free_port()
     # No --data-dir: the demo never restarts its broker, and as root a data directory inside a
     # private (0700) --out would be refused, since Mosquitto runs as its own user.
-    broker = sup.start("broker", iomt_argv("broker", "--port", str(port)))
+    # Anonymous on loopback: the simulator's many agents share no accounts (a demo, not a ward).
+    broker = sup.start("broker", iomt_argv("broker", "--port", str(port), "--allow-anonymous"))
     wait_port(port, proc=broker.proc, name="broker")
     broker_url = f"mqtt://127.0.0.1:{port}"
     _say(f"broker listening on {broker_url}")

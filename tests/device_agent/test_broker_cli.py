@@ -26,7 +26,7 @@ def test_broker_command_carries_agent_traffic(tmp_path, embedded):
     if not embedded and find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
     port = free_port()
-    proc = spawn_iomt("broker", "--port", str(port), *(["--embedded"] if embedded else []),
+    proc = spawn_iomt("broker", "--port", str(port), "--allow-anonymous", *(["--embedded"] if embedded else []),
                       log=tmp_path / "broker.log")
     try:
         wait_port(port, timeout=60)
@@ -62,7 +62,7 @@ def _broker_leaves_nothing(tmp_path, prelude: str) -> tuple[str, int]:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     port = free_port()
-    code = prelude + f"from iomt.cli import main; raise SystemExit(main(['broker', '--port', '{port}']))"
+    code = prelude + f"from iomt.cli import main; raise SystemExit(main(['broker', '--port', '{port}', '--allow-anonymous']))"
     with open(tmp_path / "broker.log", "ab") as log:
         proc = subprocess.Popen([iomt_cmd()[0], "-c", code], env=iomt_env(TMPDIR=str(tmp)), cwd=REPO,
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
@@ -98,7 +98,7 @@ def test_without_memfd_the_temporary_config_is_removed_on_sigterm(tmp_path):
 @as_root
 def test_data_dir_the_broker_user_cannot_reach_is_refused(tmp_path):
     closed = tmp_path / "closed"  # pytest's tmp dirs are 0700 root: user mosquitto cannot enter
-    out = run_iomt("broker", "--port", str(free_port()), "--data-dir", str(closed / "d"), check=False, timeout=60)
+    out = run_iomt("broker", "--port", str(free_port()), "--allow-anonymous", "--data-dir", str(closed / "d"), check=False, timeout=60)
     assert out.returncode == 2
     assert "cannot enter" in out.stderr and "could not save to" in out.stderr
 
@@ -108,7 +108,7 @@ def test_data_dir_the_broker_user_cannot_reach_is_refused(tmp_path):
 @as_root
 def test_a_data_dir_with_other_files_is_not_handed_to_the_broker_user(tmp_path):
     (tmp_path / "notes.txt").write_text("not the broker's")
-    out = run_iomt("broker", "--port", str(free_port()), "--data-dir", str(tmp_path), check=False, timeout=60)
+    out = run_iomt("broker", "--port", str(free_port()), "--allow-anonymous", "--data-dir", str(tmp_path), check=False, timeout=60)
     assert out.returncode == 2
     assert "holds other files (notes.txt)" in out.stderr
     assert tmp_path.stat().st_uid == 0
@@ -122,7 +122,7 @@ def test_a_data_dir_with_other_files_is_not_handed_to_the_broker_user(tmp_path):
 ], ids=["autosave-0", "config-injection"])
 def test_bad_flags_exit_2_with_the_reason(tmp_path, flags, reason):
     flags = [f.format(tmp=tmp_path) for f in flags]
-    out = run_iomt("broker", "--port", str(free_port()), "--data-dir", str(tmp_path / "d"), *flags,
+    out = run_iomt("broker", "--port", str(free_port()), "--allow-anonymous", "--data-dir", str(tmp_path / "d"), *flags,
                    check=False, timeout=60)
     assert out.returncode == 2 and reason in out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing was created

@@ -62,7 +62,7 @@ def test_sigkill_with_autosave_on_every_change_loses_at_most_one_pass(tmp_path):
     # its event loop, one packet per client per pass: a SIGKILL in between loses at most one
     # acknowledged message per publishing device; everything saved before survives.
     devices = 3
-    broker = Mosquitto(tmp_path, persistence=True, broker_args=("--autosave-changes", "1")).start()
+    broker = Mosquitto(tmp_path, persistence=True, broker_args=("--allow-anonymous", "--autosave-changes", "1")).start()
     try:
         out = restart_under_load(broker, tmp_path, signal.SIGKILL, devices=devices, frames=200,
                                  subscriber_offline=True)

@@ -106,7 +106,8 @@ class Mosquitto:
         With ``persistence``: run the command as this unprivileged user (``setpriv``), with
         ``D`` made its own beforehand.
     broker_args
-        With ``persistence``: more ``iomt broker`` flags (e.g. ``--autosave-changes 1``).
+        With ``persistence``: more ``iomt broker`` flags (e.g. ``--autosave-changes 1``), or
+        ``--allow-anonymous`` when empty; they must say who may connect.
     """
 
     def __init__(self, workdir: Path, persistence: bool = False, user: str | None = None,
@@ -130,7 +131,7 @@ class Mosquitto:
                 self.data_dir.mkdir()
                 os.chown(self.data_dir, account.pw_uid, account.pw_gid)
             self.cmd = iomt_cmd("-v", "broker", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                                *broker_args)
+                                *(broker_args or ("--allow-anonymous",)))
             self.env = iomt_env()
             if user is not None:
                 self.cmd, self.env = as_user(user, self.cmd, self.env)

@@ -1,0 +1,243 @@
+"""`iomt broker --hospital H --passwords FILE` with a TLS listener, against real Mosquitto: a
+device account can publish only under its own id, reads nothing, cannot take another account's
+client id or the edge's session; anonymous clients and an account-less broker are refused."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent.broker_cli import acl_text, find_mosquitto, mosquitto_config
+from protocols.auth import make_tls
+from tests.device_agent.secure_broker import mosquitto_passwd_path
+from tests.utils.procs import free_port, run_iomt, spawn_iomt, stop, wait_port
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(find_mosquitto() is None or mosquitto_passwd_path() is None,
+                                 reason="mosquitto and mosquitto_passwd are not installed")]
+
+USERS = {"w-a": "secret-a", "w-b": "secret-b", "edge-h1": "secret-edge"}
+B_FRAME = "iomt/h1/wearable/w-b/ecg"
+B_REGISTRATION = "iomt/h1/wearable/w-b/registration"
+FAKE_REGISTRATION = b'{"device_id": "w-b", "patient_id": "someone else"}'
+EDGE_SESSION = "iomt-edge-h1-0123456789ab"  # what a client could derive from public facts
+SETTLE_S = 0.5  # after a PUBACK the broker has routed the message; a little more for the socket
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    # World-searchable: started as root, Mosquitto reads the password file as user mosquitto.
+    work = Path(tempfile.mkdtemp(prefix="iomt-test-acl-"))
+    work.chmod(0o755)
+    passwords = work / "passwords"
+    for user, password in USERS.items():
+        subprocess.run([mosquitto_passwd_path(), *(["-c"] if not passwords.exists() else []), "-b",
+                        str(passwords), user, password], check=True, capture_output=True)
+    tls = make_tls(work / "tls")
+    for secret in (passwords, tls["key"]):  # as documented: readable by the broker's group only
+        secret.chmod(0o640)
+        if os.geteuid() == 0:
+            os.chown(secret, 0, broker_account().pw_gid)
+    port = free_port()
+    log = tmp_path_factory.mktemp("acl-broker") / "broker.log"
+    proc = spawn_iomt("-v", "broker", "--port", str(port), "--hospital", "h1", "--passwords", str(passwords),
+                      "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]), log=log)
+    try:
+        wait_port(port, timeout=60)
+    except TimeoutError:
+        stop(proc)
+        raise AssertionError(log.read_text()[-3000:]) from None
+    yield {"port": port, "ca": tls["ca"], "log": log}
+    stop(proc)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def broker_account() -> pwd.struct_passwd:
+    """The user a root-started `iomt broker` drops to."""
+    try:
+        return pwd.getpwnam("mosquitto")
+    except KeyError:
+        return pwd.getpwnam("nobody")
+
+
+class Client:
+    """A paho client that records CONNACKs, disconnects and messages."""
+
+    def __init__(self, broker, user: str | None, client_id: str, clean: bool = True, tls: bool = True) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.connacks: list[str] = []
+        self.disconnects = 0
+        self.connected = threading.Event()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+        if user is not None:
+            self.c.username_pw_set(user, USERS[user])
+        if tls:
+            self.c.tls_set(ca_certs=str(broker["ca"]))
+        self.c.on_connect = self._on_connect
+        self.c.on_disconnect = lambda *a: setattr(self, "disconnects", self.disconnects + 1)
+        self.c.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.c.connect("127.0.0.1", broker["port"])
+        self.c.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connacks.append(str(reason_code))
+        if not reason_code.is_failure:
+            self.connected.set()
+
+    def wait_connack(self, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.connacks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.connacks[0] if self.connacks else "no CONNACK"
+
+    def subscribe(self, topic: str) -> None:
+        assert self.connected.wait(20)
+        info = threading.Event()
+        self.c.on_subscribe = lambda *a: info.set()
+        self.c.subscribe(topic, qos=1)
+        assert info.wait(20)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        assert self.connected.wait(20)
+        self.c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(20)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def clients(broker):
+    made: list[Client] = []
+
+    def make(*args, **kw) -> Client:
+        made.append(Client(broker, *args, **kw))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def _settle() -> None:
+    time.sleep(SETTLE_S)
+
+
+def test_a_device_publishes_its_own_topics_and_nothing_as_another(clients):
+    edge = clients("edge-h1", "edge")
+    edge.subscribe("iomt/h1/#")
+    a = clients("w-a", "w-a")
+    a.publish("iomt/h1/wearable/w-a/ecg", b"a's own frame")
+    a.publish(B_FRAME, b"a posing as b")
+    a.publish(B_REGISTRATION, FAKE_REGISTRATION, retain=True)
+    a.publish("iomt/h2/wearable/w-a/ecg", b"a in another hospital")
+    _settle()
+    assert edge.messages == [("iomt/h1/wearable/w-a/ecg", b"a's own frame")]
+    late = clients("edge-h1", "edge-again")  # nothing retained under b's name either
+    late.subscribe("iomt/h1/#")
+    _settle()
+    assert (B_REGISTRATION, FAKE_REGISTRATION) not in late.messages
+
+
+def test_a_device_reads_nothing(clients):
+    a = clients("w-a", "w-a")
+    for topic in ("iomt/#", "#", "iomt/h1/#", "iomt/h1/wearable/w-b/#", "iomt/h2/#", "iomt/h1/wearable/w-a/#"):
+        a.subscribe(topic)
+    b = clients("w-b", "w-b")
+    b.publish(B_FRAME, b"b's frame")
+    b.publish(B_REGISTRATION, b"b's registration", retain=True)
+    a.publish("iomt/h1/wearable/w-a/ecg", b"a's own frame")
+    _settle()
+    assert a.messages == []
+
+
+def test_another_devices_client_id_does_not_disconnect_it(clients):
+    b = clients("w-b", "h1-w-b")  # the device agent's default client id
+    assert b.wait_connack() == "Success"
+    a = clients("w-a", "h1-w-b")
+    assert a.wait_connack() == "Success"  # connected, but as w-a
+    _settle()
+    assert b.disconnects == 0 and a.disconnects == 0
+    edge = clients("edge-h1", "edge")
+    edge.subscribe("iomt/h1/#")
+    b.publish(B_FRAME, b"still here")
+    _settle()
+    assert (B_FRAME, b"still here") in edge.messages
+
+
+def test_the_edges_session_is_its_own(clients):
+    edge = clients("edge-h1", EDGE_SESSION, clean=False)
+    edge.subscribe("iomt/h1/#")
+    edge.close()
+    b = clients("w-b", "w-b")
+    for i in range(5):
+        b.publish(B_FRAME, b"queued %d" % i)
+    thief = clients("w-a", EDGE_SESSION, clean=False)
+    assert thief.wait_connack() == "Success"
+    _settle()
+    thief.close()
+    assert thief.messages == []
+    back = clients("edge-h1", EDGE_SESSION, clean=False)
+    deadline = time.monotonic() + 20
+    queued = lambda: [p for t, p in back.messages if t == B_FRAME]  # noqa: E731
+    while len(queued()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert queued() == [b"queued %d" % i for i in range(5)]
+
+
+def test_anonymous_and_wrong_password_are_refused(broker, clients):
+    assert clients(None, "anon").wait_connack() == "Not authorized"
+    USERS["w-x"] = "guess"
+    try:
+        assert clients("w-x", "w-x").wait_connack() == "Not authorized"
+    finally:
+        del USERS["w-x"]
+
+
+def test_without_accounts_or_the_demo_flag_the_broker_does_not_start(tmp_path):
+    out = run_iomt("broker", "--port", str(free_port()), check=False, timeout=60)
+    assert out.returncode == 2 and "--allow-anonymous" in out.stderr and "--passwords" in out.stderr
+    out = run_iomt("broker", "--port", str(free_port()), "--embedded", check=False, timeout=60)
+    assert out.returncode == 2 and "no accounts" in out.stderr
+
+
+def test_off_loopback_a_plain_listener_needs_its_own_flag(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("")
+    out = run_iomt("broker", "--port", str(free_port()), "--host", "0.0.0.0", "--hospital", "h1",
+                   "--passwords", str(pw), check=False, timeout=60)
+    assert out.returncode == 2 and "--tls-cert" in out.stderr and "--allow-plain" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="Mosquitto drops privileges only when started as root")
+def test_a_password_file_the_broker_user_cannot_read_is_refused(tmp_path):
+    pw = tmp_path / "pw"  # pytest's tmp dirs are 0700 root
+    pw.write_text("")
+    pw.chmod(stat.S_IRUSR)
+    out = run_iomt("broker", "--port", str(free_port()), "--hospital", "h1", "--passwords", str(pw),
+                   check=False, timeout=60)
+    assert out.returncode == 2 and "cannot enter" in out.stderr
+
+
+def test_the_generated_config_and_acl():
+    conf = mosquitto_config("0.0.0.0", 8883, None, passwords=Path("/etc/iomt/pw"), acl_file="/dev/fd/3",
+                            tls=(Path("/etc/iomt/c.pem"), Path("/etc/iomt/k.pem")))
+    for line in ("listener 8883 0.0.0.0", "allow_anonymous false", "use_username_as_clientid true",
+                 "password_file /etc/iomt/pw", "acl_file /dev/fd/3", "certfile /etc/iomt/c.pem"):
+        assert line in conf.splitlines()
+    assert "allow_anonymous true" in mosquitto_config("127.0.0.1", 1883, None)
+    acl = acl_text("h1", "edge-h1").splitlines()
+    assert "pattern write iomt/h1/+/%u/+" in acl
+    assert acl[acl.index("user edge-h1") + 1] == "topic read iomt/h1/#"
+    assert not any(line.startswith(("topic", "pattern")) and "read" in line for line in acl
+                   if line != "topic read iomt/h1/#")

@@ -364,8 +364,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-host", default=None, help="address for the metrics endpoint")
     parser.add_argument("--batch-max", type=int, default=None, help="commit after this many messages")
     parser.add_argument("--batch-ms", type=float, default=None, help="... or after this many milliseconds")
-    parser.add_argument("--username", default=None)
-    parser.add_argument("--password", default=None, help="better: IOMT_EDGE_PASSWORD in the environment")
+    parser.add_argument("--username", default=None, help="the edge's MQTT account (iomt broker: edge-HOSPITAL)")
+    parser.add_argument("--password", default=None, help="better: --password-file or IOMT_EDGE_PASSWORD")
+    parser.add_argument("--password-file", type=Path, default=None, help="file whose first line is the MQTT password")
     parser.add_argument("--tls-ca", type=Path, default=None, help="CA bundle for mqtts://")
     parser.add_argument("--preprocess-interval", type=float, default=None, dest="preprocess_interval_s",
                         help="seconds between background rebuilds of patient records (0: off)")
@@ -386,10 +387,16 @@ def run(args: argparse.Namespace) -> int:
             "bucket": args.influx_bucket}.items() if v is not None})
         if args.influx_url:
             influx = influx.model_copy(update={"enabled": True})
+        password = args.password
+        if args.password_file is not None:
+            try:
+                password = (args.password_file.read_text().splitlines() or [""])[0]
+            except OSError as err:
+                raise ConfigError(f"--password-file: {err}") from err
         settings = load_settings(
             hospital=args.hospital, broker=args.broker, data_dir=args.data_dir, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, batch_max=args.batch_max, batch_ms=args.batch_ms,
-            username=args.username, password=args.password, tls_ca=args.tls_ca,
+            username=args.username, password=password, tls_ca=args.tls_ca,
             preprocess_interval_s=args.preprocess_interval_s, text_embedder=args.text_embedder,
             client_id=args.client_id, mqtt_version=args.mqtt_version, influx=influx)
         daemon = EdgeDaemon(settings)

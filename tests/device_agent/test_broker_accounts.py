@@ -3,22 +3,31 @@ device account can publish only under its own id, reads nothing, cannot take ano
 client id or the edge's session; anonymous clients and an account-less broker are refused."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import sqlite3
 import stat
 import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+import device_agent.agent as agent_mod
+from device_agent.agent import DeviceAgent
 from device_agent.broker_cli import acl_text, find_mosquitto, mosquitto_config
+from device_agent.settings import AgentSettings
 from protocols.auth import make_tls
+from protocols.messages import DeviceRegistration, SignalFrame, to_wire
+from tests.edge_server.harness import spawn_edge, wait_status
 from tests.device_agent.secure_broker import mosquitto_passwd_path
 from tests.utils.procs import free_port, run_iomt, spawn_iomt, stop, wait_port
 
@@ -34,8 +43,9 @@ EDGE_SESSION = "iomt-edge-h1-0123456789ab"  # what a client could derive from pu
 SETTLE_S = 0.5  # after a PUBACK the broker has routed the message; a little more for the socket
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
+@contextlib.contextmanager
+def accounts_broker(log_dir: Path):
+    """`iomt broker --hospital h1 --passwords F --tls-cert C --tls-key K` on a free loopback port."""
     # World-searchable: started as root, Mosquitto reads the password file as user mosquitto.
     work = Path(tempfile.mkdtemp(prefix="iomt-test-acl-"))
     work.chmod(0o755)
@@ -49,7 +59,7 @@ def broker(tmp_path_factory):
         if os.geteuid() == 0:
             os.chown(secret, 0, broker_account().pw_gid)
     port = free_port()
-    log = tmp_path_factory.mktemp("acl-broker") / "broker.log"
+    log = log_dir / "broker.log"
     proc = spawn_iomt("-v", "broker", "--port", str(port), "--hospital", "h1", "--passwords", str(passwords),
                       "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]), log=log)
     try:
@@ -57,9 +67,17 @@ def broker(tmp_path_factory):
     except TimeoutError:
         stop(proc)
         raise AssertionError(log.read_text()[-3000:]) from None
-    yield {"port": port, "ca": tls["ca"], "log": log}
-    stop(proc)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield {"port": port, "ca": tls["ca"], "log": log, "url": f"mqtts://127.0.0.1:{port}"}
+    finally:
+        stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    with accounts_broker(tmp_path_factory.mktemp("acl-broker")) as b:
+        yield b
 
 
 def broker_account() -> pwd.struct_passwd:
@@ -155,7 +173,7 @@ def test_a_device_reads_nothing(clients):
         a.subscribe(topic)
     b = clients("w-b", "w-b")
     b.publish(B_FRAME, b"b's frame")
-    b.publish(B_REGISTRATION, b"b's registration", retain=True)
+    b.publish(B_REGISTRATION, b"b's registration")
     a.publish("iomt/h1/wearable/w-a/ecg", b"a's own frame")
     _settle()
     assert a.messages == []
@@ -241,3 +259,47 @@ def test_the_generated_config_and_acl():
     assert acl[acl.index("user edge-h1") + 1] == "topic read iomt/h1/#"
     assert not any(line.startswith(("topic", "pattern")) and "read" in line for line in acl
                    if line != "topic read iomt/h1/#")
+
+
+def test_the_edge_files_a_devices_frames_under_its_own_registration_only(tmp_path, fast_backoff):
+    """The real edge (its own account, over TLS) and the real agent of w-b, with w-a first trying
+    to register w-b to another patient and to publish w-b's frames (same ids) before it."""
+    with accounts_broker(tmp_path) as b:
+        (tmp_path / "edge.password").write_text(USERS["edge-h1"] + "\n")
+        edge, _ = spawn_edge(SimpleNamespace(url=b["url"]), tmp_path / "edge", tmp_path / "edge.log", "h1",
+                             "--tls-ca", str(b["ca"]), "--username", "edge-h1",
+                             "--password-file", str(tmp_path / "edge.password"))
+        try:
+            a = Client(b, "w-a", "h1-w-b")
+            fake = DeviceRegistration(hospital="h1", device_id="w-b", device_class="wearable",
+                                      patient_id="p-evil", streams={"ecg": 250.0})
+            a.publish(B_REGISTRATION, to_wire(fake), retain=True)
+            for i in range(10):
+                a.publish(B_FRAME, to_wire(_frame("w-b", i, fill=9.0)))
+            a.close()
+            settings = AgentSettings(broker=b["url"], hospital="h1", device_id="w-b", patient_id="p-b",
+                                     streams={"ecg": 250.0}, buffer_path=tmp_path / "b.sqlite", username="w-b",
+                                     password=USERS["w-b"], ca_file=b["ca"])
+            with DeviceAgent(settings) as agent:
+                for i in range(10):
+                    agent.publish(_frame("w-b", i))
+                assert agent.flush(30)
+            wait_status(tmp_path / "edge", lambda s: s["stored"]["total"] >= 10, timeout=60)
+        finally:
+            assert stop(edge) == 0
+    with sqlite3.connect(tmp_path / "edge" / "edge.sqlite3") as con:
+        assert con.execute("SELECT device_id, patient_id FROM devices").fetchall() == [("w-b", "p-b")]
+        rows = con.execute("SELECT seq, patient_id, payload FROM frames ORDER BY seq").fetchall()
+        assert con.execute("SELECT count(*) FROM rejections").fetchone() == (0,)
+    assert [(seq, pid) for seq, pid, _ in rows] == [(i, "p-b") for i in range(10)]
+    assert all(payload == to_wire(_frame("w-b", seq)) for seq, _, payload in rows)  # b's, not a's
+
+
+def _frame(device: str, seq: int, fill: float = 0.0) -> SignalFrame:
+    return SignalFrame.build(device, "ecg", seq, 1.7e9 + seq, 250.0, np.full(250, fill, dtype=np.float32))
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(agent_mod, "BACKOFF_MAX_S", 0.4)
+    monkeypatch.setattr(agent_mod, "BACKOFF_MIN_S", 0.05)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -68,7 +69,8 @@ def accounts_broker(log_dir: Path):
         stop(proc)
         raise AssertionError(log.read_text()[-3000:]) from None
     try:
-        yield {"port": port, "ca": tls["ca"], "log": log, "url": f"mqtts://127.0.0.1:{port}"}
+        yield {"port": port, "ca": tls["ca"], "log": log, "url": f"mqtts://127.0.0.1:{port}", "proc": proc,
+               "passwords": passwords}
     finally:
         stop(proc)
         shutil.rmtree(work, ignore_errors=True)
@@ -220,6 +222,30 @@ def test_anonymous_and_wrong_password_are_refused(broker, clients):
         assert clients("w-x", "w-x").wait_connack() == "Not authorized"
     finally:
         del USERS["w-x"]
+
+
+def test_a_device_added_to_the_password_file_connects_after_sighup(tmp_path):
+    with accounts_broker(tmp_path) as b:
+        USERS["w-new"] = "secret-new"
+        try:
+            subprocess.run([mosquitto_passwd_path(), "-b", str(b["passwords"]), "w-new", USERS["w-new"]],
+                           check=True, capture_output=True)
+            b["proc"].send_signal(signal.SIGHUP)  # the process is Mosquitto itself
+            deadline = time.monotonic() + 20
+            while "Reloading config" not in b["log"].read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            edge = Client(b, "edge-h1", "edge")
+            edge.subscribe("iomt/h1/#")
+            new = Client(b, "w-new", "w-new")
+            assert new.wait_connack() == "Success"
+            new.publish("iomt/h1/wearable/w-new/ecg", b"hello")
+            new.publish(B_FRAME, b"not b")
+            _settle()
+            assert edge.messages == [("iomt/h1/wearable/w-new/ecg", b"hello")]
+            edge.close()
+            new.close()
+        finally:
+            del USERS["w-new"]
 
 
 def test_without_accounts_or_the_demo_flag_the_broker_does_not_start(tmp_path):

@@ -44,6 +44,8 @@ LOOP_IDLE_S = 0.05
 MOVE_BATCH = 5_000
 
 
+#: User names already warned about not being their agent's device id (once per process).
+_WARNED_USERNAMES: set[str] = set()
 #: CONNACK reasons (paho's names, MQTT 3.1.1 and 5) that mean the credentials are wrong.
 AUTH_REFUSALS = frozenset({"Not authorized", "Bad user name or password"})
 
@@ -87,6 +89,11 @@ class DeviceAgent:
         self._rng = random.Random()
         self._refused: str | None = None  # reason of the last CONNACK refusal, until the next try
         self._client = self._make_client()
+        if s.username and s.username != s.device_id and s.username not in _WARNED_USERNAMES:
+            _WARNED_USERNAMES.add(s.username)
+            log.warning("user name %r is not the device id %r: a broker with per-device accounts (iomt broker "
+                        "--passwords) lets an account publish only under its own name, and over MQTT 3.1.1 it "
+                        "acknowledges and drops the rest", s.username, s.device_id)
         self.add_registration(DeviceRegistration(
             hospital=s.hospital, device_id=s.device_id, device_class=s.device_class,
             patient_id=s.patient_id, streams=s.streams, model=s.model, manufacturer=s.manufacturer))

@@ -329,3 +329,15 @@ def _frame(device: str, seq: int, fill: float = 0.0) -> SignalFrame:
 def fast_backoff(monkeypatch):
     monkeypatch.setattr(agent_mod, "BACKOFF_MAX_S", 0.4)
     monkeypatch.setattr(agent_mod, "BACKOFF_MIN_S", 0.05)
+
+
+def test_an_agent_whose_user_name_is_not_its_device_id_is_warned_about(tmp_path, caplog):
+    settings = AgentSettings(broker="mqtt://127.0.0.1:1", hospital="h1", device_id="w-b", patient_id="p-b",
+                             streams={"ecg": 250.0}, buffer_path=tmp_path / "b.sqlite", username="w-a",
+                             password="x")
+    agent_mod._WARNED_USERNAMES.discard("w-a")
+    with caplog.at_level("WARNING", logger="device_agent.agent"):
+        DeviceAgent(settings)
+        DeviceAgent(settings.model_copy(update={"buffer_path": tmp_path / "c.sqlite"}))
+    warned = [r for r in caplog.records if "is not the device id" in r.getMessage()]
+    assert len(warned) == 1 and "'w-a'" in warned[0].getMessage()

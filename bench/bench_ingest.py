@@ -55,7 +55,6 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
-from edge_server.settings import load_settings  # noqa: E402
 from protocols.messages import DeviceRegistration, to_wire  # noqa: E402
 from protocols.schema import SIGNAL_STREAMS  # noqa: E402
 from bench.mqtt_loadgen import frame_plan, publish  # noqa: E402
@@ -232,7 +231,9 @@ def run_edge(broker: Mosquitto, devices: list[str], seconds: int, publishers: in
         wait = _runqueue_wait(edge.pid) - startup_wait
     finally:
         code = stop(edge)
-        forget_session(broker.port, load_settings(hospital=HOSPITAL, data_dir=data).stable_client_id())
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:  # the daemon keeps its client id there
+            client_id = con.execute("SELECT value FROM meta WHERE key = 'mqtt_client_id'").fetchone()[0]
+        forget_session(broker.port, client_id)
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         rows = np.array(con.execute("SELECT received_at, stored_at, start_ts FROM frames").fetchall())
         samples = con.execute("SELECT sum(n_samples * channels) FROM frames").fetchone()[0]

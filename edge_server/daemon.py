@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import secrets
 import select
 import signal
 import socket
@@ -65,6 +66,7 @@ LOOP_TIMEOUT_S = 0.05
 IDLE_FLUSH_S = 0.002
 KEEPALIVE_S = 30
 #: CONNACK reason codes after which retrying cannot help.
+CLIENT_ID_META = "mqtt_client_id"  # the store's meta key of our session's client id
 FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
 _TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux only
 
@@ -89,6 +91,7 @@ class EdgeDaemon:
         owner = self.store.get_meta("hospital")
         if owner and owner != settings.hospital:
             raise ConfigError(f"data dir {settings.data_dir} holds hospital {owner!r}, not {settings.hospital!r}")
+        self.client_id = session_client_id(settings, self.store)
         self.store.set_meta("hospital", settings.hospital)
         self.metrics = EdgeMetrics()
         self.ingestor = Ingestor(settings.hospital, self.store.devices(), settings.max_payload)
@@ -140,7 +143,7 @@ class EdgeDaemon:
     def _make_client(self) -> mqtt.Client:
         s = self.settings
         v5 = s.mqtt_version == "5"
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.stable_client_id(),
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                              clean_session=None if v5 else False, manual_ack=True)
         if s.username:
@@ -355,6 +358,25 @@ class EdgeDaemon:
                 break
 
 
+def session_client_id(settings: EdgeSettings, store: Store) -> str:
+    """The MQTT client id of this data dir's persistent session: ``--client-id``, else one kept in
+    the store's meta.
+
+    A new store gets a random id, so nobody can derive it and, on a broker that does not tie
+    client ids to accounts, resume the edge's session and take its queued messages (``iomt
+    broker`` with accounts also replaces it with the edge's user name). A store made before the
+    id was kept there goes on with the id it was derived from, so its queued session survives.
+    """
+    if settings.client_id:
+        return settings.client_id
+    client_id = store.get_meta(CLIENT_ID_META)
+    if not client_id:
+        client_id = (settings.stable_client_id() if store.get_meta("hospital")
+                     else f"iomt-edge-{settings.hospital}-{secrets.token_hex(12)}")
+        store.set_meta(CLIENT_ID_META, client_id)
+    return client_id
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hospital", required=True, help="hospital id (topic prefix iomt/{hospital}/#)")
     parser.add_argument("--broker", default=None, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
@@ -371,7 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess-interval", type=float, default=None, dest="preprocess_interval_s",
                         help="seconds between background rebuilds of patient records (0: off)")
     parser.add_argument("--text-embedder", default=None, help="module:function embedding a note's text")
-    parser.add_argument("--client-id", default=None, help="MQTT client id (default: stable per data dir)")
+    parser.add_argument("--client-id", default=None, help="MQTT client id (default: random, kept in the data dir)")
     parser.add_argument("--mqtt-version", choices=["5", "3.1.1"], default=None,
                         help="MQTT protocol (default 5: session expiry and receive maximum)")
     parser.add_argument("--influx-url", default=None, help="also write frame points to this InfluxDB 2 URL")

@@ -84,11 +84,10 @@ class EdgeSettings(BaseSettings):
         return url.hostname or "127.0.0.1", url.port or (8883 if tls else 1883), tls
 
     def stable_client_id(self) -> str:
-        """Client id that survives restarts, so the broker resumes our persistent session.
+        """The client id edges used before it was kept in the store (still used by those stores).
 
-        It is derived from the hospital and the resolved data directory: two edges on one
-        broker with different stores never share a session, and a restarted edge on the same
-        store picks up exactly the messages its predecessor had not acknowledged.
+        It is derived from the hospital and the resolved data directory, public facts: new
+        stores get a random one (:func:`edge_server.daemon.session_client_id`).
         """
         if self.client_id:
             return self.client_id

@@ -15,7 +15,8 @@ handed to that user first, and the command refuses to start if that user could n
 
 Accounts (``--hospital H --passwords FILE``): every account in the ``mosquitto_passwd`` file is
 a device whose user name is its device id, except the edge's (``edge-H`` unless
-``--edge-user``). The generated ACL (another in-memory file) lets a device publish only under
+``--edge-user``); with ``--client-ca PEM`` instead, the common name of the client certificate
+that CA signed is the account. The generated ACL (another in-memory file) lets a device publish only under
 ``iomt/H/+/<its user name>/+`` and read nothing; only the edge reads ``iomt/H/#``. The listener
 uses the user name as the MQTT client id, so nobody can take another account's client id or
 resume the edge's persistent session without the edge's password. Anonymous access exists only
@@ -80,6 +81,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
                                                           "(default: edge-HOSPITAL)")
     acc.add_argument("--tls-cert", type=Path, metavar="PEM", help="the broker's certificate (chain): a TLS listener")
     acc.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    acc.add_argument("--client-ca", type=Path, metavar="PEM",
+                     help="instead of --passwords: every client shows a certificate this CA signed, whose "
+                          "common name is its account (device id, or the edge's)")
     acc.add_argument("--allow-anonymous", action="store_true",
                      help="demo only: anyone who reaches the port may read and publish every topic")
     acc.add_argument("--allow-plain", action="store_true",
@@ -116,13 +120,19 @@ def is_loopback(host: str) -> bool:
 def check_access(args: argparse.Namespace, account: pwd.struct_passwd | None) -> None:
     """Refuse (:class:`BrokerSetupError`) a broker that would let anyone in unasked, or that Mosquitto
     could not start as asked; log a WARNING for each insecure choice made explicitly."""
-    if args.allow_anonymous and args.passwords is not None:
-        raise BrokerSetupError("--allow-anonymous and --passwords exclude each other")
+    if args.allow_anonymous and (args.passwords is not None or args.client_ca is not None):
+        raise BrokerSetupError("--allow-anonymous excludes --passwords and --client-ca")
+    if args.passwords is not None and args.client_ca is not None:
+        raise BrokerSetupError("--passwords and --client-ca exclude each other (with client certificates the "
+                               "certificate's common name is the account and passwords are not checked)")
+    if args.client_ca is not None and args.tls_cert is None:
+        raise BrokerSetupError("--client-ca needs a TLS listener: --tls-cert and --tls-key")
     if not args.allow_anonymous:
-        if args.passwords is None or args.hospital is None:
+        if (args.passwords is None and args.client_ca is None) or args.hospital is None:
             raise BrokerSetupError(
                 "the broker needs accounts: --hospital H --passwords FILE (made with mosquitto_passwd; each "
-                "device's user name is its device id, the edge's edge-H), or --allow-anonymous for a demo")
+                "device's user name is its device id, the edge's edge-H) or --hospital H --client-ca PEM "
+                "(certificates naming them), or --allow-anonymous for a demo")
         for what, value in (("--hospital", args.hospital), ("--edge-user", edge_user(args.hospital, args.edge_user))):
             if not ID_PATTERN.fullmatch(value):
                 raise BrokerSetupError(f"{what} {value!r} must match {ID_PATTERN.pattern}")
@@ -133,7 +143,7 @@ def check_access(args: argparse.Namespace, account: pwd.struct_passwd | None) ->
             raise BrokerSetupError(f"--host {args.host} is reachable from the network: give the listener TLS "
                                    "(--tls-cert, --tls-key), or pass --allow-plain to send passwords in clear")
         log.warning("plain MQTT on %s: passwords and patient data cross the network unencrypted", args.host)
-    files = [f for f in (args.passwords, args.tls_cert, args.tls_key) if f is not None]
+    files = [f for f in (args.passwords, args.tls_cert, args.tls_key, args.client_ca) if f is not None]
     for f in files:
         if not f.is_file():
             raise BrokerSetupError(f"{f} is not a file")
@@ -152,22 +162,28 @@ def check_access(args: argparse.Namespace, account: pwd.struct_passwd | None) ->
 
 def mosquitto_config(host: str, port: int, data_dir: Path | None, user: str | None = None,
                      autosave_changes: int | None = None, passwords: Path | None = None,
-                     acl_file: str | None = None, tls: tuple[Path, Path] | None = None) -> str:
+                     acl_file: str | None = None, tls: tuple[Path, Path] | None = None,
+                     client_ca: Path | None = None) -> str:
     """The config `iomt broker` runs Mosquitto with.
 
     ``user`` is the account a root-started Mosquitto drops to; ``autosave_changes`` saves the
     store after that many changes instead of every :data:`AUTOSAVE_S` seconds. Without
     ``passwords`` (and ``acl_file``, see :func:`acl_text`) anyone may connect; with them the
-    user name is the client id. ``tls`` is (certificate, key) for a TLS listener.
+    user name is the client id. ``tls`` is (certificate, key) for a TLS listener; with
+    ``client_ca`` (instead of ``passwords``) each client's certificate, which that CA must have
+    signed, names its account.
     """
     lines = [f"listener {port} {host}"]
     if tls is not None:
         lines += [f"certfile {tls[0].resolve()}", f"keyfile {tls[1].resolve()}"]
-    if passwords is None:
+    if client_ca is not None:
+        lines += [f"cafile {client_ca.resolve()}", "require_certificate true", "use_identity_as_username true"]
+    if passwords is None and client_ca is None:
         lines.append("allow_anonymous true")
     else:
-        lines += ["allow_anonymous false", "use_username_as_clientid true",
-                  f"password_file {passwords.resolve()}", f"acl_file {acl_file}"]
+        lines += ["allow_anonymous false", "use_username_as_clientid true", f"acl_file {acl_file}"]
+        if passwords is not None:
+            lines.append(f"password_file {passwords.resolve()}")
     lines += ["max_queued_messages 1000000", "max_inflight_messages 1000"]
     if user is not None:
         lines.append(f"user {user}")
@@ -250,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     exe = None if args.embedded else find_mosquitto()
     if exe is not None and args.config is not None:
         if any(v not in (None, False) for v in (args.data_dir, args.user, args.autosave_changes, args.hospital,
-                                                args.passwords, args.tls_cert, args.allow_anonymous)):
+                                                args.passwords, args.tls_cert, args.client_ca, args.allow_anonymous)):
             log.warning("--data-dir/--user/--autosave-changes and the account and TLS flags are ignored with "
                         "--config: set them in %s", args.config)
         log.info("exec %s -c %s", exe, args.config)
@@ -263,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         if args.autosave_changes is not None and args.autosave_changes < 1:
             raise BrokerSetupError("--autosave-changes must be 1 or more")
         if any("\n" in str(v) or "\r" in str(v) for v in (args.host, args.data_dir, args.user, args.passwords,
-                                                          args.tls_cert, args.tls_key)):
+                                                          args.tls_cert, args.tls_key, args.client_ca)):
             raise BrokerSetupError("--host, --data-dir, --user, --passwords and --tls-* must be single lines "
                                    "(they go into the config)")
         account = drop_user(args.user) if exe is not None else None
@@ -277,12 +293,13 @@ def run(args: argparse.Namespace) -> int:
         if args.data_dir is not None or args.tls_cert is not None:
             log.warning("--data-dir/--tls-* apply to Mosquitto only; the embedded broker ignores them")
         return asyncio.run(serve_embedded(args.host, args.port))
-    acl = None if args.passwords is None else acl_text(args.hospital, edge_user(args.hospital, args.edge_user))
+    accounts = args.passwords is not None or args.client_ca is not None
+    acl = acl_text(args.hospital, edge_user(args.hospital, args.edge_user)) if accounts else None
     tls = None if args.tls_cert is None else (args.tls_cert, args.tls_key)
 
     def config(acl_path: str | None) -> str:
         return mosquitto_config(args.host, args.port, args.data_dir, account.pw_name if account else None,
-                                args.autosave_changes, args.passwords, acl_path, tls)
+                                args.autosave_changes, args.passwords, acl_path, tls, args.client_ca)
 
     if hasattr(os, "memfd_create"):
         exec_with_memfd_config(exe, config, acl)

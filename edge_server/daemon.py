@@ -149,8 +149,10 @@ class EdgeDaemon:
         if s.username:
             client.username_pw_set(s.username, s.password)
         host, _, tls = s.broker_address()
-        if tls or s.tls_ca:
-            client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None)
+        if tls or s.tls_ca or s.tls_cert:
+            client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None,
+                           certfile=str(s.tls_cert) if s.tls_cert else None,
+                           keyfile=str(s.tls_key) if s.tls_key else None)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -390,6 +392,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password", default=None, help="better: --password-file or IOMT_EDGE_PASSWORD")
     parser.add_argument("--password-file", type=Path, default=None, help="file whose first line is the MQTT password")
     parser.add_argument("--tls-ca", type=Path, default=None, help="CA bundle for mqtts://")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM) for mqtts://")
+    parser.add_argument("--tls-key", type=Path, default=None, help="its private key")
     parser.add_argument("--preprocess-interval", type=float, default=None, dest="preprocess_interval_s",
                         help="seconds between background rebuilds of patient records (0: off)")
     parser.add_argument("--text-embedder", default=None, help="module:function embedding a note's text")
@@ -418,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(
             hospital=args.hospital, broker=args.broker, data_dir=args.data_dir, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, batch_max=args.batch_max, batch_ms=args.batch_ms,
-            username=args.username, password=password, tls_ca=args.tls_ca,
+            username=args.username, password=password, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             preprocess_interval_s=args.preprocess_interval_s, text_embedder=args.text_embedder,
             client_id=args.client_id, mqtt_version=args.mqtt_version, influx=influx)
         daemon = EdgeDaemon(settings)

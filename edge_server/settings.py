@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocols.errors import ConfigError
@@ -41,6 +41,9 @@ class EdgeSettings(BaseSettings):
     username: str | None = None
     password: str | None = None
     tls_ca: Path | None = None
+    #: A client certificate and its key (a broker started with ``iomt broker --client-ca``).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     #: Commit (and then acknowledge) after this many messages ...
     batch_max: int = Field(500, ge=1)
     #: ... or once the oldest uncommitted message is this old.
@@ -68,6 +71,12 @@ class EdgeSettings(BaseSettings):
         if value.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError(f"sqlite_synchronous {value!r} not in OFF/NORMAL/FULL/EXTRA")
         return value.upper()
+
+    @model_validator(mode="after")
+    def _client_cert(self) -> "EdgeSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
     @field_validator("broker")
     @classmethod

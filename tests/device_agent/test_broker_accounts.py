@@ -4,6 +4,7 @@ client id or the edge's session; anonymous clients and an account-less broker ar
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import pwd
 import shutil
@@ -18,6 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -280,6 +285,12 @@ def test_the_generated_config_and_acl():
                  "password_file /etc/iomt/pw", "acl_file /dev/fd/3", "certfile /etc/iomt/c.pem"):
         assert line in conf.splitlines()
     assert "allow_anonymous true" in mosquitto_config("127.0.0.1", 1883, None)
+    certs = mosquitto_config("0.0.0.0", 8883, None, acl_file="/dev/fd/3", client_ca=Path("/etc/iomt/ca.pem"),
+                             tls=(Path("/etc/iomt/c.pem"), Path("/etc/iomt/k.pem"))).splitlines()
+    for line in ("cafile /etc/iomt/ca.pem", "require_certificate true", "use_identity_as_username true",
+                 "allow_anonymous false", "use_username_as_clientid true", "acl_file /dev/fd/3"):
+        assert line in certs
+    assert not any(line.startswith("password_file") for line in certs)
     acl = acl_text("h1", "edge-h1").splitlines()
     assert "pattern write iomt/h1/+/%u/+" in acl
     assert acl[acl.index("user edge-h1") + 1] == "topic read iomt/h1/#"
@@ -341,3 +352,92 @@ def test_an_agent_whose_user_name_is_not_its_device_id_is_warned_about(tmp_path,
         DeviceAgent(settings.model_copy(update={"buffer_path": tmp_path / "c.sqlite"}))
     warned = [r for r in caplog.records if "is not the device id" in r.getMessage()]
     assert len(warned) == 1 and "'w-a'" in warned[0].getMessage()
+
+
+def issue_client_certs(out: Path, names: tuple[str, ...]) -> tuple[Path, dict[str, tuple[Path, Path]]]:
+    """A CA for clients and a certificate (common name = account) with its key for each of ``names``."""
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def cert(subject: str, key, issuer: x509.Name, signer, ca: bool) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+                .sign(signer, hashes.SHA256()))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "h1 devices CA")])
+    ca_path = out / "clients-ca.pem"
+    ca_path.write_bytes(cert("h1 devices CA", ca_key, ca_name, ca_key, True).public_bytes(serialization.Encoding.PEM))
+    issued = {}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        issued[name] = (out / f"{name}.pem", out / f"{name}.key")
+        issued[name][0].write_bytes(cert(name, key, ca_name, ca_key, False).public_bytes(serialization.Encoding.PEM))
+        issued[name][1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    return ca_path, issued
+
+
+def test_with_client_certificates_the_common_name_is_the_account(tmp_path, fast_backoff):
+    work = Path(tempfile.mkdtemp(prefix="iomt-test-certs-"))
+    work.chmod(0o755)  # the broker's user reads the server key and the clients' CA
+    try:
+        tls = make_tls(work / "tls")
+        tls["key"].chmod(0o640)
+        if os.geteuid() == 0:
+            os.chown(tls["key"], 0, broker_account().pw_gid)
+        client_ca, certs = issue_client_certs(tmp_path, ("w-a", "w-b", "edge-h1"))
+        client_ca = Path(shutil.copy(client_ca, work / "clients-ca.pem"))
+        client_ca.chmod(0o644)
+        port = free_port()
+        proc = spawn_iomt("-v", "broker", "--port", str(port), "--hospital", "h1", "--client-ca", str(client_ca),
+                          "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]), log=tmp_path / "broker.log")
+        try:
+            wait_port(port, timeout=60)
+            url = f"mqtts://127.0.0.1:{port}"
+            edge, _ = spawn_edge(SimpleNamespace(url=url), tmp_path / "edge", tmp_path / "edge.log", "h1",
+                                 "--tls-ca", str(tls["ca"]), "--tls-cert", str(certs["edge-h1"][0]),
+                                 "--tls-key", str(certs["edge-h1"][1]))
+            try:
+                # w-a's certificate, claiming w-b as user name: the certificate decides
+                a = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="h1-w-b")
+                a.tls_set(ca_certs=str(tls["ca"]), certfile=str(certs["w-a"][0]), keyfile=str(certs["w-a"][1]))
+                a.username_pw_set("w-b", "anything")
+                a.connect("127.0.0.1", port)
+                a.loop_start()
+                fake = DeviceRegistration(hospital="h1", device_id="w-b", device_class="wearable",
+                                          patient_id="p-evil", streams={"ecg": 250.0})
+                a.publish(B_REGISTRATION, to_wire(fake), qos=1, retain=True).wait_for_publish(20)
+                a.publish(B_FRAME, to_wire(_frame("w-b", 0, fill=9.0)), qos=1).wait_for_publish(20)
+                a.disconnect()
+                a.loop_stop()
+                no_cert = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="anon")
+                no_cert.tls_set(ca_certs=str(tls["ca"]))
+                no_cert.on_connect = lambda *args: accepted.append(args[3])
+                accepted: list = []
+                with contextlib.suppress(OSError):  # TLS 1.3: the refusal may come after connect()
+                    no_cert.connect("127.0.0.1", port)
+                    no_cert.loop_start()
+                    time.sleep(SETTLE_S)
+                no_cert.loop_stop()
+                assert accepted == [] and not no_cert.is_connected()
+                settings = AgentSettings(broker=url, hospital="h1", device_id="w-b", patient_id="p-b",
+                                         streams={"ecg": 250.0}, buffer_path=tmp_path / "b.sqlite",
+                                         ca_file=tls["ca"], cert_file=certs["w-b"][0], key_file=certs["w-b"][1])
+                with DeviceAgent(settings) as agent:
+                    for i in range(5):
+                        agent.publish(_frame("w-b", i))
+                    assert agent.flush(30)
+                wait_status(tmp_path / "edge", lambda s: s["stored"]["total"] >= 5, timeout=60)
+            finally:
+                assert stop(edge) == 0
+        finally:
+            stop(proc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with sqlite3.connect(tmp_path / "edge" / "edge.sqlite3") as con:
+        assert con.execute("SELECT device_id, patient_id FROM devices").fetchall() == [("w-b", "p-b")]
+        assert con.execute("SELECT seq, patient_id FROM frames ORDER BY seq").fetchall() == [(i, "p-b")
+                                                                                            for i in range(5)]
+        assert con.execute("SELECT count(*) FROM rejections").fetchone() == (0,)

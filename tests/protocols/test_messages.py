@@ -221,6 +221,7 @@ def test_json_messages_bad_inputs():
     reg = DeviceRegistration(hospital="h1", device_id="w-1", device_class="wearable", patient_id="p",
                              streams={"ecg": 250.0})
     expect("topic_mismatch", Topic("h2", "wearable", "w-1", "registration"), to_wire(reg))
+    expect("topic_mismatch", Topic("h1", "wearable", "w-2", "registration"), to_wire(reg))  # w-1 posing as w-2
     bad = json.loads(to_wire(reg))
     bad["streams"] = {"study": 1.0}
     expect("invalid", Topic("h1", "wearable", "w-1", "registration"), json.dumps(bad).encode())

@@ -28,9 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_aggregator.inference.client import unscale_outputs  # noqa: E402
-from cloud_aggregator.inference.provider import serve_once  # noqa: E402
+from cloud_aggregator.mpc.provider import serve_once  # noqa: E402
 from cloud_aggregator.inference.publish import publish_shared_model, split_shares  # noqa: E402
-from cloud_aggregator.inference.worker import Job, WorkerConfig, WorkerSupervisor  # noqa: E402
+from cloud_aggregator.inference.handler import InferenceHandler  # noqa: E402
+from cloud_aggregator.mpc import Job, JobKind, WorkerConfig, WorkerSupervisor  # noqa: E402
 from protocols.fixedpoint import decode, encode  # noqa: E402
 from protocols.model import ModelConfig, build_model, state_to_numpy  # noqa: E402
 from protocols.sharing import reconstruct  # noqa: E402
@@ -78,7 +79,7 @@ def bench_model(name: str, side: int, batches: list[int], device: str, repeats: 
     ttp = mp.get_context("spawn").Process(target=serve_once, args=(2, master), daemon=True)
     ttp.start()
     sups = [WorkerSupervisor(WorkerConfig(i, 2, master, str(dirs[i]), device=device, threads=1,
-                                              prefetch_triples=prefetch)).start()
+                                          prefetch_triples=prefetch), {JobKind.INFER: InferenceHandler()}).start()
             for i in range(2)]
     rows = []
     try:

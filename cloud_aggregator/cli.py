@@ -5,7 +5,7 @@ from __future__ import annotations
 ACTIONS: dict[str, tuple[str, str]] = {
     "party": ("cloud_aggregator.party", "one non-colluding party: stores shares, aggregates, serves inference"),
     "coordinator": ("cloud_aggregator.coordinator", "registers hospitals and parties, opens and closes rounds"),
-    "triples": ("cloud_aggregator.inference.provider", "trusted third party that deals Beaver triples"),
+    "triples": ("cloud_aggregator.mpc.provider", "trusted third party that deals Beaver triples"),
     "credentials": ("cloud_aggregator.credentials", "make the federation's keys, registry and TLS certificates"),
     "operator-token": ("cloud_aggregator.operator_page.token", "a token for the operator's page"),
 }

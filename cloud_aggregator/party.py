@@ -21,7 +21,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from cloud_aggregator.accumulator import RoundAccumulator
-from cloud_aggregator.inference.mpclink import add_mpc_link_arguments
+from cloud_aggregator.mpc import JobKind, WorkerConfig, WorkerSupervisor
+from cloud_aggregator.mpc.mpclink import add_mpc_link_arguments, resolve_link
 from cloud_aggregator.serve import serve, split_listen
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
@@ -54,12 +55,12 @@ _REFUSAL_STATUS = {"coordinator_unreachable": 503, "bad_id": 400, "no_model": 40
 class Party:
     """The state behind one party's HTTP API (store, registry, counters)."""
 
-    def __init__(self, settings: PartySettings) -> None:
+    def __init__(self, settings: PartySettings, mpc: WorkerSupervisor | None = None) -> None:
         self.settings = settings
         self.store = PartyStore(settings.data_dir)
         self.sums = RoundAccumulator()
-        #: the CrypTen worker of the encrypted-inference router (None without --mpc-master)
-        self.mpc = None
+        #: the MPC group: encrypted inference and the server optimiser (None without --mpc-master)
+        self.mpc = mpc
         self.registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
         self.signer = Signer.from_file(settings.key_file) if settings.key_file else None
         self.counters: collections.Counter[str] = collections.Counter()
@@ -189,9 +190,9 @@ class Party:
                                share_sha256=digest)
 
     def _server_step(self, kind: str, cfg: RoundConfig, total, denominator: int):
-        """FedAdam/FedYogi on shares in the MPC group (:mod:`cloud_aggregator.server_opt`)."""
+        """FedAdam/FedYogi on shares in the MPC group (:mod:`cloud_aggregator.mpc.server_opt`)."""
         from cloud_aggregator.inference.errors import InferenceError
-        from cloud_aggregator.server_opt import update_on_shares
+        from cloud_aggregator.mpc.server_opt import update_on_shares
         if self.mpc is None:
             raise RoundRefused("no_mpc", f"strategy {cfg.strategy} needs the MPC group (start with --mpc-master)")
         try:
@@ -201,9 +202,27 @@ class Party:
             raise RoundRefused("mpc_failed", f"{err.code}: {err.message}") from err
 
 
+def build_mpc_group(settings: PartySettings) -> WorkerSupervisor | None:
+    """The party's MPC group (not started) with its job handlers; None without ``mpc_master``.
+
+    Raises ``MpcLinkError`` when the MPC link is not protected (mpc.mpclink)."""
+    if not settings.mpc_master:
+        return None
+    from cloud_aggregator.inference.handler import InferenceHandler
+    from cloud_aggregator.mpc.server_opt import run_server_update
+
+    link = resolve_link(settings.mpc_master, settings.index, settings.mpc_address, settings.mpc_interface,
+                        settings.mpc_insecure)
+    cfg = WorkerConfig(rank=settings.index, world_size=settings.parties, master=settings.mpc_master,
+                       data_dir=str(settings.data_dir), provider=settings.mpc_provider, device=settings.mpc_device,
+                       link=link, request_timeout=settings.mpc_request_timeout)
+    return WorkerSupervisor(cfg, {JobKind.INFER: InferenceHandler(), JobKind.SERVER_UPDATE: run_server_update})
+
+
 def create_app(settings: PartySettings) -> FastAPI:
     """The party's FastAPI app (plus the encrypted-inference router when installed)."""
-    party = Party(settings)
+    group = build_mpc_group(settings)
+    party = Party(settings, group)
     app = FastAPI(title=f"iomt party {settings.index}/{settings.parties}")
     app.state.party = party
     app.state.settings = settings
@@ -305,14 +324,15 @@ def create_app(settings: PartySettings) -> FastAPI:
         party.counters["global_downloads"] += 1
         return FileResponse(path, media_type="application/octet-stream")
 
+    if group is not None:
+        app.router.on_startup.append(group.start)
+        app.router.on_shutdown.append(group.stop)
     try:  # encrypted inference lives in its own package and is optional here
         from cloud_aggregator.inference.router import build_router
     except ImportError:
         log.debug("encrypted inference router not installed")
     else:
-        router = build_router(settings, route_class=app.router.route_class)
-        party.mpc = getattr(router, "mpc_supervisor", None)
-        app.include_router(router)
+        app.include_router(build_router(settings, group, route_class=app.router.route_class))
     return app
 
 

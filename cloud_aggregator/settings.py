@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocols.aggregation_messages import MAX_SAMPLES_DEFAULT
@@ -53,10 +55,23 @@ class PartySettings(_TLS):
     #: This party's MPC address (its gloo and rendezvous listeners bind here only); default:
     #: the first address of ``mpc_interface``, else the master's host on loopback / party 0.
     mpc_address: str | None = None
-    #: Interface of the MPC link; off loopback it must be WireGuard (inference.mpclink).
+    #: Interface of the MPC link; off loopback it must be WireGuard (mpc.mpclink).
     mpc_interface: str | None = None
     #: Development only: join the MPC group over an unprotected link (logged at WARNING).
     mpc_insecure: bool = False
+    # The three below also accept their older names IOMT_MPC_PROVIDER, IOMT_MPC_DEVICE and
+    # IOMT_MPC_REQUEST_TIMEOUT (IOMT_PARTY_* wins when both are set).
+    #: Beaver triples from ``TTP`` (a separate ``iomt cloud triples`` process) or ``TFP``
+    #: (each party deals its own: development on one host only).
+    mpc_provider: Literal["TTP", "TFP"] = Field(default="TTP", validation_alias=AliasChoices(
+        "mpc_provider", "IOMT_PARTY_MPC_PROVIDER", "IOMT_MPC_PROVIDER"))
+    #: Where the MPC worker computes: ``cpu`` or ``cuda``.
+    mpc_device: str = Field(default="cpu", validation_alias=AliasChoices(
+        "mpc_device", "IOMT_PARTY_MPC_DEVICE", "IOMT_MPC_DEVICE"))
+    #: Seconds an MPC request may compute before it fails and the group restarts; large
+    #: batches of big models on CPUs need more.
+    mpc_request_timeout: float = Field(default=120.0, gt=0, validation_alias=AliasChoices(
+        "mpc_request_timeout", "IOMT_PARTY_MPC_REQUEST_TIMEOUT", "IOMT_MPC_REQUEST_TIMEOUT"))
     #: Largest share upload body in bytes (enforced while the body streams in).
     max_upload_bytes: int = Field(default=1 << 31, ge=1024)
     #: Largest encrypted-inference request body in bytes (base64 shares of the inputs).
@@ -95,7 +110,7 @@ class CoordinatorSettings(_TLS):
     min_hospitals: int = Field(default=1, ge=1)
     strategy: str = "fedavg"
     prox_mu: float = Field(default=0.0, ge=0)
-    #: FedAdam / FedYogi server optimiser (used only by those strategies), see server_opt.py.
+    #: FedAdam / FedYogi server optimiser (used only by those strategies), see mpc/server_opt.py.
     server_lr: float = Field(default=0.01, gt=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.99, ge=0, lt=1)

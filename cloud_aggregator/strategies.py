@@ -12,7 +12,7 @@ party computes its share of it without talking to the other parties (the sum is 
   hospital adds the proximal term ``mu/2 ||w - w_global||^2`` to its local loss.
 * ``fedadam`` / ``fedyogi`` (Reddi et al. 2021, "Adaptive Federated Optimization"): the
   parties first sum shares as for FedAvg, then run the server optimiser together in
-  CrypTen on shares (:mod:`cloud_aggregator.server_opt`); the global model and the moments
+  CrypTen on shares (:mod:`cloud_aggregator.mpc.server_opt`); the global model and the moments
   stay secret-shared.
 
 FedAvgM is not implemented and is refused by name rather than silently replaced.

@@ -28,6 +28,7 @@ import torch
 
 from cloud_aggregator.crypten_compat import export_onnx, from_onnx, load_crypten
 from cloud_aggregator.inference.errors import InferenceError
+from cloud_aggregator.mpc.functions import inv_sqrt
 from cloud_aggregator.inference.ranges import BN_VAR_RANGE, SCALED_MAX, shared_any_outside, shared_weight_violations
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,7 @@ def fold_shared_batchnorm(params: dict[str, Any], pairs: list[tuple[str, str, fl
         raise InferenceError("model_out_of_range", "this model version cannot be evaluated encrypted: a BatchNorm "
                              f"running variance is outside {BN_VAR_RANGE[0]:g}..{BN_VAR_RANGE[1]:g}, where the "
                              "fold's 1/sqrt is valid")
-    with crypten.cfg.temp_override({"functions.sqrt_nr_iters": BN_SQRT_ITERS}):
-        inv_std = var.inv_sqrt()
+    inv_std = inv_sqrt(var, BN_SQRT_ITERS, method="newton")
     gamma, beta, mean = cat
     scale = gamma * inv_std
     shift = beta - scale * mean
@@ -233,7 +233,7 @@ class EncryptedFusionHead:
     """
 
     outputs = ("logits", "modality_weights")
-    #: the worker fetches this model's Beaver triples between requests (inference.triples):
+    #: the worker fetches this model's Beaver triples between requests (mpc.triples):
     #: a few MB per request; the vision models' triples (GBs at 224x224) stay on demand
     prefetch_triples = True
 
@@ -305,7 +305,7 @@ class EncryptedFusionHead:
         centred = fused - fused.mean(dim=1, keepdim=True)
         squares, projected = _mul_many([(centred, centred), (centred.unsqueeze(1), w1g.unsqueeze(0))])
         var = squares.mean(dim=1, keepdim=True)
-        inv_std = _inv_sqrt(var + 1e-5, LN_SQRT_ITERS)
+        inv_std = inv_sqrt(var + 1e-5, LN_SQRT_ITERS)
         hidden = (projected.sum(dim=-1) * inv_std + head_shift).relu()  # (B, H)
         logits = hidden.matmul(p["head.4.weight"].t()) + p["head.4.bias"]
         return {"logits": logits, "modality_weights": weights}
@@ -418,7 +418,7 @@ def _local_generator() -> torch.Generator:
 
 @contextlib.contextmanager
 def _untraced():
-    """Pause CrypTen's provider tracing (inference.triples records a request's triples with it)."""
+    """Pause CrypTen's provider tracing (mpc.triples records a request's triples with it)."""
     provider = load_crypten().mpc.get_default_provider()
     tracing = getattr(provider, "tracing", False)
     if tracing:
@@ -544,18 +544,6 @@ def _tanh(x: Any) -> Any:
     keep, flip = (crypten.stack([1 - above - below, negative - below])
                   * crypten.stack([g_pos, g_pos + g_neg])).unbind(0)
     return keep - flip + above - below
-
-
-def _inv_sqrt(x: Any, iters: int) -> Any:
-    """1/sqrt(x) by coupled Goldschmidt iterations (2 rounds each instead of Newton's 3)."""
-    crypten = load_crypten()
-    y0 = (x.div(2).add(0.2).neg()).exp().mul(2.2).add(0.2) - x.div(1024)  # CrypTen's initial guess
-    g = x * y0  # -> sqrt(x)
-    h = y0.div(2)  # -> 1 / (2 sqrt(x))
-    for _ in range(iters):
-        r = 0.5 - g * h
-        g, h = (crypten.stack([g, h]) * r.unsqueeze(0)).add(crypten.stack([g, h])).unbind(0)
-    return h.mul(2)
 
 
 def load_encrypted_model(meta: dict, shares: dict[str, np.ndarray], device: str = "cpu") -> Any:

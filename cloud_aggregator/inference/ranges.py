@@ -32,7 +32,7 @@ EXP_MAX_ARG = 16.0
 EXP_MIN_ARG = -7.0
 #: the softmax denominator's reciprocal (CrypTen's initial guess, then Goldschmidt) converges up to ~500
 SOFTMAX_TOTAL_MAX = 500.0
-#: LayerNorm's 1/sqrt(var + 1e-5) (models._inv_sqrt, 12 iterations), measured in 2-party fixed
+#: LayerNorm's 1/sqrt(var + 1e-5) (mpc.functions.inv_sqrt, 12 iterations), measured in 2-party fixed
 #: point: 1e-3 relative from var 0.01 to 200, 6e-3 at 1e-3, 5 % at 2e-4 (the variance itself
 #: has few bits: 10 % at 1e-4); from 204.8 on CrypTen's initial guess (... + 0.2 - var / 1024)
 #: is negative and the result garbage

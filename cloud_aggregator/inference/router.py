@@ -3,16 +3,14 @@
 ``POST /inference/v1/predict`` takes this party's share of a query (hospital tokens
 only; audience ``party-<i>``), hands it to the party's CrypTen worker and returns this
 party's share of the answer. ``GET /inference/v1/status`` reports whether the MPC group is
-up. Refusals answer the services' shared ErrorBody (``{"error": code, "detail": message}``).
-Worker settings not in ``PartySettings`` come from the environment:
-``IOMT_MPC_PROVIDER`` (``TTP``, default, or ``TFP`` for single-host development) and
-``IOMT_MPC_DEVICE`` (``cpu`` or ``cuda``).
+up. Refusals answer the services' shared ErrorBody (``{"error": code, "detail": message}``)
+with the HTTP status of :class:`cloud_aggregator.mpc.jobs.JobStatus`. The MPC group is the
+party's (``cloud_aggregator.party.build_mpc_group``), which starts and stops it.
 """
 from __future__ import annotations
 
 import collections
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,41 +20,25 @@ from fastapi.routing import APIRoute
 from cloud_aggregator.inference.audit import AuditLog
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
-from cloud_aggregator.inference.mpclink import resolve_link
-from cloud_aggregator.inference.worker import Job, WorkerConfig, WorkerSupervisor
+from cloud_aggregator.mpc.jobs import Job, http_status
+from cloud_aggregator.mpc.worker import WorkerSupervisor
 from cloud_aggregator.web import Refused, responses
 from protocols.auth import AuthError, Registry
 
 log = logging.getLogger(__name__)
 
-_STATUS = {"mpc_unavailable": 503, "party_unreachable": 503, "timeout": 504, "not_scheduled": 504,
-           "duplicate_request": 409, "no_model": 404, "missing_share": 409, "client_mismatch": 409,
-           # the served version's weights let activations leave the approximations' ranges
-           "model_out_of_range": 422}
-
-
-def build_router(settings: Any, route_class: type[APIRoute] = APIRoute) -> APIRouter:
-    """The inference router of party ``settings.index`` (starts its MPC worker at app startup).
+def build_router(settings: Any, group: WorkerSupervisor | None,
+                 route_class: type[APIRoute] = APIRoute) -> APIRouter:
+    """The inference router of party ``settings.index``, computing in the party's MPC ``group``
+    (None: the party was started without ``--mpc-master`` and refuses with ``not_configured``).
 
     ``route_class`` is the party's (it bounds request bodies, see cloud_aggregator.web).
-    Raises ``MpcLinkError`` when the MPC link is not protected (inference.mpclink).
     """
     router = APIRouter(prefix="/inference/v1", tags=["encrypted inference"], route_class=route_class)
     registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
     audience = f"party-{settings.index}"
     audit = AuditLog(Path(settings.data_dir) / "audit" / "inference.jsonl")
     counters: collections.Counter = collections.Counter()
-    supervisor: WorkerSupervisor | None = None
-    if settings.mpc_master:
-        link = resolve_link(settings.mpc_master, settings.index, settings.mpc_address, settings.mpc_interface,
-                            settings.mpc_insecure)
-        supervisor = WorkerSupervisor(WorkerConfig(
-            rank=settings.index, world_size=settings.parties, master=settings.mpc_master,
-            data_dir=str(settings.data_dir), provider=os.environ.get("IOMT_MPC_PROVIDER", "TTP"),
-            device=os.environ.get("IOMT_MPC_DEVICE", "cpu"), link=link))
-        router.on_startup.append(supervisor.start)
-        router.on_shutdown.append(supervisor.stop)
-    router.mpc_supervisor = supervisor  # the party also runs server-optimiser jobs on this group
 
     def _refuse(client: str, rid: str, version: int | None, code: str, message: str, status: int) -> Refused:
         counters[f"rejected_{code}"] += 1
@@ -75,15 +57,15 @@ def build_router(settings: Any, route_class: type[APIRoute] = APIRoute) -> APIRo
             log.warning("party %d refused inference: %s", settings.index, err.reason)
             raise Refused(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason,
                           noted=True) from err
-        if supervisor is None:  # not a passing outage (503) but how this party was set up
+        if group is None:  # not a passing outage (503) but how this party was set up
             raise _refuse(client, body.request_id, body.model_version, "not_configured",
                           "this party serves no encrypted inference (started without --mpc-master)", 404)
         try:
             inputs = {name: share.to_array() for name, share in body.inputs.items()}
-            shares, info = supervisor.submit(Job(body.request_id, client, body.model_version, inputs))
+            shares, info = group.submit(Job(body.request_id, client, body.model_version, inputs))
         except InferenceError as err:
             raise _refuse(client, body.request_id, body.model_version, err.code, err.message,
-                          _STATUS.get(err.code, 400)) from err
+                          http_status(err.code)) from err
         counters["served"] += 1
         batch = next(iter(inputs.values())).shape[0]
         audit.record(client, body.request_id, info["version"], "ok", batch)
@@ -94,8 +76,8 @@ def build_router(settings: Any, route_class: type[APIRoute] = APIRoute) -> APIRo
     @router.get("/status")
     def status() -> dict:
         """Whether this party's MPC worker has joined its group, restarts, and request counters."""
-        return {"party": settings.index, "configured": supervisor is not None,
-                "ready": bool(supervisor and supervisor.ready),
-                "restarts": supervisor.restarts if supervisor else 0, "counters": dict(counters)}
+        return {"party": settings.index, "configured": group is not None,
+                "ready": bool(group and group.ready),
+                "restarts": group.restarts if group else 0, "counters": dict(counters)}
 
     return router

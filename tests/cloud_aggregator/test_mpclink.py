@@ -1,4 +1,4 @@
-"""The MPC link rule (inference.mpclink): loopback passes, anything else needs WireGuard or an
+"""The MPC link rule (mpc.mpclink): loopback passes, anything else needs WireGuard or an
 explicit --mpc-insecure; and the rendezvous and gloo listen on the MPC address only."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch.distributed as dist
 
-from cloud_aggregator.inference.mpclink import (MpcLinkError, bind_distributed, interface_addresses, resolve_link,
+from cloud_aggregator.mpc.mpclink import (MpcLinkError, bind_distributed, interface_addresses, resolve_link,
                                                wireguard_kind)
 from tests.utils.procs import free_port
 
@@ -32,7 +32,7 @@ def _outside_address() -> str | None:
 @needs_ip
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_loopback_group_needs_no_tunnel(rank, caplog):
-    with caplog.at_level(logging.INFO, logger="cloud_aggregator.inference.mpclink"):
+    with caplog.at_level(logging.INFO, logger="cloud_aggregator.mpc.mpclink"):
         link = resolve_link("127.0.0.1:29500", rank)
     assert (link.address, link.interface, link.protection) == ("127.0.0.1", "lo", "loopback")
     assert "no tunnel needed" in caplog.text

@@ -22,7 +22,7 @@ TOL_THETA = 2e-4
 
 
 def _reference(uploads: list[dict], opt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Plaintext FedAdam/FedYogi (same formula as cloud_aggregator.server_opt) in float64."""
+    """Plaintext FedAdam/FedYogi (same formula as cloud_aggregator.mpc.server_opt) in float64."""
     theta = m = v = None
     for r, ups in enumerate(uploads, 1):
         n = sum(COUNTS.values())

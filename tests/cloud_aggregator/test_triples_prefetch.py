@@ -21,7 +21,7 @@ def _party() -> dict:
     import crypten.communicator as comm
 
     from cloud_aggregator.inference.models import EncryptedFusionHead
-    from cloud_aggregator.inference.triples import TriplePrefetcher
+    from cloud_aggregator.mpc.triples import TriplePrefetcher
 
     torch.set_num_threads(1)
     torch.manual_seed(3)
@@ -87,7 +87,7 @@ class _Provider:
 def test_disabled_prefetcher_neither_traces_nor_fills():
     from types import SimpleNamespace
 
-    from cloud_aggregator.inference.triples import TriplePrefetcher
+    from cloud_aggregator.mpc.triples import TriplePrefetcher
 
     provider = _Provider()
     fake = SimpleNamespace(mpc=SimpleNamespace(get_default_provider=lambda: provider))

@@ -4,11 +4,11 @@ from __future__ import annotations
 import queue
 import threading
 
-from cloud_aggregator.inference.worker import Job, WorkerConfig, _WorkerLoop
+from cloud_aggregator.mpc import Job, WorkerConfig, WorkerLoop
 
 
-def _loop(rank: int) -> _WorkerLoop:
-    loop = object.__new__(_WorkerLoop)  # the queue side only: no CrypTen communicator
+def _loop(rank: int) -> WorkerLoop:
+    loop = object.__new__(WorkerLoop)  # the queue side only: no CrypTen communicator
     loop.cfg = WorkerConfig(rank, 2, "127.0.0.1:1", "unused")
     loop.jobs, loop.inbox, loop.stopping = queue.Queue(), {}, False
     return loop

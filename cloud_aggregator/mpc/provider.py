@@ -8,7 +8,7 @@ output. Each CrypTen group gets a fresh server process; when a group breaks (a p
 restarts) the server is replaced and joins the next group.
 
 Its link to the parties carries each party's triple-generator seed: before it joins, the
-link is checked and its listeners bound to the MPC address only (inference.mpclink).
+link is checked and its listeners bound to the MPC address only (mpc.mpclink).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import logging
 import multiprocessing as mp
 import time
 
-from cloud_aggregator.inference.mpclink import MpcLink, MpcLinkError, add_mpc_link_arguments, resolve_link
-from cloud_aggregator.inference.worker import RESTART_BACKOFF_S, configure_distributed
+from cloud_aggregator.mpc.mpclink import MpcLink, MpcLinkError, add_mpc_link_arguments, resolve_link
+from cloud_aggregator.mpc.worker import RESTART_BACKOFF_S, configure_distributed
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2

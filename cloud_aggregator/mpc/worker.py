@@ -1,4 +1,4 @@
-"""The party-side CrypTen worker: one child process per party that owns all CrypTen state.
+"""The party's MPC group: one CrypTen child process per party that owns all CrypTen state.
 
 CrypTen keeps its communicator in process-global state and torch.distributed allows one
 default group per process, so each party's MPC runs in a dedicated child process beside
@@ -11,6 +11,12 @@ a ``noop`` heartbeat when idle. Every party then looks for its own share of that
 (waiting up to ``SHARE_WAIT_S``), all parties exchange a status code, and they compute
 only if every party holds a well-formed share; otherwise all report the same error. So
 parties process the same requests in the same order whatever order shares arrive in.
+
+What a job computes is its kind's handler (``handler(loop, header)``, run by every party in
+the worker process): :class:`cloud_aggregator.inference.handler.InferenceHandler` and
+:func:`cloud_aggregator.mpc.server_opt.run_server_update`. The party passes them to
+:class:`WorkerSupervisor`; handlers use the loop's public helpers (:meth:`WorkerLoop.wait_for_share`,
+:meth:`WorkerLoop.agree_status`, :meth:`WorkerLoop.succeed`, :meth:`WorkerLoop.fail`).
 """
 from __future__ import annotations
 
@@ -21,14 +27,15 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from cloud_aggregator.inference.errors import InferenceError
-from cloud_aggregator.inference.mpclink import MpcLink, bind_distributed
-from cloud_aggregator.inference.triples import TriplePrefetcher
+from cloud_aggregator.mpc.jobs import Job, JobHeader, JobKind, JobStatus
+from cloud_aggregator.mpc.mpclink import MpcLink, bind_distributed
+from cloud_aggregator.mpc.triples import TriplePrefetcher
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +45,12 @@ INBOX_TTL_S = 60.0
 #: torch.distributed timeout: long, since dead peers are detected by closed connections
 #: and stalled groups by the supervisor (REQUEST_TIMEOUT_S), not by idle collectives.
 DIST_TIMEOUT_S = 7 * 24 * 3600.0
-#: How long a request may compute before it is failed and the group restarted; large
-#: batches of big models on CPUs need more (environment IOMT_MPC_REQUEST_TIMEOUT, seconds).
-REQUEST_TIMEOUT_S = float(os.environ.get("IOMT_MPC_REQUEST_TIMEOUT", "120"))
+#: Default of ``WorkerConfig.request_timeout`` (PartySettings.mpc_request_timeout).
+REQUEST_TIMEOUT_S = 120.0
 RESTART_BACKOFF_S = 1.0
-MAX_BATCH = 64
-_STATUS = ("ok", "missing_share", "bad_shape", "no_model", "client_mismatch", "bad_input")
+
+#: What runs a job of one kind, in every party's worker process (picklable: module-level).
+Handler = Callable[["WorkerLoop", JobHeader], None]
 
 
 @dataclass(frozen=True)
@@ -57,22 +64,13 @@ class WorkerConfig:
     provider: str = "TTP"  # "TTP" (production: a separate triples process) or "TFP" (dev)
     device: str = "cpu"
     threads: int = 1
-    #: fetch the next request's Beaver triples from the TTP while idle (inference.triples)
+    #: fetch the next request's Beaver triples from the TTP while idle (mpc.triples)
     prefetch_triples: bool = True
-    #: checked MPC address and interface (inference.mpclink.resolve_link); None: torch's defaults
+    #: checked MPC address and interface (mpc.mpclink.resolve_link); None: torch's defaults
     link: MpcLink | None = None
-
-
-@dataclass
-class Job:
-    request_id: str
-    client: str
-    version: int | None
-    inputs: dict[str, np.ndarray]
-    received: float = field(default_factory=time.monotonic)
-    #: "infer", or "server_update" (cloud_aggregator.server_opt: FedAdam/FedYogi on shares)
-    kind: str = "infer"
-    params: dict = field(default_factory=dict)
+    #: how long a request may compute before it is failed and the group restarted; large
+    #: batches of big models on CPUs need more (seconds)
+    request_timeout: float = REQUEST_TIMEOUT_S
 
 
 def configure_distributed(cfg_rank: int, world_size: int, master: str, provider: str,
@@ -107,7 +105,7 @@ def configure_distributed(cfg_rank: int, world_size: int, master: str, provider:
     return crypten
 
 
-def run_worker(cfg: WorkerConfig, jobs: Any, results: Any) -> None:
+def run_worker(cfg: WorkerConfig, handlers: Mapping[JobKind, Handler], jobs: Any, results: Any) -> None:
     """Child-process entry point: join the MPC group, then serve jobs until told to stop."""
     import torch
 
@@ -116,13 +114,13 @@ def run_worker(cfg: WorkerConfig, jobs: Any, results: Any) -> None:
     crypten = configure_distributed(cfg.rank, cfg.world_size, cfg.master, cfg.provider, cfg.link)
     crypten.init()
     results.put(("ready", None, None))
-    loop = _WorkerLoop(cfg, jobs, results, crypten)
+    loop = WorkerLoop(cfg, jobs, results, crypten, handlers)
     try:
         loop.serve()
     except Exception as err:  # the group is broken: report and let the supervisor replace us
         log.warning("MPC group failed: %s", err)
         if loop.current is not None:
-            results.put(("error", loop.current, ("party_unreachable", f"MPC group failed: {err}")))
+            results.put(("error", loop.current, (JobStatus.PARTY_UNREACHABLE.value, f"MPC group failed: {err}")))
         results.put(("dead", None, str(err)))
         os._exit(3)
     try:
@@ -131,14 +129,18 @@ def run_worker(cfg: WorkerConfig, jobs: Any, results: Any) -> None:
         pass
 
 
-class _WorkerLoop:
-    def __init__(self, cfg: WorkerConfig, jobs: Any, results: Any, crypten: Any) -> None:
+class WorkerLoop:
+    """One party's side of the group inside the worker process: takes shares off the queue,
+    follows party 0's headers and runs each job's handler; handlers use its public helpers."""
+
+    def __init__(self, cfg: WorkerConfig, jobs: Any, results: Any, crypten: Any,
+                 handlers: Mapping[JobKind, Handler]) -> None:
         from crypten import communicator
 
         self.cfg, self.jobs, self.results, self.crypten = cfg, jobs, results, crypten
+        self.handlers = dict(handlers)
         self.comm = communicator.get()
         self.inbox: dict[str, Job] = {}
-        self.models: dict[int, tuple[dict, Any]] = {}
         self.current: str | None = None
         self.stopping = False
         self.prefetch = TriplePrefetcher(crypten, enabled=cfg.prefetch_triples)
@@ -166,126 +168,61 @@ class _WorkerLoop:
         for rid, job in list(self.inbox.items()):
             if now - job.received > INBOX_TTL_S:
                 del self.inbox[rid]
-                self.results.put(("error", rid, ("not_scheduled", "party 0 never scheduled this request")))
+                self.fail(rid, JobStatus.NOT_SCHEDULED, "party 0 never scheduled this request")
 
     def serve(self) -> None:
         while True:
             if self.cfg.rank == 0:
                 job = self._drain(HEARTBEAT_S)
                 if self.stopping:
-                    header = {"kind": "stop"}
+                    header = JobHeader(JobKind.STOP)
                 elif job is None:
-                    header = {"kind": "noop"}
-                elif job.kind != "infer":
-                    header = {"kind": job.kind, "id": job.request_id, "client": job.client,
-                              "public": job.params.get("public")}
+                    header = JobHeader(JobKind.NOOP)
                 else:
-                    header = {"kind": "infer", "id": job.request_id, "client": job.client,
-                              "version": job.version if job.version is not None else _latest(self.cfg.data_dir),
-                              "shapes": {k: list(v.shape) for k, v in job.inputs.items()}}
+                    header = JobHeader.for_job(job, lambda: _latest(self.cfg.data_dir))
             else:
                 header = None
-            header = self.comm.broadcast_obj(header, 0)
-            if header["kind"] == "stop":
+            header = JobHeader.from_wire(self.comm.broadcast_obj(header.to_wire() if header else None, 0))
+            if header.kind == JobKind.STOP:
                 return
-            if header["kind"] == "infer":
-                self._infer(header)
-            elif header["kind"] == "server_update":
-                from cloud_aggregator.server_opt import run_job
-                run_job(self, header)
+            handler = self.handlers.get(header.kind)
+            if handler is not None:
+                handler(self, header)
             if self.cfg.rank:  # party 0 takes its jobs one at a time, in arrival order
                 self._drain()
                 self._expire()
 
-    def _wait_share(self, rid: str) -> Job | None:
+    def wait_for_share(self, rid: str) -> Job | None:
+        """This party's share of job ``rid`` (None if it never came), which becomes the current job.
+
+        Party 0 announced it, so holds it; the others wait up to ``SHARE_WAIT_S`` for it."""
+        self.current = rid
+        if self.cfg.rank == 0:
+            return self.inbox.pop(rid, None)
         deadline = time.monotonic() + SHARE_WAIT_S
         while rid not in self.inbox and time.monotonic() < deadline:
             self._drain(min(0.05, max(0.0, deadline - time.monotonic())))
         return self.inbox.pop(rid, None)
 
-    def _check(self, header: dict, job: Job | None) -> tuple[int, str, Any]:
-        if job is None:
-            return 1, f"party {self.cfg.rank} received no share for this request", None
-        if job.client != header["client"]:
-            return 4, f"party {self.cfg.rank} holds this request id from another client", None
-        if {k: list(v.shape) for k, v in job.inputs.items()} != header["shapes"]:
-            return 2, f"party {self.cfg.rank} holds shares of other shapes", None
-        try:
-            model = self._model(header["version"])
-        except (OSError, KeyError, ValueError, InferenceError) as err:
-            return 3, f"party {self.cfg.rank} cannot load model version {header['version']}: {err}", None
-        names = {spec.name: spec.shape for spec in model.inputs}
-        if set(job.inputs) != set(names):
-            return 5, f"inputs must be {sorted(names)}, got {sorted(job.inputs)}", None
-        batches = {arr.shape[0] if arr.ndim else -1 for arr in job.inputs.values()}
-        for name, arr in job.inputs.items():
-            if tuple(arr.shape[1:]) != tuple(names[name]) or len(batches) != 1:
-                return 2, f"input {name!r} must be (batch, {', '.join(map(str, names[name]))}), got {arr.shape}", None
-        if not 1 <= batches.pop() <= MAX_BATCH:
-            return 2, f"batch size must be 1..{MAX_BATCH}", None
-        return 0, "", model
+    def agree_status(self, status: JobStatus, *extra: int) -> tuple[list[tuple[int, JobStatus]], list[list[int]]]:
+        """Exchange every party's status (and ``extra`` integers) before computing (collective).
 
-    def _infer(self, header: dict) -> None:
+        Returns the parties that refused, as ``(rank, status)`` in rank order, and each party's extras."""
         import torch
 
-        rid = header["id"]
-        self.current = rid
-        job = self._wait_share(rid) if self.cfg.rank else self.inbox.pop(rid, None)
-        code, message, model = self._check(header, job)
-        # with each party's status, the count of prefetched triples: they must be equal
-        codes = self.comm.all_gather(torch.tensor([code, self.prefetch.fingerprint()]))
-        if len({int(c[1]) for c in codes}) > 1:
-            log.warning("prefetched triples out of step across parties %s; dropping them", [int(c[1]) for c in codes])
-            self.prefetch.clear()
-        bad = [(r, int(c[0])) for r, c in enumerate(codes) if int(c[0])]
-        if bad:
-            own = message or f"party {bad[0][0]} refused: {_STATUS[bad[0][1]]}"
-            self.results.put(("error", rid, (_STATUS[bad[0][1]], own)))
-            self.current = None
-            return
-        self.comm.reset_communication_stats()
-        start = time.perf_counter()
-        mpc = self.crypten.mpc.MPCTensor
-        with self.crypten.no_grad():
-            enc = {name: mpc.from_shares(torch.from_numpy(arr).to(self.cfg.device)) for name, arr in job.inputs.items()}
-            signature = (header["version"], tuple(sorted((k, tuple(v)) for k, v in header["shapes"].items())))
-            if hasattr(model, "prepare"):  # once per model, collective, outside the traced request
-                try:
-                    model.prepare()
-                except InferenceError as err:  # e.g. model_out_of_range: every party opened the same bits
-                    log.warning("request %s refused: %s: %s", rid, err.code, err.message)
-                    self.results.put(("error", rid, (err.code, err.message)))
-                    self.current = None
-                    return
-            if getattr(model, "prefetch_triples", False):  # small circuits only: the cache holds a request's worth
-                out = self.prefetch.run(signature, lambda: model.forward(enc))
-            else:
-                out = model.forward(enc)
-            shares = {}
-            for name, value in out.items():
-                # re-randomise before release: the output share is fresh, whatever the circuit left
-                zero = self.crypten.mpc.primitives.ArithmeticSharedTensor.PRZS(value.size(), device=self.cfg.device)
-                shares[name] = (value._tensor.share + zero.share).cpu().numpy().astype(np.int64)
-        stats = self.comm.get_communication_stats()
-        info = {"version": header["version"], "seconds": time.perf_counter() - start,
-                "rounds": int(stats.get("rounds", 0)), "bytes": int(stats.get("bytes", 0))}
+        rows = self.comm.all_gather(torch.tensor([status.wire, *extra]))
+        bad = [(rank, JobStatus.from_wire(int(row[0]))) for rank, row in enumerate(rows) if int(row[0])]
+        return bad, [[int(x) for x in row[1:]] for row in rows]
+
+    def fail(self, rid: str, reason: str, message: str) -> None:
+        """Report job ``rid`` as refused (``reason``: a :class:`JobStatus` value or a model's code)."""
+        self.results.put(("error", rid, (reason.value if isinstance(reason, JobStatus) else reason, message)))
+        self.current = None
+
+    def succeed(self, rid: str, shares: dict[str, np.ndarray], info: dict) -> None:
+        """Report this party's output shares of job ``rid``."""
         self.results.put(("result", rid, (shares, info)))
         self.current = None
-        # offline phase for the next request of this shape (both parties, same order)
-        with self.crypten.no_grad():
-            self.prefetch.refill(signature)
-
-    def _model(self, version: int | None) -> Any:
-        if version is None:
-            raise InferenceError("no_model", "no global model has been published")
-        if version not in self.models:
-            from cloud_aggregator.inference.models import load_encrypted_model
-            from cloud_aggregator.store import load_global_share
-
-            meta, arrays = load_global_share(self.cfg.data_dir, version)
-            self.models = {version: (meta, load_encrypted_model(meta, arrays, self.cfg.device))}
-            log.info("loaded shared model version %d (%s)", version, meta.get("model", {}).get("arch"))
-        return self.models[version][1]
 
 
 def _latest(data_dir: str) -> int | None:
@@ -297,8 +234,9 @@ def _latest(data_dir: str) -> int | None:
 class WorkerSupervisor:
     """Runs a party's CrypTen worker process, routes results, and restarts it when it dies."""
 
-    def __init__(self, cfg: WorkerConfig) -> None:
+    def __init__(self, cfg: WorkerConfig, handlers: Mapping[JobKind, Handler]) -> None:
         self.cfg = cfg
+        self.handlers = dict(handlers)
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[threading.Event, list]] = {}
@@ -324,7 +262,7 @@ class WorkerSupervisor:
 
     def _spawn(self) -> Any:
         self._jobs, results = self._ctx.Queue(), self._ctx.Queue()
-        proc = self._ctx.Process(target=run_worker, args=(self.cfg, self._jobs, results),
+        proc = self._ctx.Process(target=run_worker, args=(self.cfg, self.handlers, self._jobs, results),
                                  name=f"iomt-mpc-party{self.cfg.rank}", daemon=True)
         proc.start()
         return proc, results
@@ -351,7 +289,7 @@ class WorkerSupervisor:
             if self._proc.is_alive():
                 self._proc.kill()
             self._proc.join(5)
-            self._fail_all("party_unreachable", "the MPC group failed during the request; it is restarting")
+            self._fail_all(JobStatus.PARTY_UNREACHABLE.value, "the MPC group failed during the request; it is restarting")
             if not self._stop.is_set():
                 self.restarts += 1
                 log.warning("party %d: MPC worker exited (code %s); restart %d", self.cfg.rank,
@@ -361,7 +299,7 @@ class WorkerSupervisor:
     def _reap_stalled(self) -> None:
         now = time.monotonic()
         with self._lock:
-            stalled = [rid for rid, (_, box) in self._pending.items() if now - box[1] > REQUEST_TIMEOUT_S]
+            stalled = [rid for rid, (_, box) in self._pending.items() if now - box[1] > self.cfg.request_timeout]
         if stalled:
             log.warning("party %d: request %s stalled; replacing the MPC worker", self.cfg.rank, stalled[0])
             self._proc.kill()
@@ -380,20 +318,24 @@ class WorkerSupervisor:
             box[0] = ("error", (code, message))
             event.set()
 
-    def submit(self, job: Job, timeout: float = REQUEST_TIMEOUT_S) -> tuple[dict[str, np.ndarray], dict]:
-        """Hand a share to the worker and wait for this party's output shares."""
+    def submit(self, job: Job, timeout: float | None = None) -> tuple[dict[str, np.ndarray], dict]:
+        """Hand a share to the worker and wait for this party's output shares (``timeout``:
+        default ``cfg.request_timeout``)."""
+        timeout = self.cfg.request_timeout if timeout is None else timeout
+        if job.kind not in self.handlers:
+            raise InferenceError(JobStatus.BAD_INPUT.value, f"this MPC group runs no {job.kind.value} jobs")
         if not self.ready:
-            raise InferenceError("mpc_unavailable", "the MPC group is not ready (parties still connecting)")
+            raise InferenceError(JobStatus.MPC_UNAVAILABLE.value, "the MPC group is not ready (parties still connecting)")
         event, box = threading.Event(), [None, time.monotonic()]
         with self._lock:
             if job.request_id in self._pending:
-                raise InferenceError("duplicate_request", f"request {job.request_id} is already in progress")
+                raise InferenceError(JobStatus.DUPLICATE_REQUEST.value, f"request {job.request_id} is already in progress")
             self._pending[job.request_id] = (event, box)
         self._jobs.put(job)
         if not event.wait(timeout):
             with self._lock:
                 self._pending.pop(job.request_id, None)
-            raise InferenceError("timeout", f"no result within {timeout:.0f} s")
+            raise InferenceError(JobStatus.TIMEOUT.value, f"no result within {timeout:.0f} s")
         kind, payload = box[0]
         if kind == "error":
             raise InferenceError(*payload)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import device_agent.agent as agent_mod  # noqa: E402
 from tests.device_agent.broker_restart import restart_under_load  # noqa: E402
-from tests.utils.procs import Mosquitto  # noqa: E402
+from iomt.local_broker import Mosquitto  # noqa: E402
 
 
 def _broker(work: Path, args: argparse.Namespace) -> Mosquitto:

@@ -41,7 +41,7 @@ from protocols.aggregation_messages import upload_from_wire  # noqa: E402
 from protocols.params import normalise_spec, unflatten  # noqa: E402
 from protocols.sharing import add_seed_into  # noqa: E402
 from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state  # noqa: E402
-from tests.utils.procs import run_iomt, spawn_iomt, stop  # noqa: E402
+from iomt.supervisor import run_iomt, spawn_iomt, stop  # noqa: E402
 
 COUNTS = {"h1": 40, "h2": 125, "h3": 7}
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_server.federated import FederatedClient
 from protocols.auth import Signer, make_credentials, make_tls
-from tests.utils.procs import free_port, spawn_iomt, stop, wait_port
+from iomt.supervisor import free_port, spawn_iomt, stop, wait_port
 
 
 def toy_state(seed: int, shape=(30, 20)) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 
 from protocols.auth import _b64e, make_credentials
 from tests.utils.cloud_api import CloudServices
-from tests.utils.procs import free_port, run_iomt
+from iomt.supervisor import free_port, run_iomt
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from protocols.auth import Signer, make_credentials
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from protocols.vision import fold_batchnorm, resnet18
 from iomt.mpc_cloud import MpcCloud
-from tests.utils.procs import run_iomt, spawn_iomt, stop, wait_port
+from iomt.supervisor import run_iomt, spawn_iomt, stop, wait_port
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ from cloud_aggregator.inference.publish import publish_shared_model
 from iomt.mpc_cloud import MpcCloud
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from protocols.schema import CONDITIONS
-from tests.utils.procs import run_iomt, spawn_iomt, stop
+from iomt.supervisor import run_iomt, spawn_iomt, stop
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.integration

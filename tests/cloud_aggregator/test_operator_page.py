@@ -10,7 +10,7 @@ import pytest
 from protocols.auth import revoke
 from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
 from tests.utils.browser import DESKTOP, TABLET, browser, check_accessible, check_fits, chromium_path, screenshot
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 
 pytestmark = pytest.mark.integration
 

@@ -88,7 +88,7 @@ def test_every_bad_payload_is_a_rejection_with_its_reason(caplog):
 
 def test_daemon_refuses_bad_config_with_exit_code_2(tmp_path):
     from edge_server.sqlite_store import SqliteStore
-    from tests.utils.procs import run_iomt
+    from iomt.supervisor import run_iomt
 
     with SqliteStore(tmp_path / "other") as store:
         store.set_meta("hospital", "h2")

@@ -14,7 +14,7 @@ from edge_server.onnx_predict import OnnxPredictor
 from edge_server.training import ModelConfig, TrainConfig, predict_proba, records_to_tensors, train_local
 from protocols.model import INPUT_NAMES, build_model, load_numpy_state
 from protocols.schema import CONDITIONS, MODALITIES
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 from tests.utils.records import make_records, write_store
 
 torch.set_num_threads(1)

@@ -17,7 +17,7 @@ import pytest
 from protocols.frames import DTYPES, pack_raw
 from tests.edge_server import builders as b
 from tests.edge_server.harness import Publisher, health, spawn_edge, wait_status
-from tests.utils.procs import stop
+from iomt.supervisor import stop
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from edge_server.sqlite_store import SqliteStore
 from edge_server.status import render
 from edge_server.store import Batch
 from tests.edge_server import builders as b
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 
 
 def _filled(path):

@@ -17,7 +17,7 @@ from iomt.mpc_cloud import MpcCloud
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from tests.utils.browser import DESKTOP, TABLET, browser, check_accessible, check_fits, chromium_path, screenshot
 from tests.utils.clinic import write_full_store
-from tests.utils.procs import free_port, run_iomt, spawn_iomt, stop, wait_port
+from iomt.supervisor import free_port, run_iomt, spawn_iomt, stop, wait_port
 
 pytestmark = pytest.mark.integration
 PASSWORD = "correct horse battery"

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from protocols.auth import Signer, make_credentials
-from tests.utils.procs import free_port, spawn_iomt, stop, wait_port
+from iomt.supervisor import free_port, spawn_iomt, stop, wait_port
 
 HOSPITALS = ["h1", "h2"]
 

@@ -44,7 +44,7 @@ from bench.mqtt_loadgen import Publisher, _utf8, publish_packet  # noqa: E402
 from protocols.fhir import build_bundle  # noqa: E402
 from protocols.frames import DTYPES, MAX_PAYLOAD, pack_raw  # noqa: E402
 from protocols.messages import ClinicalNote, DeviceRegistration, to_wire  # noqa: E402
-from tests.edge_server import builders as b  # noqa: E402
+from simulators import payloads as b  # noqa: E402
 from iomt.local_broker import Mosquitto  # noqa: E402
 from iomt.supervisor import child_env, free_port, iomt_argv, stop, wait_port  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from edge_server.training import ModelConfig, TrainConfig, evaluate, initial_state, train_local
-from tests.utils.records import make_records
+from simulators.records import make_records
 
 HOSPITALS = {"h1": 1, "h2": 2, "h3": 3}
 ROUNDS = 3

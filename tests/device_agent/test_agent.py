@@ -12,7 +12,7 @@ import device_agent.agent as agent_mod
 from device_agent.agent import DeviceAgent, backoff_delay
 from device_agent.settings import AgentSettings
 from protocols.messages import ClinicalNote, Presence, SignalFrame
-from tests.device_agent.collector import Collector
+from iomt.mqtt_collector import Collector
 from iomt.supervisor import spawn_iomt, stop
 
 

@@ -13,7 +13,7 @@ from device_agent.agent import DeviceAgent
 from device_agent.broker_cli import find_mosquitto, mosquitto_config
 from device_agent.settings import AgentSettings
 from protocols.messages import SignalFrame
-from tests.device_agent.collector import Collector
+from iomt.mqtt_collector import Collector
 from iomt.supervisor import child_env, free_port, iomt_argv, run_iomt, spawn, spawn_iomt, stop, wait_port
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 import device_agent.agent as agent_mod
-from tests.device_agent.broker_restart import restart_under_load
+from iomt.broker_restart import restart_under_load
 from iomt.local_broker import Mosquitto, as_user, mosquitto_path
 from iomt.supervisor import child_env, iomt_argv
 

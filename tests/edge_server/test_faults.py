@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from protocols.frames import DTYPES, MAX_PAYLOAD, pack_raw
-from tests.edge_server import builders as b
+from simulators import payloads as b
 from tests.edge_server.harness import Publisher, health, metrics_text, spawn_edge, status, wait_status
 from iomt.local_broker import Mosquitto
 from iomt.supervisor import stop

@@ -5,7 +5,7 @@ import logging
 
 from edge_server.ingest import REJECTED_HEAD, Ingestor
 from edge_server.store import Batch
-from tests.edge_server import builders as b
+from simulators import payloads as b
 
 
 def _handle(ing: Ingestor, batch: Batch, msg: tuple[str, bytes]):

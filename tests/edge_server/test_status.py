@@ -10,7 +10,7 @@ from edge_server.metrics import EdgeMetrics, MetricsServer, create_app
 from edge_server.sqlite_store import SqliteStore
 from edge_server.status import render
 from edge_server.store import Batch
-from tests.edge_server import builders as b
+from simulators import payloads as b
 from iomt.supervisor import run_iomt
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 from protocols.messages import ClinicalNote, EhrRecord, ImagingStudy, SignalFrame
 from protocols.schema import SIGNAL_STREAMS
-from tests.device_agent.collector import Collector
+from iomt.mqtt_collector import Collector
 from iomt.supervisor import run_iomt
 
 

@@ -138,6 +138,7 @@ class Supervisor:
     """Start children, watch them, and stop them all (in reverse order) on exit."""
 
     log_dir: Path
+    one_thread: bool = False  # see child_env
     children: list[Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -149,9 +150,9 @@ class Supervisor:
         log_path = self.log_dir / f"{name}.log"
         if capture:
             with open(log_path, "ab") as err, open(self.log_dir / f"{name}.out", "wb") as out:
-                proc = spawn(argv, env=child_env(env), stdout=out, stderr=err)
+                proc = spawn(argv, env=child_env(env, self.one_thread), stdout=out, stderr=err)
         else:
-            proc = spawn(argv, log_path, child_env(env))
+            proc = spawn(argv, log_path, child_env(env, self.one_thread))
         child = Child(name, proc, log_path, daemon)
         self.children.append(child)
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv[2:]))
@@ -183,8 +184,10 @@ class Supervisor:
                 raise ChildFailed(f"{child.name} exited with {child.proc.returncode}; "
                                   f"last lines of {child.log_path}:\n{self.tail(child)}")
 
-    def stop_child(self, child: Child, grace: float = STOP_GRACE_S) -> int | None:
-        return stop(child.proc, timeout=grace, name=child.name)
+    def stop_child(self, child: Child, grace: float = STOP_GRACE_S, sig: int = signal.SIGTERM) -> int | None:
+        """Stop ``child`` with ``sig`` (SIGKILL: as if it crashed); :meth:`check` no longer expects it."""
+        child.daemon = False
+        return stop(child.proc, sig, grace, child.name)
 
     def stop_all(self) -> None:
         for child in reversed(self.children):

@@ -45,10 +45,10 @@ def _hospital(h: str, key_file: str, coord_url: str, ca: str):
 
 
 def test_secret_shared_rounds_improve_validation_metrics(tmp_path: Path):
-    from tests.cloud_aggregator.secagg_cluster import Cluster
+    from iomt.local_cloud import LocalCloud
     torch.set_num_threads(1)
-    cluster = Cluster(tmp_path, 3, list(HOSPITALS), rounds=ROUNDS, round_timeout=120.0,
-                      spec_state=initial_state(CFG, INIT_SEED),
+    cluster = LocalCloud.secagg(tmp_path, 3, list(HOSPITALS), rounds=ROUNDS, round_timeout=120.0,
+                      state=initial_state(CFG, INIT_SEED),
                       model={"arch": "multimodal", "config": CFG.model_dump(mode="json"),
                              "init_seed": INIT_SEED}).start()
     try:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from cloud_aggregator.inference.publish import publish_shared_model
 from edge_server.training import save_model
 from edge_server.web import Accounts, WebSettings
-from iomt.mpc_cloud import MpcCloud
+from iomt.local_cloud import LocalCloud
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from tests.utils.browser import DESKTOP, TABLET, browser, check_accessible, check_fits, chromium_path, screenshot
 from tests.utils.clinic import write_full_store
@@ -36,15 +36,12 @@ def services(tmp_path_factory):
     save_model(edge / "models", cfg, state, name="global", info={"version": 1})
     run_iomt("edge", "users", "add", "alice", "--data-dir", str(edge), "--password-stdin", input=PASSWORD + "\n")
 
-    def launch(name, args, env):
-        return spawn_iomt(*args, log=root / f"{name}.log", env=env)
-
-    cloud = MpcCloud(root / "cloud", ["h0"], 2, launch=launch, stop=stop)
-    publish_shared_model(cloud.dirs, [state], [1], "multimodal", json.loads(cfg.to_json()))
+    cloud = LocalCloud(root / "cloud", 2, ["h0"], mpc=True, log_dir=root)
+    publish_shared_model(cloud.party_dirs, [state], [1], "multimodal", json.loads(cfg.to_json()))
     port = free_port()
     key = root / "cloud" / "creds" / "keys" / "h0.json"
     web = spawn_iomt("edge", "web", "--data-dir", str(edge), "--listen", f"127.0.0.1:{port}",
-                     "--parties", ",".join(cloud.urls), "--key-file", str(key), log=root / "web.log")
+                     "--parties", ",".join(cloud.party_urls), "--key-file", str(key), log=root / "web.log")
     try:
         cloud.start()
         wait_port(port, timeout=60)

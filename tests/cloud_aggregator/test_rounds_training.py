@@ -48,9 +48,9 @@ def test_secret_shared_rounds_improve_validation_metrics(tmp_path: Path):
     from iomt.local_cloud import LocalCloud
     torch.set_num_threads(1)
     cluster = LocalCloud.secagg(tmp_path, 3, list(HOSPITALS), rounds=ROUNDS, round_timeout=120.0,
-                      state=initial_state(CFG, INIT_SEED),
-                      model={"arch": "multimodal", "config": CFG.model_dump(mode="json"),
-                             "init_seed": INIT_SEED}).start()
+                                state=initial_state(CFG, INIT_SEED),
+                                model={"arch": "multimodal", "config": CFG.model_dump(mode="json"),
+                                       "init_seed": INIT_SEED}).start()
     try:
         with mp.get_context("spawn").Pool(len(HOSPITALS)) as pool:
             jobs = {h: pool.apply_async(_hospital, (h, str(tmp_path / f"creds/keys/{h}.json"), cluster.coord_url,

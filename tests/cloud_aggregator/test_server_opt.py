@@ -52,8 +52,8 @@ def _looks_uniform(share: np.ndarray, plain_encoded: np.ndarray) -> None:
 @pytest.mark.parametrize("opt", ["adam", "yogi"])
 def test_server_optimizer_on_shares_matches_plaintext(tmp_path, opt):
     cluster = LocalCloud.secagg(tmp_path, 2, list(COUNTS), rounds=ROUNDS, strategy=f"fed{opt}", mpc=True,
-                      coord_args=["--server-lr", str(LR), "--beta1", str(B1), "--beta2", str(B2),
-                                   "--tau", str(TAU)])
+                                coord_args=["--server-lr", str(LR), "--beta1", str(B1), "--beta2", str(B2),
+                                             "--tau", str(TAU)])
     cluster.start()
     try:
         clients = cluster.federated_clients()

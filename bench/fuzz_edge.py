@@ -46,7 +46,7 @@ from protocols.frames import DTYPES, MAX_PAYLOAD, pack_raw  # noqa: E402
 from protocols.messages import ClinicalNote, DeviceRegistration, to_wire  # noqa: E402
 from simulators import payloads as b  # noqa: E402
 from iomt.local_broker import Mosquitto  # noqa: E402
-from iomt.supervisor import child_env, free_port, iomt_argv, stop, wait_port  # noqa: E402
+from iomt.supervisor import child_env, free_port, iomt_argv, spawn_iomt, stop, wait_port  # noqa: E402
 
 HOSPITAL = "hF"
 F32 = DTYPES["float32"][0]
@@ -205,11 +205,8 @@ def main() -> int:
         broker = Mosquitto(work).start()
         data, mport = work / "data", free_port()
         log = work / "edge.log"
-        edge = subprocess.Popen([*iomt_argv(), "edge", "run", "--hospital", HOSPITAL, "--broker", broker.url,
-                                 "--data-dir", str(data), "--metrics-port", str(mport), "--preprocess-interval", "0"],
-                                env=child_env(one_thread=True), cwd=REPO, stdout=open(log, "ab"),
-                                stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        edge = spawn_iomt("edge", "run", "--hospital", HOSPITAL, "--broker", broker.url, "--data-dir", str(data),
+                          "--metrics-port", str(mport), "--preprocess-interval", "0", log=log)
         try:
             wait_port(mport)
             while not _http_json(f"http://127.0.0.1:{mport}/healthz").get("ok"):

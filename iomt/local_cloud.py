@@ -115,10 +115,10 @@ class LocalCloud:
                 self.coord_args += ["--party", url]
 
     @classmethod
-    def secagg(cls, root: Path, parties: int, hospitals: Sequence[str], model: dict | Path = TOY_MODEL,
+    def secagg(cls, root: Path, parties: int, clients: Sequence[str], model: dict | Path = TOY_MODEL,
                **kw) -> LocalCloud:
         """Coordinator and parties over TLS, verbose, federating ``model`` (default: a toy one)."""
-        return cls(root, parties, hospitals, model=model, tls=True, verbose=True, **kw)
+        return cls(root, parties, clients, model=model, tls=True, verbose=True, **kw)
 
     @classmethod
     def api(cls, root: Path, env: dict[str, str] | None = None) -> LocalCloud:

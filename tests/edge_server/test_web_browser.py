@@ -106,7 +106,7 @@ def test_sign_in_open_patient_and_ask_the_cloud(services):
         check_fits(page, TABLET)
     # the same probabilities as the API (`iomt infer --json`), and as the edge's plaintext model
     api = json.loads(run_iomt("infer", "--patient", patient, "--data-dir", str(services["edge"]), "--parties",
-                              ",".join(services["cloud"].urls), "--key-file", str(services["key"]), "--json").stdout)
+                              ",".join(services["cloud"].party_urls), "--key-file", str(services["key"]), "--json").stdout)
     assert set(shown) == set(api["probabilities"][0])
     for k, v in api["probabilities"][0].items():
         assert shown[k] == pytest.approx(v, abs=2e-3)
@@ -121,7 +121,7 @@ def test_refused_model_version_is_a_clear_message(services):
     from iomt.edge_web import build_app
 
     Accounts(services["edge"])  # the account from the fixture
-    settings = WebSettings(data_dir=services["edge"], parties=services["cloud"].urls, key_file=services["key"],
+    settings = WebSettings(data_dir=services["edge"], parties=services["cloud"].party_urls, key_file=services["key"],
                            model_version=9)
     client = TestClient(build_app(settings), base_url="http://127.0.0.1")
     token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)

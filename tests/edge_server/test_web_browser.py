@@ -106,7 +106,8 @@ def test_sign_in_open_patient_and_ask_the_cloud(services):
         check_fits(page, TABLET)
     # the same probabilities as the API (`iomt infer --json`), and as the edge's plaintext model
     api = json.loads(run_iomt("infer", "--patient", patient, "--data-dir", str(services["edge"]), "--parties",
-                              ",".join(services["cloud"].party_urls), "--key-file", str(services["key"]), "--json").stdout)
+                              ",".join(services["cloud"].party_urls), "--key-file", str(services["key"]),
+                              "--json").stdout)
     assert set(shown) == set(api["probabilities"][0])
     for k, v in api["probabilities"][0].items():
         assert shown[k] == pytest.approx(v, abs=2e-3)

@@ -1,6 +1,6 @@
 """Peak memory of a party receiving one large chunked upload (no Content-Length).
 
-Starts a coordinator and two parties as real processes (tests/utils/cloud_api.py), reads
+Starts a coordinator and two parties as real processes (iomt/local_cloud.py), reads
 party 0's resident memory (VmRSS) from /proc, streams ``--body-mib`` MiB of zeros in 1 MiB
 chunks to ``PUT /rounds/1/share`` with a valid hospital token, and reads the party's peak
 resident memory (VmHWM) afterwards. With ``--limit-mib`` the party's max_upload_bytes is set
@@ -20,7 +20,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.utils.cloud_api import CloudServices  # noqa: E402
+from iomt.local_cloud import LocalCloud  # noqa: E402
 
 
 def _proc_kib(pid: int, key: str) -> int:
@@ -38,9 +38,9 @@ def main() -> int:
     env = {"IOMT_PARTY_MAX_UPLOAD_BYTES": str(args.limit_mib << 20)} if args.limit_mib else {}
     block = b"\0" * (1 << 20)
     with tempfile.TemporaryDirectory(prefix="body_limit.") as tmp:
-        services = CloudServices(Path(tmp), env=env).start()
+        services = LocalCloud.api(Path(tmp), env=env).start()
         try:
-            pid = services.procs["party0"].pid
+            pid = services.procs["party-0"].pid
             time.sleep(1.0)
             rss0 = _proc_kib(pid, "VmRSS")
             t0 = time.perf_counter()

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import device_agent.agent as agent_mod  # noqa: E402
-from tests.device_agent.broker_restart import restart_under_load  # noqa: E402
-from tests.utils.procs import Mosquitto  # noqa: E402
+from iomt.broker_restart import restart_under_load  # noqa: E402
+from iomt.local_broker import Mosquitto  # noqa: E402
 
 
 def _broker(work: Path, args: argparse.Namespace) -> Mosquitto:
@@ -66,7 +66,7 @@ def backlog(args: argparse.Namespace) -> None:
     from device_agent.agent import DeviceAgent
     from device_agent.settings import AgentSettings
     from protocols.messages import SignalFrame
-    from tests.device_agent.collector import Collector
+    from iomt.mqtt_collector import Collector
 
     tmp = tempfile.TemporaryDirectory(prefix="iomt-bench-broker-")
     base = Path(tmp.name)

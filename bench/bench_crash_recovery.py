@@ -40,8 +40,8 @@ from protocols import fixedpoint  # noqa: E402
 from protocols.aggregation_messages import upload_from_wire  # noqa: E402
 from protocols.params import normalise_spec, unflatten  # noqa: E402
 from protocols.sharing import add_seed_into  # noqa: E402
-from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state  # noqa: E402
-from tests.utils.procs import run_iomt, spawn_iomt, stop  # noqa: E402
+from iomt.local_cloud import LocalCloud, toy_state  # noqa: E402
+from iomt.supervisor import run_iomt, spawn_iomt, stop  # noqa: E402
 
 COUNTS = {"h1": 40, "h2": 125, "h3": 7}
 
@@ -57,7 +57,7 @@ def _diff(model: dict, ref: dict) -> float:
 
 
 def _toy(root: Path, kill: str) -> dict:
-    cluster = Cluster(root, 2, list(COUNTS), round_timeout=300.0).start()
+    cluster = LocalCloud.secagg(root, 2, list(COUNTS), round_timeout=300.0).start()
     try:
         clients = {h: cluster.client(h) for h in COUNTS}
         for c in clients.values():
@@ -85,7 +85,7 @@ def _toy(root: Path, kill: str) -> dict:
 
 
 def _during_upload(root: Path) -> dict:
-    cluster = Cluster(root, 2, list(COUNTS), round_timeout=300.0).start()
+    cluster = LocalCloud.secagg(root, 2, list(COUNTS), round_timeout=300.0).start()
     try:
         clients = {h: FederatedClient(cluster.signer(h), cluster.coord_url, ca=cluster.tls["ca"],
                                       state_dir=root / f"{h}-edge") for h in COUNTS}
@@ -133,8 +133,8 @@ def _edge(root: Path) -> dict:
     model = json.loads((root / "model.json").read_text())
     spec = normalise_spec(model["spec"])
     dummy = {n: np.zeros(s, np.float32) for n, s in spec}
-    cluster = Cluster(root, 2, hospitals, round_timeout=600.0, spec_state=dummy,
-                      model={k: model[k] for k in ("arch", "config", "init_seed")})
+    cluster = LocalCloud.secagg(root, 2, hospitals, round_timeout=600.0, state=dummy,
+                                model={k: model[k] for k in ("arch", "config", "init_seed")})
     cluster.start()
     edges = {}
     try:

@@ -58,7 +58,8 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from protocols.messages import DeviceRegistration, to_wire  # noqa: E402
 from protocols.schema import SIGNAL_STREAMS  # noqa: E402
 from bench.mqtt_loadgen import frame_plan, publish  # noqa: E402
-from tests.utils.procs import Mosquitto, free_port, iomt_cmd, iomt_env, stop, wait_port  # noqa: E402
+from iomt.local_broker import Mosquitto  # noqa: E402
+from iomt.supervisor import child_env, free_port, iomt_argv, spawn, stop, wait_port  # noqa: E402
 
 HOSPITAL = "bench"
 _START_TS = struct.Struct("<d")
@@ -191,11 +192,10 @@ def run_bare(port: int, devices: list[str], seconds: int, publishers: int, rate:
 
 def _spawn_edge(broker: Mosquitto, data: Path, workdir: Path, extra: list[str]) -> subprocess.Popen:
     mport = free_port()
-    cmd = ["taskset", "-c", "0", *iomt_cmd()] if _has_taskset() else iomt_cmd()
-    edge = subprocess.Popen([*cmd, "edge", "run", "--hospital", HOSPITAL, "--broker", broker.url, "--data-dir",
-                             str(data), "--metrics-port", str(mport), "--preprocess-interval", "0", *extra],
-                            env=iomt_env(), cwd=REPO, stdout=open(workdir / "edge.log", "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = ["taskset", "-c", "0", *iomt_argv()] if _has_taskset() else iomt_argv()
+    edge = spawn([*cmd, "edge", "run", "--hospital", HOSPITAL, "--broker", broker.url, "--data-dir", str(data),
+                  "--metrics-port", str(mport), "--preprocess-interval", "0", *extra],
+                 workdir / "edge.log", child_env(one_thread=True))
     wait_port(mport)
     _wait_healthy(mport)
     return edge

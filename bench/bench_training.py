@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 
 from edge_server.training import ModelConfig, TrainConfig, records_to_tensors, train_local  # noqa: E402
 from protocols.model import build_model  # noqa: E402
-from tests.utils.records import make_records  # noqa: E402
+from simulators.records import make_records  # noqa: E402
 
 
 class Clock:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.utils.cloud_api import CloudServices, fuzz_cloud  # noqa: E402
+from bench.api_fuzz import fuzz_cloud  # noqa: E402
+from iomt.local_cloud import LocalCloud  # noqa: E402
 
 
 def main() -> int:
@@ -33,12 +34,12 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fuzz_api.") as tmp:
-        services = CloudServices(Path(tmp)).start()
+        services = LocalCloud.api(Path(tmp)).start()
         t0 = time.perf_counter()
         try:
             results = fuzz_cloud(services, args.examples, args.seed)
             alive = services.alive()
-            tracebacks = sum(services.log(n).count("Traceback") for n in ("party0", "party1", "coord"))
+            tracebacks = sum(services.log(n).count("Traceback") for n in ("party-0", "party-1", "coordinator"))
         finally:
             services.stop()
         seconds = time.perf_counter() - t0

@@ -44,8 +44,9 @@ from bench.mqtt_loadgen import Publisher, _utf8, publish_packet  # noqa: E402
 from protocols.fhir import build_bundle  # noqa: E402
 from protocols.frames import DTYPES, MAX_PAYLOAD, pack_raw  # noqa: E402
 from protocols.messages import ClinicalNote, DeviceRegistration, to_wire  # noqa: E402
-from tests.edge_server import builders as b  # noqa: E402
-from tests.utils.procs import Mosquitto, free_port, iomt_cmd, iomt_env, stop, wait_port  # noqa: E402
+from simulators import payloads as b  # noqa: E402
+from iomt.local_broker import Mosquitto  # noqa: E402
+from iomt.supervisor import child_env, free_port, iomt_argv, spawn_iomt, stop, wait_port  # noqa: E402
 
 HOSPITAL = "hF"
 F32 = DTYPES["float32"][0]
@@ -204,10 +205,8 @@ def main() -> int:
         broker = Mosquitto(work).start()
         data, mport = work / "data", free_port()
         log = work / "edge.log"
-        edge = subprocess.Popen([*iomt_cmd(), "edge", "run", "--hospital", HOSPITAL, "--broker", broker.url,
-                                 "--data-dir", str(data), "--metrics-port", str(mport), "--preprocess-interval", "0"],
-                                env=iomt_env(), cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        edge = spawn_iomt("edge", "run", "--hospital", HOSPITAL, "--broker", broker.url, "--data-dir", str(data),
+                          "--metrics-port", str(mport), "--preprocess-interval", "0", log=log)
         try:
             wait_port(mport)
             while not _http_json(f"http://127.0.0.1:{mport}/healthz").get("ok"):
@@ -220,11 +219,12 @@ def main() -> int:
 
             t0 = time.monotonic()
             report = work / "report.json"
-            sim = subprocess.Popen([*iomt_cmd(), "simulate", "--hospital", HOSPITAL, "--broker", broker.url,
+            sim = subprocess.Popen([*iomt_argv(), "simulate", "--hospital", HOSPITAL, "--broker", broker.url,
                                     "--patients", str(args.patients), "--duration", str(args.duration),
                                     "--seed", str(args.seed), "--report", str(report),
                                     "--buffer-dir", str(work / "buf"), *([] if args.fast else ["--realtime"])],
-                                   env=iomt_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   env=child_env(one_thread=True), cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
             adversary: dict = {}
             thread = threading.Thread(target=publish_bad, args=(broker.port, bad, args.bad_rate, adversary))
             thread.start()

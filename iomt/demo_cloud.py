@@ -7,65 +7,36 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from iomt.supervisor import ChildFailed, Supervisor, free_port, iomt_argv, wait_port
+from iomt.supervisor import ChildFailed, Supervisor, iomt_argv
 
 ROUND_TIMEOUT_S = 900.0
 POLL_S = 1.0
 
 
-def _tls_args(tls: dict) -> list[str]:
-    return ["--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]), "--tls-ca", str(tls["ca"])]
-
-
 def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup: Supervisor,
               say: Callable[[str], None]) -> dict:
-    from protocols.auth import make_credentials, make_tls
+    from iomt.local_cloud import LocalCloud
 
-    cloud = out / "cloud"
-    registry = make_credentials(cloud / "creds", hospitals, args.parties)
-    keys = cloud / "creds" / "keys"
-    tls = make_tls(cloud / "tls")
-    model_file = cloud / "model.json"
+    model_file = out / "cloud" / "model.json"
+    model_file.parent.mkdir(parents=True, exist_ok=True)
     sup.run("write-model", iomt_argv("edge", "federate", "--write-model", str(model_file),
                                      "--fusion", args.fusion, "--seed", str(args.seed)))
-
     # parties (each starts its CrypTen worker), the triple provider, the coordinator
-    party_ports = [free_port() for _ in range(args.parties)]
-    party_urls = [f"https://127.0.0.1:{p}" for p in party_ports]
-    coord_port = free_port()
-    coord_url = f"https://127.0.0.1:{coord_port}"
-    mpc_master = f"127.0.0.1:{free_port()}"
-    parties = []
-    for i, port in enumerate(party_ports):
-        parties.append(sup.start(f"party-{i}", iomt_argv(
-            "cloud", "party", "--index", str(i), "--parties", str(args.parties),
-            "--data-dir", str(cloud / f"party-{i}"), "--listen", f"127.0.0.1:{port}",
-            "--registry", str(registry), "--key-file", str(keys / f"party-{i}.json"),
-            "--coordinator", coord_url, "--mpc-master", mpc_master, *_tls_args(tls))))
-    sup.start("triples", iomt_argv("cloud", "triples", "--parties", str(args.parties),
-                                   "--mpc-master", mpc_master))
-    coord_argv = ["cloud", "coordinator", "--data-dir", str(cloud / "coordinator"),
-                  "--listen", f"127.0.0.1:{coord_port}", "--registry", str(registry),
-                  "--key-file", str(keys / "coordinator.json"), "--model", str(model_file),
-                  "--rounds", str(args.rounds), "--round-timeout", str(ROUND_TIMEOUT_S),
-                  "--min-hospitals", str(len(hospitals)), "--strategy", "fedavg", *_tls_args(tls)]
-    for url in party_urls:
-        coord_argv += ["--party", url]
-    coord = sup.start("coordinator", iomt_argv(*coord_argv))
-    for i, (port, child) in enumerate(zip(party_ports, parties)):
-        wait_port(port, proc=child.proc, timeout=120, name=f"party {i}")
-    wait_port(coord_port, proc=coord.proc, timeout=120, name="coordinator")
+    cloud = LocalCloud(out / "cloud", args.parties, hospitals, model=model_file, mpc=True, tls=True,
+                       rounds=args.rounds, round_timeout=ROUND_TIMEOUT_S, sup=sup)
+    tls, coord_url, party_urls = cloud.tls, cloud.coord_url, cloud.party_urls
+    cloud.start(wait_mpc=False)
     say(f"cloud up: {args.parties} parties, triple provider, coordinator (TLS, signed tokens)")
 
     # federated rounds: one `iomt edge federate` per hospital -------------------------------
     fed = {}
     for h in hospitals:
         fed[h] = sup.start(f"federate-{h}", iomt_argv(
-            "edge", "federate", "--data-dir", str(edges[h]), "--key-file", str(keys / f"{h}.json"),
+            "edge", "federate", "--data-dir", str(edges[h]), "--key-file", str(cloud.key_file(h)),
             "--coordinator", coord_url, "--tls-ca", str(tls["ca"]), "--epochs", str(args.epochs),
             "--seed", str(args.seed), "--clip-norm", str(args.clip_norm),
             "--noise-multiplier", str(args.noise_multiplier), "--json"), daemon=False)
-    _watch_rounds(sup, fed, keys / f"{hospitals[0]}.json", coord_url, tls["ca"], args.rounds, say)
+    _watch_rounds(sup, fed, cloud.key_file(hospitals[0]), coord_url, tls["ca"], args.rounds, say)
     results = {}
     for h, child in fed.items():
         if child.proc.wait() != 0:
@@ -77,8 +48,7 @@ def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup
         for h, r in results.items()))
 
     from iomt.demo_infer import clinician_inference
-    inference = clinician_inference(out, hospitals[0], edges[hospitals[0]], keys / f"{hospitals[0]}.json",
-                                    coord_url, party_urls, tls["ca"], args.seed, sup, say)
+    inference = clinician_inference(out, hospitals[0], edges[hospitals[0]], cloud, args.seed, sup, say)
     return {"cloud": {"parties": args.parties, "party_urls": party_urls, "coordinator": coord_url,
                       "ca": str(tls["ca"])},
             "federation": results, "inference": inference}

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from iomt.local_cloud import LocalCloud
 from iomt.supervisor import ChildFailed, Supervisor, iomt_argv
 
 MPC_READY_TIMEOUT_S = 300.0
@@ -30,30 +31,14 @@ def _pick_patient(edge_dir: Path, seed: int) -> tuple[str, tuple[str, ...]]:
     return best.patient_id, best.modalities()
 
 
-def _wait_mpc_ready(party_urls: list[str], ca: Path, sup: Supervisor) -> None:
-    import httpx
-
-    deadline = time.monotonic() + MPC_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        sup.check()
-        try:
-            if all(httpx.get(f"{u}/inference/v1/status", verify=str(ca), timeout=5).json().get("ready")
-                   for u in party_urls):
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1.0)
-    raise ChildFailed(f"the parties' MPC group was not ready within {MPC_READY_TIMEOUT_S:.0f}s")
-
-
-def clinician_inference(out: Path, hospital: str, edge_dir: Path, key_file: Path, coord_url: str,
-                        party_urls: list[str], ca: Path, seed: int, sup: Supervisor,
+def clinician_inference(out: Path, hospital: str, edge_dir: Path, cloud: LocalCloud, seed: int, sup: Supervisor,
                         say: Callable[[str], None]) -> dict:
+    key_file, party_urls, ca = cloud.key_file(hospital), cloud.party_urls, cloud.tls["ca"]
     patient, modalities = _pick_patient(edge_dir, seed)
     say(f"clinician at {hospital} asks about held-out patient {patient} ({', '.join(modalities)})")
     plain = _json("iomt edge predict", sup.run("predict-plain", iomt_argv(
         "edge", "predict", "--data-dir", str(edge_dir), "--patient", patient, "--json")))
-    _wait_mpc_ready(party_urls, ca, sup)
+    cloud.wait_ready(MPC_READY_TIMEOUT_S)
     t0 = time.monotonic()
     enc = _json("iomt infer", sup.run("infer-encrypted", iomt_argv(
         "infer", "--patient", patient, "--data-dir", str(edge_dir), "--parties", ",".join(party_urls),

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.utils.procs import Mosquitto
+from iomt.local_broker import Mosquitto
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

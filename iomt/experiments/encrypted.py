@@ -73,7 +73,7 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
     import torch
 
     from cloud_aggregator.inference.client import predict
-    from iomt.mpc_cloud import serving
+    from iomt.local_cloud import serving
     from protocols.model import state_to_numpy
 
     batches = batches or (QUICK_BATCHES if settings.quick else BATCHES)
@@ -106,7 +106,7 @@ def encrypted_inference(settings: Settings, batches: tuple[int, ...] | None = No
                         with torch.no_grad():
                             plain = net(torch.from_numpy(x_test[idx])).numpy()
                         start = time.perf_counter()
-                        pred = predict(cloud.urls, cloud.signer, {"image": x_test[idx]}, timeout=600)
+                        pred = predict(cloud.party_urls, cloud.signer(), {"image": x_test[idx]}, timeout=600)
                         wall = time.perf_counter() - start
                         logits = pred.outputs["logits"]
                         runs.append({

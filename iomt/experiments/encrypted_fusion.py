@@ -67,7 +67,7 @@ def encrypted_fusion(settings: Settings, batches: tuple[int, ...] | None = None,
                      fusions: tuple[str, ...] = FUSIONS) -> dict:
     from cloud_aggregator.inference.client import predict
     from iomt.federation import run_federation
-    from iomt.mpc_cloud import serving
+    from iomt.local_cloud import serving
     from protocols.model import build_model, load_numpy_state
 
     batches = batches or (QUICK_BATCHES if settings.quick else BATCHES)
@@ -88,7 +88,7 @@ def encrypted_fusion(settings: Settings, batches: tuple[int, ...] | None = None,
                         ref_logits, ref_weights = _plaintext(model, feats[idx], mask[idx])
                         time.sleep(idle)
                         start = time.perf_counter()
-                        pred = predict(cloud.urls, cloud.signer, {"features": feats[idx], "mask": mask[idx]})
+                        pred = predict(cloud.party_urls, cloud.signer(), {"features": feats[idx], "mask": mask[idx]})
                         wall = time.perf_counter() - start
                         logits, weights = pred.outputs["logits"], pred.outputs["modality_weights"]
                         runs.append({

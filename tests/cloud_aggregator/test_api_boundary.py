@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from protocols.auth import _b64e, make_credentials
-from tests.utils.cloud_api import CloudServices
-from tests.utils.procs import free_port, run_iomt
+from iomt.local_cloud import LocalCloud
+from iomt.supervisor import free_port, run_iomt
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ BODY_LIMIT = 64 << 10
 def cloud(tmp_path_factory):
     env = {"IOMT_PARTY_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "IOMT_PARTY_MAX_BODY_BYTES": str(BODY_LIMIT),
            "IOMT_COORD_MAX_BODY_BYTES": str(BODY_LIMIT)}
-    services = CloudServices(tmp_path_factory.mktemp("api"), env=env).start()
+    services = LocalCloud.api(tmp_path_factory.mktemp("api"), env=env).start()
     yield services
     services.stop()
 
@@ -48,7 +48,7 @@ def _error(resp: httpx.Response) -> str:
 
 
 def test_chunked_upload_is_refused_while_it_streams(cloud):
-    party = cloud.procs["party0"]
+    party = cloud.procs["party-0"]
     before = _peak_rss_kib(party.pid)
     resp = httpx.put(f"{cloud.party_urls[0]}/rounds/1/share", content=_chunks(48 << 20),
                      headers=cloud.signer("h1").headers("party-0"), timeout=120)
@@ -60,7 +60,7 @@ def test_chunked_upload_is_refused_while_it_streams(cloud):
                      headers=cloud.signer("h1").headers("party-0"))
     assert resp.status_code == 413 and _error(resp) == "too_large"
     assert cloud.metrics(cloud.party_urls[0], "party-0")["rejected_too_large"] >= 2
-    assert "refused PUT /rounds/1/share: 413 too_large" in cloud.log("party0")
+    assert "refused PUT /rounds/1/share: 413 too_large" in cloud.log("party-0")
     assert httpx.get(f"{cloud.party_urls[0]}/health").status_code == 200
 
 
@@ -116,7 +116,7 @@ def test_deeply_nested_json_is_bad_input_not_a_traceback(cloud):
         resp = httpx.post(f"{cloud.party_urls[0]}/rounds/1/aggregate", content=body, headers=headers)
         assert resp.status_code == 400 and _error(resp) == "bad_json", resp.text
     assert cloud.metrics(cloud.party_urls[0], "party-0")["rejected_bad_json"] >= 3
-    assert "Traceback" not in cloud.log("party0") and cloud.alive()
+    assert "Traceback" not in cloud.log("party-0") and cloud.alive()
 
 
 def test_openapi_declares_the_error_answers(cloud):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.utils.cloud_api import CloudServices, fuzz_cloud
+from bench.api_fuzz import fuzz_cloud
+from iomt.local_cloud import LocalCloud
 
 pytestmark = pytest.mark.integration
 
 
 def test_schemathesis_finds_no_server_error(tmp_path):
-    services = CloudServices(tmp_path).start()
+    services = LocalCloud.api(tmp_path).start()
     try:
         results = fuzz_cloud(services, examples=20, seed=11)
         assert services.alive()
@@ -23,6 +24,6 @@ def test_schemathesis_finds_no_server_error(tmp_path):
         assert not counts.server_errors, (name, counts.server_errors[:5])
         assert not counts.undeclared, (name, dict(counts.undeclared))
         assert any(400 <= s < 500 for s in counts.by_status) and 200 in counts.by_status
-    for log in ("party0", "party1", "coord"):
+    for log in ("party-0", "party-1", "coordinator"):
         assert "Traceback" not in (tmp_path / f"{log}.log").read_text(errors="replace")
     assert sum(c.cases for c in results.values()) >= 200

@@ -1,7 +1,7 @@
 import json
 
 from protocols.auth import Registry, Signer
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 
 
 def test_credentials_make_working_keys_and_revoke(tmp_path):

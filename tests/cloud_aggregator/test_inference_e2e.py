@@ -14,18 +14,15 @@ from cloud_aggregator.inference.publish import publish_shared_model
 from protocols.auth import Signer, make_credentials
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from protocols.vision import fold_batchnorm, resnet18
-from iomt.mpc_cloud import MpcCloud
-from tests.utils.procs import run_iomt, spawn_iomt, stop, wait_port
+from iomt.local_cloud import LocalCloud
+from iomt.supervisor import run_iomt, wait_port
 
 torch.set_num_threads(1)
 
 
-def Cloud(tmp, parties: int = 2) -> MpcCloud:  # noqa: N802 - reads as the class it builds
+def Cloud(tmp, parties: int = 2) -> LocalCloud:  # noqa: N802 - reads as the class it builds
     """Two parties and the triples provider, each its own `iomt` process that dies with the test."""
-    def launch(name, args, env):
-        return spawn_iomt(*args, log=tmp / f"{name}.log", env=env)
-
-    return MpcCloud(tmp, ["hospital-a"], parties, launch=launch, stop=stop)
+    return LocalCloud(tmp, parties, ["hospital-a"], mpc=True)
 
 
 @pytest.fixture
@@ -34,7 +31,7 @@ def fusion_cloud(tmp_path):
     cfg = ModelConfig(dim=16)
     models = [build_model(cfg).eval() for _ in range(2)]
     cloud = Cloud(tmp_path)
-    publish_shared_model(cloud.dirs, [state_to_numpy(m) for m in models], [40, 24], "multimodal",
+    publish_shared_model(cloud.party_dirs, [state_to_numpy(m) for m in models], [40, 24], "multimodal",
                          json.loads(cfg.to_json()))
     avg = build_model(cfg).eval()
     sa, sb = state_to_numpy(models[0]), state_to_numpy(models[1])
@@ -66,7 +63,7 @@ def test_fusion_head_matches_plaintext_and_cloud_never_sees_model(fusion_cloud):
     got_logits, got_w, ref_logits, ref_w = [], [], [], []
     for _ in range(3):
         feats, mask = _features(model, 25, gen)
-        pred = predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
+        pred = predict(cloud.party_urls, cloud.signer(), {"features": feats.numpy(), "mask": mask.numpy()})
         with torch.no_grad():
             fused, weights = model.fusion(feats, mask)
             logits = model.head(fused)
@@ -79,13 +76,13 @@ def test_fusion_head_matches_plaintext_and_cloud_never_sees_model(fusion_cloud):
     assert np.abs(gw - rw).max() < 1e-2
     assert np.all(gw[rw == 0] == 0) or np.abs(gw[rw == 0]).max() < 1e-3  # absent modalities weigh nothing
     # Assert: no party holds the model in the clear; its share is not the plaintext S
-    for d in cloud.dirs:
+    for d in cloud.party_dirs:
         assert not list(d.rglob("*.onnx")) and not list(d.rglob("*.pt"))
         with np.load(next(d.rglob("share.npz"))) as z:
             share = z["head.4.weight"].astype(np.float64) / 2**16 / 64
         assert np.abs(share - model.head[4].weight.detach().numpy()).min() > 1.0  # uniform ring noise
     # the audit log has who/when/which version, never content
-    entries = [json.loads(x) for x in (cloud.dirs[1] / "audit" / "inference.jsonl").read_text().splitlines()]
+    entries = [json.loads(x) for x in (cloud.party_dirs[1] / "audit" / "inference.jsonl").read_text().splitlines()]
     assert [e["client"] for e in entries] == ["hospital-a"] * 3 and all(e["model_version"] == 1 for e in entries)
     assert set(entries[0]) == {"time", "client", "request_id", "model_version", "status", "batch"}
 
@@ -94,27 +91,28 @@ def test_bad_inputs_get_clear_errors_and_service_survives(fusion_cloud, tmp_path
     cloud, model = fusion_cloud
     feats, mask = _features(model, 2, torch.Generator().manual_seed(3))
     with pytest.raises(InferenceError) as err:  # wrong shape
-        predict(cloud.urls, cloud.signer, {"features": feats[:, :3].numpy(), "mask": mask.numpy()})
+        predict(cloud.party_urls, cloud.signer(), {"features": feats[:, :3].numpy(), "mask": mask.numpy()})
     assert err.value.code == "bad_shape"
     with pytest.raises(InferenceError) as err:  # missing input
-        predict(cloud.urls, cloud.signer, {"features": feats.numpy()})
+        predict(cloud.party_urls, cloud.signer(), {"features": feats.numpy()})
     assert err.value.code == "bad_input"
     make_credentials(tmp_path / "other", ["intruder"], 2)  # a key the parties do not know
     intruder = Signer.from_file(tmp_path / "other" / "keys" / "intruder.json")
     with pytest.raises(InferenceError) as err:
-        predict(cloud.urls, intruder, {"features": feats.numpy(), "mask": mask.numpy()})
+        predict(cloud.party_urls, intruder, {"features": feats.numpy(), "mask": mask.numpy()})
     assert err.value.code == "unauthorized"
     truncated = {"request_id": "abcdefgh12", "inputs": {"mask": {"shape": [2, 4], "data": "AAAA"}}}
-    resp = httpx.post(f"{cloud.urls[0]}/inference/v1/predict", json=truncated,
-                      headers=cloud.signer.headers("party-0"), timeout=30)
+    resp = httpx.post(f"{cloud.party_urls[0]}/inference/v1/predict", json=truncated,
+                      headers=cloud.signer().headers("party-0"), timeout=30)
     assert resp.status_code == 400 and resp.json()["error"] == "truncated_share"
     # a share only party 1 ever receives: never scheduled by party 0 -> times out cleanly there
     # still serving
-    pred = predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
+    pred = predict(cloud.party_urls, cloud.signer(), {"features": feats.numpy(), "mask": mask.numpy()})
     assert pred.outputs["logits"].shape == (2, 3)
     # and the command-line client gives the same answer
     np.savez(tmp_path / "case.npz", features=feats.numpy(), mask=mask.numpy())
-    out = run_iomt("infer", "--patient", "p-1", "--input", str(tmp_path / "case.npz"), "--parties", ",".join(cloud.urls),
+    out = run_iomt("infer", "--patient", "p-1", "--input", str(tmp_path / "case.npz"),
+                   "--parties", ",".join(cloud.party_urls),
                    "--key-file", str(tmp_path / "creds" / "keys" / "hospital-a.json"), "--json")
     result = json.loads(out.stdout)
     assert result["patient"] == "p-1" and len(result["probabilities"]) == 2
@@ -127,14 +125,14 @@ def test_party_disappearing_mid_request_is_an_error_then_recovers(fusion_cloud):
     # party 1 dies: party 0 gets the share, the group breaks or party 1 never answers
     cloud.stop_party(1)
     with pytest.raises(InferenceError) as err:
-        predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()}, timeout=60)
+        predict(cloud.party_urls, cloud.signer(), {"features": feats.numpy(), "mask": mask.numpy()}, timeout=60)
     assert err.value.code in {"party_unreachable", "missing_share", "mpc_unavailable"}
-    status = httpx.get(f"{cloud.urls[0]}/inference/v1/status", timeout=5).json()
+    status = httpx.get(f"{cloud.party_urls[0]}/inference/v1/status", timeout=5).json()
     assert status["party"] == 0  # party 0's service is still up
     cloud.start_party(1)
-    wait_port(cloud.ports[1], timeout=60)
+    wait_port(cloud.party_ports[1], timeout=60)
     cloud.wait_ready()
-    pred = predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
+    pred = predict(cloud.party_urls, cloud.signer(), {"features": feats.numpy(), "mask": mask.numpy()})
     with torch.no_grad():
         ref = model.head(model.fusion(feats, mask)[0]).numpy()
     assert np.abs(pred.outputs["logits"] - ref).max() < 1e-2
@@ -158,15 +156,15 @@ def test_resnet18_from_shares_matches_plaintext(tmp_path):
     states = [state_to_numpy(n) for n in nets]
     cloud = Cloud(tmp_path)
     config = {"num_classes": 3, "in_channels": 1, "image_size": 16}
-    publish_shared_model(cloud.dirs, states, [3, 5], "resnet18", config)
+    publish_shared_model(cloud.party_dirs, states, [3, 5], "resnet18", config)
     ref = resnet18(num_classes=3, in_channels=1).eval()
     ref.load_state_dict({k: torch.from_numpy((3 * states[0][k] + 5 * states[1][k]) / 8) for k in states[0]}, strict=False)
-    publish_shared_model(cloud.dirs, [state_to_numpy(fold_batchnorm(ref))], [1], "resnet18",
+    publish_shared_model(cloud.party_dirs, [state_to_numpy(fold_batchnorm(ref))], [1], "resnet18",
                          dict(config, batchnorm_folded=True), version=2)
     cloud.start()
     try:
         x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-        preds = [predict(cloud.urls, cloud.signer, {"image": x.numpy()}, model_version=v) for v in (1, 2)]
+        preds = [predict(cloud.party_urls, cloud.signer(), {"image": x.numpy()}, model_version=v) for v in (1, 2)]
     finally:
         cloud.stop()
     with torch.no_grad():
@@ -185,14 +183,14 @@ def test_quadratic_fusion_head_end_to_end(tmp_path):
     models = [build_model(cfg).eval() for _ in range(2)]
     states = [state_to_numpy(m) for m in models]
     cloud = Cloud(tmp_path)
-    publish_shared_model(cloud.dirs, states, [10, 30], "multimodal", json.loads(cfg.to_json()))
+    publish_shared_model(cloud.party_dirs, states, [10, 30], "multimodal", json.loads(cfg.to_json()))
     avg = build_model(cfg).eval()
     avg.load_state_dict({k: torch.from_numpy((10 * states[0][k] + 30 * states[1][k]) / 40) for k in states[0]},
                         strict=False)
     feats, mask = _features(avg, 10, torch.Generator().manual_seed(9))
     cloud.start()
     try:  # the first request fetches its triples from the TTP; the second finds them prefetched
-        preds = [predict(cloud.urls, cloud.signer, {"features": feats.numpy(), "mask": mask.numpy()})
+        preds = [predict(cloud.party_urls, cloud.signer(), {"features": feats.numpy(), "mask": mask.numpy()})
                  for _ in range(2)]
     finally:
         cloud.stop()

@@ -11,10 +11,10 @@ import torch
 from cloud_aggregator.inference.client import predict
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.inference.publish import publish_shared_model
-from iomt.mpc_cloud import MpcCloud
+from iomt.local_cloud import LocalCloud
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from protocols.schema import CONDITIONS
-from tests.utils.procs import run_iomt, spawn_iomt, stop
+from iomt.supervisor import run_iomt
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.integration
@@ -55,8 +55,7 @@ def _plaintext(model, feats: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ranges")
-    cloud = MpcCloud(tmp, ["hospital-a"], 2, launch=lambda name, args, env: spawn_iomt(
-        *args, log=tmp / f"{name}.log", env=env), stop=stop)
+    cloud = LocalCloud(tmp, 2, ["hospital-a"], mpc=True)
     # v1: tanh inputs in the thousands (as a DP-trained model's after 2 rounds); v2: scores
     # beyond the softmax's exp and reciprocal ranges (||v||_1 = 60)
     # v3: a plain attention model; v4: a quadratic head whose products pass 2^31
@@ -65,7 +64,7 @@ def cloud(tmp_path_factory):
     with torch.no_grad():
         models[2].fusion.score.weight.fill_(60.0 / 16)
     for version, model in models.items():
-        publish_shared_model(cloud.dirs, [state_to_numpy(model)], [1], "multimodal",
+        publish_shared_model(cloud.party_dirs, [state_to_numpy(model)], [1], "multimodal",
                              json.loads(model.cfg.to_json()), version=version)
     cloud.start()
     yield cloud, models, tmp
@@ -75,7 +74,7 @@ def cloud(tmp_path_factory):
 def _infer(cloud, tmp, feats, mask, version: int):
     np.savez(tmp / f"case{version}.npz", features=feats, mask=mask)
     return run_iomt("infer", "--patient", "p-1", "--input", str(tmp / f"case{version}.npz"),
-                    "--parties", ",".join(cloud.urls), "--model-version", str(version),
+                    "--parties", ",".join(cloud.party_urls), "--model-version", str(version),
                     "--key-file", str(tmp / "creds" / "keys" / "hospital-a.json"), "--json", check=False)
 
 
@@ -86,7 +85,7 @@ def test_large_tanh_inputs_answer_as_plaintext(cloud):
     with torch.no_grad():
         pre = models[1].fusion.proj(torch.from_numpy(feats).float()) + models[1].fusion.modality_embed
     assert pre.abs().max() > 1000  # far beyond the old tanh's valid |x| <= 56
-    pred = predict(cloud.urls, cloud.signer, {"features": feats, "mask": mask}, model_version=1)
+    pred = predict(cloud.party_urls, cloud.signer(), {"features": feats, "mask": mask}, model_version=1)
     np.testing.assert_allclose(pred.outputs["modality_weights"], ref_weights, atol=1e-2)
     np.testing.assert_allclose(pred.outputs["logits"], ref_logits, atol=2e-2)
     out = _infer(cloud, tmp, feats, mask, 1)
@@ -98,22 +97,23 @@ def test_model_beyond_the_softmax_range_is_refused_with_a_reason(cloud):
     cloud, models, tmp = cloud
     feats, mask = _features(models[2], 4)
     with pytest.raises(InferenceError) as err:
-        predict(cloud.urls, cloud.signer, {"features": feats, "mask": mask}, model_version=2)
+        predict(cloud.party_urls, cloud.signer(), {"features": feats, "mask": mask}, model_version=2)
     assert err.value.code == "model_out_of_range"
     out = _infer(cloud, tmp, feats, mask, 2)
     assert out.returncode == 3 and "model_out_of_range" in out.stderr and "||v||_1" in out.stderr
     assert out.stdout == ""  # no class printed
     # counted and audited at every party, and the service still answers for other versions
-    for url, d in zip(cloud.urls, cloud.dirs):
+    for url, d in zip(cloud.party_urls, cloud.party_dirs):
         counters = httpx.get(f"{url}/inference/v1/status", timeout=10).json()["counters"]
         assert counters["rejected_model_out_of_range"] == 2
         statuses = [json.loads(x)["status"] for x in (d / "audit" / "inference.jsonl").read_text().splitlines()]
         assert statuses.count("model_out_of_range") == 2
-    assert predict(cloud.urls, cloud.signer, {"features": feats, "mask": mask}, model_version=3).model_version == 3
+    answer = predict(cloud.party_urls, cloud.signer(), {"features": feats, "mask": mask}, model_version=3)
+    assert answer.model_version == 3
 
 
 def _audit_lines(cloud) -> int:
-    path = cloud.dirs[0] / "audit" / "inference.jsonl"
+    path = cloud.party_dirs[0] / "audit" / "inference.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
@@ -128,7 +128,7 @@ def test_answers_outside_the_approximations_are_refused_at_the_client(cloud):
     # a quadratic head whose products wrap the 16-bit fixed point (scores ~ 1e3)
     feats, mask = _features(models[4], 2)
     with pytest.raises(InferenceError) as err:
-        predict(cloud.urls, cloud.signer, {"features": feats, "mask": mask}, model_version=4)
+        predict(cloud.party_urls, cloud.signer(), {"features": feats, "mask": mask}, model_version=4)
     assert err.value.code in {"answer_out_of_range", "bad_answer"}
     # features beyond +-1024 never leave the client: exit 2, no party saw a request
     before = _audit_lines(cloud)
@@ -137,6 +137,6 @@ def test_answers_outside_the_approximations_are_refused_at_the_client(cloud):
     assert _audit_lines(cloud) == before
     # and the service still answers a good query for a good model, as the plaintext model does
     feats, mask = _features(models[3], 2)
-    pred = predict(cloud.urls, cloud.signer, {"features": feats, "mask": mask}, model_version=3)
+    pred = predict(cloud.party_urls, cloud.signer(), {"features": feats, "mask": mask}, model_version=3)
     ref_logits, ref_weights = _plaintext(models[3], feats, mask)
     np.testing.assert_allclose(pred.outputs["logits"], ref_logits, atol=1e-2)

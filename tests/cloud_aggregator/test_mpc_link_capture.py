@@ -33,11 +33,11 @@ from cloud_aggregator.inference import client as inference_client
 from cloud_aggregator.inference.publish import publish_shared_model
 from protocols.auth import Signer, make_credentials
 from protocols.model import ModelConfig, build_model, state_to_numpy
-from tests.utils.procs import REPO, _die_with_parent, iomt_env, stop
+from iomt.supervisor import REPO_ROOT, child_env, die_with_parent, spawn, stop
 
 pytestmark = pytest.mark.integration
 
-PROBE = REPO / "tests" / "utils" / "mpc_seed_probe.py"
+PROBE = REPO_ROOT / "tests" / "utils" / "mpc_seed_probe.py"
 MEMBERS = ("p0", "p1", "tp")  # party 0, party 1, the triples provider
 HTTP_PORT, MPC_PORT, WG_PORT = 8800, 29500, 51820
 READY_S = 120.0
@@ -117,7 +117,7 @@ class Net:
                 env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
                 self.daemons.append(subprocess.Popen(
                     ["ip", "netns", "exec", self.ns[m], "wireguard-go", "-f", iface], env=env,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent))
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent))
                 _wait(lambda: _sh("wg", "show", iface, check=False).returncode == 0, f"wireguard-go {iface}")
             conf = self.work / f"wg-{m}.conf"  # deploy/wireguard/wg-mpc.conf.template, filled in
             lines = ["[Interface]", f"PrivateKey = {keys[m][0].read_text().strip()}", f"ListenPort = {WG_PORT}"]
@@ -127,7 +127,7 @@ class Net:
                               f"Endpoint = {self.under[peer]}:{WG_PORT}"]
             conf.write_text("\n".join(lines) + "\n")
             conf.chmod(0o600)
-            self.exec(m, "sh", str(REPO / "deploy" / "wireguard" / "mpc-wg.sh"), "up", iface,
+            self.exec(m, "sh", str(REPO_ROOT / "deploy" / "wireguard" / "mpc-wg.sh"), "up", iface,
                       f"{self.tunnel[m]}/24", str(conf))
 
     def down(self) -> None:
@@ -162,8 +162,7 @@ def net(tmp_path_factory):
 def _launch(net: Net, m: str, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     """`iomt <args>` in member m's namespace (through the seed probe, see mpc_seed_probe.py)."""
     cmd = ["ip", "netns", "exec", net.ns[m], sys.executable, str(PROBE), "-v", *args]
-    return subprocess.Popen(cmd, env=iomt_env(**env), cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent)
+    return spawn(cmd, log, child_env(env, one_thread=True))
 
 
 def _wildcard_listeners(net: Net) -> list[str]:
@@ -195,7 +194,7 @@ def _run_cloud(net: Net, work: Path, tunnel: bool) -> dict:
     # not an MPC link; the hospital's HTTPS is another issue's).
     pcap = work / "link.pcapng"
     tshark = subprocess.Popen(["tshark", "-i", net.bridge, "-w", str(pcap), "-f", f"not tcp port {HTTP_PORT}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
     _wait(lambda: pcap.exists(), "tshark")
     procs = {"tp": _launch(net, "tp", ["cloud", "triples", "--parties", "2", "--mpc-master", master, *link("tp")],
                            work / "tp.log", {})}

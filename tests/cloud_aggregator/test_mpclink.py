@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from cloud_aggregator.mpc.mpclink import (MpcLinkError, bind_distributed, interface_addresses, resolve_link,
                                                wireguard_kind)
-from tests.utils.procs import free_port
+from iomt.supervisor import free_port
 
 needs_ip = pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 (`ip`) is not installed")
 

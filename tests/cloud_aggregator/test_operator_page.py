@@ -8,16 +8,16 @@ import httpx
 import pytest
 
 from protocols.auth import revoke
-from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
+from iomt.local_cloud import LocalCloud, toy_state
 from tests.utils.browser import DESKTOP, TABLET, browser, check_accessible, check_fits, chromium_path, screenshot
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 
 pytestmark = pytest.mark.integration
 
 
 def test_operator_page_shows_rounds_closing_live(tmp_path):
     chromium_path()
-    cluster = Cluster(tmp_path, parties=2, hospitals=["h1", "h2"], rounds=2, round_timeout=10.0).start()
+    cluster = LocalCloud.secagg(tmp_path, parties=2, clients=["h1", "h2"], rounds=2, round_timeout=10.0).start()
     try:
         token = run_iomt("cloud", "operator-token", "--key-file",
                          str(tmp_path / "creds" / "keys" / "coordinator.json")).stdout.strip()
@@ -41,7 +41,7 @@ def test_operator_page_shows_rounds_closing_live(tmp_path):
             assert "No round yet" in page.inner_text("#live")
             page.evaluate("() => { window.__sameDocument = true; }")
             # hospitals register: round 1 opens; both upload: it closes while the page watches
-            clients = cluster.clients()
+            clients = cluster.federated_clients()
             page.locator('tr[data-round="1"][data-state="open"]').wait_for(timeout=30_000)
             for i, (h, client) in enumerate(clients.items()):
                 st = cluster.wait_round(client, 1, states=("open",))

@@ -9,7 +9,7 @@ import pytest
 
 from protocols.aggregation_messages import UploadHeader, upload_to_wire
 from protocols.auth import Signer, declare_max_samples, make_credentials, revoke
-from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
+from iomt.local_cloud import LocalCloud, toy_state
 
 HOSPITALS = ["h1", "h2", "h3"]
 
@@ -17,7 +17,7 @@ HOSPITALS = ["h1", "h2", "h3"]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("badinput")
-    c = Cluster(root, 2, HOSPITALS, round_timeout=600.0, min_hospitals=2).start()
+    c = LocalCloud.secagg(root, 2, HOSPITALS, round_timeout=600.0, min_hospitals=2).start()
     clients = {h: c.client(h) for h in HOSPITALS}
     clients["h1"].register()
     clients["h2"].register()  # round 1 opens expecting h1 and h2; h3 registers later
@@ -92,7 +92,7 @@ def test_bad_credentials_are_refused_and_counted(cluster, tmp_path):
     assert after["auth_rejected_401"] - before.get("auth_rejected_401", 0) == 4
     assert after["auth_rejected_403"] - before.get("auth_rejected_403", 0) >= 1
     assert "h1" not in _receipts(c, 0)
-    log = (c.root / "party0.log").read_text()
+    log = (c.root / "party-0.log").read_text()
     assert "bad signature" in log and "unknown principal 'mallory'" in log
     assert "refused PUT /rounds/1/share" in log
 
@@ -155,4 +155,4 @@ def test_revoked_hospital_cannot_upload_or_fetch(cluster):
         assert resp.status_code == 401
         resp = http.post(f"{c.coord_url}/hospitals/register", headers=c.signer("h3").headers("coordinator"))
         assert resp.status_code == 403
-    assert "revoked" in (c.root / "party0.log").read_text()
+    assert "revoked" in (c.root / "party-0.log").read_text()

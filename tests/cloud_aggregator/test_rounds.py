@@ -11,7 +11,7 @@ from scipy import stats
 from cloud_aggregator.store import load_global_share
 from protocols import fixedpoint as fp
 from protocols.params import flatten, spec_of
-from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
+from iomt.local_cloud import LocalCloud, toy_state
 
 COUNTS = {"h1": 40, "h2": 125, "h3": 7}
 
@@ -32,9 +32,9 @@ def _plain_fedavg(states: dict, counts: dict) -> dict:
 
 @pytest.mark.parametrize("parties", [2, 3])
 def test_secure_aggregate_equals_plaintext_fedavg_and_parties_hold_only_noise(tmp_path, parties):
-    cluster = Cluster(tmp_path, parties, list(COUNTS)).start()
+    cluster = LocalCloud.secagg(tmp_path, parties, list(COUNTS)).start()
     try:
-        states, clients = {}, cluster.clients()
+        states, clients = {}, cluster.federated_clients()
         for h in COUNTS:
             client, states[h] = _upload(cluster, clients[h])
         st = cluster.wait_round(client, 1)
@@ -70,9 +70,9 @@ def test_secure_aggregate_equals_plaintext_fedavg_and_parties_hold_only_noise(tm
 
 
 def test_dropout_hospital_excluded_consistently(tmp_path):
-    cluster = Cluster(tmp_path, 3, list(COUNTS), round_timeout=6.0).start()
+    cluster = LocalCloud.secagg(tmp_path, 3, list(COUNTS), round_timeout=6.0).start()
     try:
-        states, clients = {}, cluster.clients()  # h2 registers but never uploads: misses the deadline
+        states, clients = {}, cluster.federated_clients()  # h2 registers but never uploads: misses the deadline
         for h in ("h1", "h3"):
             client, states[h] = _upload(cluster, clients[h])
         st = cluster.wait_round(client, 1)
@@ -89,9 +89,9 @@ def test_dropout_hospital_excluded_consistently(tmp_path):
 
 
 def test_party_killed_mid_round_resumes_with_nothing_lost(tmp_path):
-    cluster = Cluster(tmp_path, 3, list(COUNTS), round_timeout=120.0).start()
+    cluster = LocalCloud.secagg(tmp_path, 3, list(COUNTS), round_timeout=120.0).start()
     try:
-        states, clients = {}, cluster.clients()
+        states, clients = {}, cluster.federated_clients()
         for h in ("h1", "h2"):
             client, states[h] = _upload(cluster, clients[h])
         cluster.kill_party(2)  # SIGKILL: no clean shutdown
@@ -108,7 +108,7 @@ def test_party_killed_mid_round_resumes_with_nothing_lost(tmp_path):
 
 def test_several_rounds_with_library_clients(tmp_path):
     """Each hospital runs FederatedClient.run in its own thread; every round builds on the last."""
-    cluster = Cluster(tmp_path, 2, list(COUNTS), rounds=3).start()
+    cluster = LocalCloud.secagg(tmp_path, 2, list(COUNTS), rounds=3).start()
     target = toy_state(99)
     results = {}
 

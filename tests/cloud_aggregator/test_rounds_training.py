@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from edge_server.training import ModelConfig, TrainConfig, evaluate, initial_state, train_local
-from tests.utils.records import make_records
+from simulators.records import make_records
 
 HOSPITALS = {"h1": 1, "h2": 2, "h3": 3}
 ROUNDS = 3
@@ -45,12 +45,12 @@ def _hospital(h: str, key_file: str, coord_url: str, ca: str):
 
 
 def test_secret_shared_rounds_improve_validation_metrics(tmp_path: Path):
-    from tests.cloud_aggregator.secagg_cluster import Cluster
+    from iomt.local_cloud import LocalCloud
     torch.set_num_threads(1)
-    cluster = Cluster(tmp_path, 3, list(HOSPITALS), rounds=ROUNDS, round_timeout=120.0,
-                      spec_state=initial_state(CFG, INIT_SEED),
-                      model={"arch": "multimodal", "config": CFG.model_dump(mode="json"),
-                             "init_seed": INIT_SEED}).start()
+    cluster = LocalCloud.secagg(tmp_path, 3, list(HOSPITALS), rounds=ROUNDS, round_timeout=120.0,
+                                state=initial_state(CFG, INIT_SEED),
+                                model={"arch": "multimodal", "config": CFG.model_dump(mode="json"),
+                                       "init_seed": INIT_SEED}).start()
     try:
         with mp.get_context("spawn").Pool(len(HOSPITALS)) as pool:
             jobs = {h: pool.apply_async(_hospital, (h, str(tmp_path / f"creds/keys/{h}.json"), cluster.coord_url,

@@ -9,7 +9,7 @@ import pytest
 
 from protocols import fixedpoint as fp
 from protocols.params import flatten, spec_of
-from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
+from iomt.local_cloud import LocalCloud, toy_state
 
 COUNTS = {"h1": 30, "h2": 50}
 ROUNDS = 3
@@ -51,12 +51,12 @@ def _looks_uniform(share: np.ndarray, plain_encoded: np.ndarray) -> None:
 
 @pytest.mark.parametrize("opt", ["adam", "yogi"])
 def test_server_optimizer_on_shares_matches_plaintext(tmp_path, opt):
-    cluster = Cluster(tmp_path, 2, list(COUNTS), rounds=ROUNDS, strategy=f"fed{opt}", mpc=True,
-                      coord_extra=["--server-lr", str(LR), "--beta1", str(B1), "--beta2", str(B2),
-                                   "--tau", str(TAU)])
+    cluster = LocalCloud.secagg(tmp_path, 2, list(COUNTS), rounds=ROUNDS, strategy=f"fed{opt}", mpc=True,
+                                coord_args=["--server-lr", str(LR), "--beta1", str(B1), "--beta2", str(B2),
+                                             "--tau", str(TAU)])
     cluster.start()
     try:
-        clients = cluster.clients()
+        clients = cluster.federated_clients()
         spec = spec_of(toy_state(0))
         rng = np.random.default_rng(5)
         uploads = []

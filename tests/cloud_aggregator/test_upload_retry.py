@@ -15,7 +15,7 @@ from edge_server.federated import FederatedClient, FederationError
 from protocols.aggregation_messages import RoundConfig, upload_from_wire, upload_to_wire
 from protocols.auth import Signer, make_credentials
 from protocols.params import spec_hash, spec_of
-from tests.cloud_aggregator.secagg_cluster import Cluster, toy_state
+from iomt.local_cloud import LocalCloud, toy_state
 
 COUNTS = {"h1": 40, "h2": 125, "h3": 7, "h4": 60}
 
@@ -40,7 +40,7 @@ def _get(c, url, audience):
 @pytest.mark.integration
 def test_retry_after_party_killed_inconsistent_sharing_and_huge_sample_count(tmp_path):
     # h1, h2, h4 register (the round closes once they are in); h3 only tries to upload
-    cluster = Cluster(tmp_path, 2, list(COUNTS), round_timeout=300.0, min_hospitals=3).start()
+    cluster = LocalCloud.secagg(tmp_path, 2, list(COUNTS), round_timeout=300.0, min_hospitals=3).start()
     try:
         clients = {h: cluster.client(h) for h in ("h1", "h2")}
         clients["h4"] = FederatedClient(cluster.signer("h4"), cluster.coord_url, ca=cluster.tls["ca"],
@@ -96,8 +96,8 @@ def test_retry_after_party_killed_inconsistent_sharing_and_huge_sample_count(tmp
         m = _get(cluster, f"{cluster.party_urls[0]}/metrics", "party-0")  # party 1's restarted: counters reset
         assert m["rejected_too_many_samples"] == 1 and m["uploads_repeated"] >= 2
         assert _get(cluster, f"{cluster.coord_url}/metrics", "coordinator")["inconsistent_upload"] >= 1
-        assert "h2 excluded: parties hold different sharings" in (tmp_path / "coord.log").read_text()
-        assert "claims 1208925819614629174706176 samples" in (tmp_path / "party0.log").read_text()
+        assert "h2 excluded: parties hold different sharings" in (tmp_path / "coordinator.log").read_text()
+        assert "claims 1208925819614629174706176 samples" in (tmp_path / "party-0.log").read_text()
     finally:
         for c in clients.values():
             c.close()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.utils.procs import Mosquitto
+from iomt.local_broker import Mosquitto
 
 
 @pytest.fixture

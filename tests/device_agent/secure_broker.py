@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from protocols.auth import make_tls
-from tests.utils.procs import Mosquitto
+from iomt.local_broker import Mosquitto
 
 
 def mosquitto_passwd_path() -> str | None:

@@ -12,8 +12,8 @@ import device_agent.agent as agent_mod
 from device_agent.agent import DeviceAgent, backoff_delay
 from device_agent.settings import AgentSettings
 from protocols.messages import ClinicalNote, Presence, SignalFrame
-from tests.device_agent.collector import Collector
-from tests.utils.procs import spawn_iomt, stop
+from iomt.mqtt_collector import Collector
+from iomt.supervisor import spawn_iomt, stop
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +161,7 @@ def test_last_will_arrives_when_the_device_is_killed(mosquitto, tmp_path):
 
 
 def test_cli_publishes_a_fixed_duration_and_reports(mosquitto, tmp_path):
-    from tests.utils.procs import run_iomt
+    from iomt.supervisor import run_iomt
     sub = Collector(mosquitto.port)
     proc = run_iomt("device", "--broker", mosquitto.url, "--hospital", "h1", "--device-id", "w-2",
                     "--streams", "ppg,temp", "--duration", "20", "--fast", "--json", timeout=120)

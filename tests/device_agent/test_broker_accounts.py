@@ -35,7 +35,7 @@ from protocols.auth import make_tls
 from protocols.messages import DeviceRegistration, SignalFrame, to_wire
 from tests.edge_server.harness import spawn_edge, wait_status
 from tests.device_agent.secure_broker import mosquitto_passwd_path
-from tests.utils.procs import free_port, run_iomt, spawn_iomt, stop, wait_port
+from iomt.supervisor import free_port, run_iomt, spawn_iomt, stop, wait_port
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(find_mosquitto() is None or mosquitto_passwd_path() is None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,8 +12,8 @@ from device_agent.agent import DeviceAgent
 from device_agent.broker_cli import find_mosquitto, mosquitto_config
 from device_agent.settings import AgentSettings
 from protocols.messages import SignalFrame
-from tests.device_agent.collector import Collector
-from tests.utils.procs import REPO, _die_with_parent, free_port, iomt_cmd, iomt_env, run_iomt, spawn_iomt, stop, wait_port
+from iomt.mqtt_collector import Collector
+from iomt.supervisor import child_env, free_port, iomt_argv, run_iomt, spawn, spawn_iomt, stop, wait_port
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="Mosquitto drops privileges only when started as root")
@@ -63,9 +62,7 @@ def _broker_leaves_nothing(tmp_path, prelude: str) -> tuple[str, int]:
     tmp.mkdir()
     port = free_port()
     code = prelude + f"from iomt.cli import main; raise SystemExit(main(['broker', '--port', '{port}', '--allow-anonymous']))"
-    with open(tmp_path / "broker.log", "ab") as log:
-        proc = subprocess.Popen([iomt_cmd()[0], "-c", code], env=iomt_env(TMPDIR=str(tmp)), cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    proc = spawn([iomt_argv()[0], "-c", code], tmp_path / "broker.log", child_env({"TMPDIR": str(tmp)}, one_thread=True))
     try:
         wait_port(port)
         cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
@@ -87,7 +84,7 @@ def test_generated_config_is_in_memory_and_nothing_is_left_after_sigterm(tmp_pat
 @needs_mosquitto
 def test_without_memfd_the_temporary_config_is_removed_on_sigterm(tmp_path):
     cmdline, rc = _broker_leaves_nothing(tmp_path, "import os; del os.memfd_create; ")
-    assert cmdline.startswith(iomt_cmd()[0])  # a parent that forwards signals and cleans up
+    assert cmdline.startswith(iomt_argv()[0])  # a parent that forwards signals and cleans up
     assert rc == 0
     assert "mosquitto version" in (tmp_path / "broker.log").read_text()
     assert "terminating" in (tmp_path / "broker.log").read_text()

@@ -11,8 +11,9 @@ import signal
 import pytest
 
 import device_agent.agent as agent_mod
-from tests.device_agent.broker_restart import restart_under_load
-from tests.utils.procs import Mosquitto, as_user, iomt_cmd, iomt_env, mosquitto_path
+from iomt.broker_restart import restart_under_load
+from iomt.local_broker import Mosquitto, as_user, mosquitto_path
+from iomt.supervisor import child_env, iomt_argv
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")]
@@ -26,7 +27,7 @@ def fast_backoff(monkeypatch):
 
 def _unprivileged() -> str:
     try:
-        as_user("nobody", iomt_cmd(), iomt_env())
+        as_user("nobody", iomt_argv(), child_env(one_thread=True))
     except LookupError as err:
         pytest.skip(f"cannot run the broker as another user here: {err}")
     return "nobody"

@@ -17,9 +17,9 @@ from device_agent.agent import DeviceAgent
 from device_agent.settings import AgentSettings
 from protocols.auth import make_tls
 from protocols.messages import SignalFrame
-from tests.device_agent.collector import Collector
+from iomt.mqtt_collector import Collector
 from tests.device_agent.secure_broker import SecureMosquitto
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 
 USERS = {"w-1": "device-secret", "w-5": "cli-secret", "collector": "collector-secret"}
 

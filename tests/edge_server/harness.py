@@ -11,7 +11,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_server.sqlite_store import SqliteStore
-from tests.utils.procs import free_port, spawn_iomt
+from iomt.supervisor import free_port, spawn_iomt
 
 
 def spawn_edge(broker, data_dir: Path, log: Path, hospital: str = "h1", *extra: str):

@@ -8,7 +8,7 @@ from edge_server.training.data import split_records
 from iomt.experiments import baselines
 from protocols.model import ModelConfig
 from protocols.schema import EHR_FEATURES
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 
 
 def test_edge_trains_and_predicts_from_a_byod_folder(tmp_path):

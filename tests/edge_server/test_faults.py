@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from protocols.frames import DTYPES, MAX_PAYLOAD, pack_raw
-from tests.edge_server import builders as b
+from simulators import payloads as b
 from tests.edge_server.harness import Publisher, health, metrics_text, spawn_edge, status, wait_status
-from tests.utils.procs import Mosquitto, stop
+from iomt.local_broker import Mosquitto
+from iomt.supervisor import stop
 
 
 def _forged_frames() -> dict[str, list[tuple[str, bytes]]]:
@@ -232,7 +233,7 @@ def test_store_failure_exits_3_and_the_failed_batch_is_redelivered(mosquitto, tm
 
 
 def test_broker_refusing_the_connection_exits_4(tmp_path):
-    from tests.utils.procs import spawn_iomt
+    from iomt.supervisor import spawn_iomt
 
     broker = Mosquitto(tmp_path)
     broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))

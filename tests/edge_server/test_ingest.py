@@ -5,7 +5,7 @@ import logging
 
 from edge_server.ingest import REJECTED_HEAD, Ingestor
 from edge_server.store import Batch
-from tests.edge_server import builders as b
+from simulators import payloads as b
 
 
 def _handle(ing: Ingestor, batch: Batch, msg: tuple[str, bytes]):
@@ -88,7 +88,7 @@ def test_every_bad_payload_is_a_rejection_with_its_reason(caplog):
 
 def test_daemon_refuses_bad_config_with_exit_code_2(tmp_path):
     from edge_server.sqlite_store import SqliteStore
-    from tests.utils.procs import run_iomt
+    from iomt.supervisor import run_iomt
 
     with SqliteStore(tmp_path / "other") as store:
         store.set_meta("hospital", "h2")

@@ -11,7 +11,7 @@ from edge_server.preprocess import patient_record_from_raw
 from edge_server.sqlite_store import SqliteStore
 from protocols.schema import CONDITIONS, WINDOW_SAMPLES, SIGNAL_CHANNELS
 from tests.edge_server.harness import metrics_text, spawn_edge, wait_status
-from tests.utils.procs import run_iomt, stop
+from iomt.supervisor import run_iomt, stop
 
 
 def _fresh_records(data) -> int:

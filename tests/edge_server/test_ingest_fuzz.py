@@ -35,7 +35,7 @@ from protocols.fhir import build_bundle
 from protocols.frames import DTYPES, pack_raw
 from protocols.messages import Presence, from_wire, to_wire
 from protocols.topics import CONTROL_STREAMS, Topic
-from tests.edge_server import builders as b
+from simulators import payloads as b
 
 REGISTRATIONS = [b.registration("w-1", "p1"), b.registration("cr-1", "p1", "imaging"),
                  b.registration("ehr-1", "p1", "ehr"), b.registration("nt-1", "p1", "notes")]

@@ -16,7 +16,7 @@ from bench.mqtt_loadgen import frame_plan, publish
 from edge_server.ingest import Ingestor
 from edge_server.store import Batch
 from protocols.schema import SIGNAL_STREAMS
-from tests.edge_server import builders as b
+from simulators import payloads as b
 
 
 def _subscriber(broker, got: list):

@@ -15,7 +15,7 @@ from edge_server.training import (
     ModelConfig, TrainConfig, evaluate, predict_proba, records_to_tensors, split_records, train_local)
 from protocols.model import INPUT_NAMES, MINILM_DIM, build_model, load_numpy_state, state_to_numpy
 from protocols.schema import MODALITIES
-from tests.utils.records import make_record, make_records
+from simulators.records import make_record, make_records
 
 torch.set_num_threads(1)
 

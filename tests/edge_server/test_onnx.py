@@ -14,8 +14,9 @@ from edge_server.onnx_predict import OnnxPredictor
 from edge_server.training import ModelConfig, TrainConfig, predict_proba, records_to_tensors, train_local
 from protocols.model import INPUT_NAMES, build_model, load_numpy_state
 from protocols.schema import CONDITIONS, MODALITIES
-from tests.utils.procs import run_iomt
-from tests.utils.records import make_records, write_store
+from iomt.supervisor import run_iomt
+from simulators.records import make_records
+from tests.utils.records import write_store
 
 torch.set_num_threads(1)
 
@@ -35,7 +36,7 @@ def test_onnx_matches_pytorch_for_every_modality_subset(trained):
     # Prepare: one patient per non-empty modality subset (15), two signal windows each.
     cfg, state, path = trained
     rng = np.random.default_rng(1)
-    from tests.utils.records import make_record
+    from simulators.records import make_record
     records = [make_record(rng, i % 3, i, modalities=subset) for i, subset in enumerate(SUBSETS)]
     data = records_to_tensors(records, cfg)
     model = load_numpy_state(build_model(cfg), state).eval()
@@ -60,7 +61,7 @@ def test_onnx_matches_pytorch_for_every_modality_subset(trained):
 
 def test_quadratic_fusion_exports_and_matches_pytorch(tmp_path):
     """The MPC-friendly fusion runs at the edge through ONNX Runtime like the paper's."""
-    from tests.utils.records import make_record
+    from simulators.records import make_record
     torch.manual_seed(0)
     cfg = ModelConfig(fusion="quadratic")
     model = build_model(cfg).eval()

@@ -12,7 +12,7 @@ from edge_server.store import Batch
 from protocols.fhir import build_bundle
 from protocols.schema import (CONDITIONS, EHR_DIM, IMAGE_SIZE, MODEL_SIGNAL_HZ, SIGNAL_CHANNELS, WINDOW_SAMPLES,
                               standardise_ehr)
-from tests.edge_server import builders as b
+from simulators import payloads as b
 
 
 def _tone(freq, fs, seconds):

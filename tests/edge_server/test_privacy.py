@@ -12,7 +12,7 @@ from edge_server.privacy import (
     privatize_update)
 from edge_server.training import ModelConfig, TrainConfig, TrainingError, initial_state, train_local
 from protocols.errors import IomtError
-from tests.utils.records import make_records
+from simulators.records import make_records
 
 torch.set_num_threads(1)
 

@@ -10,8 +10,8 @@ from edge_server.metrics import EdgeMetrics, MetricsServer, create_app
 from edge_server.sqlite_store import SqliteStore
 from edge_server.status import render
 from edge_server.store import Batch
-from tests.edge_server import builders as b
-from tests.utils.procs import run_iomt
+from simulators import payloads as b
+from iomt.supervisor import run_iomt
 
 
 def _filled(path):

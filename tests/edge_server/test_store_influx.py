@@ -17,7 +17,7 @@ from edge_server.influx import MEASUREMENT, InfluxSink
 from edge_server.ingest import Ingestor
 from edge_server.settings import InfluxSettings
 from edge_server.store import Batch
-from tests.edge_server import builders as b
+from simulators import payloads as b
 
 
 class _StubInflux(BaseHTTPRequestHandler):

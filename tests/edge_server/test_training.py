@@ -10,7 +10,7 @@ from edge_server.training import (
     ModelConfig, TrainConfig, TrainingError, evaluate, initial_state, split_records, train_local)
 from edge_server.training.metrics import classification_metrics
 from protocols.schema import CONDITIONS
-from tests.utils.records import make_records
+from simulators.records import make_records
 
 torch.set_num_threads(1)
 

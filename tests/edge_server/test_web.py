@@ -12,7 +12,7 @@ from edge_server.training import save_model
 from edge_server.web import Accounts, AccountError, WebSettings
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from tests.utils.clinic import write_full_store
-from tests.utils.procs import free_port, run_iomt
+from iomt.supervisor import free_port, run_iomt
 
 PASSWORD = "correct horse battery"
 

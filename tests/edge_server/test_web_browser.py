@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 from cloud_aggregator.inference.publish import publish_shared_model
 from edge_server.training import save_model
 from edge_server.web import Accounts, WebSettings
-from iomt.mpc_cloud import MpcCloud
+from iomt.local_cloud import LocalCloud
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from tests.utils.browser import DESKTOP, TABLET, browser, check_accessible, check_fits, chromium_path, screenshot
 from tests.utils.clinic import write_full_store
-from tests.utils.procs import free_port, run_iomt, spawn_iomt, stop, wait_port
+from iomt.supervisor import free_port, run_iomt, spawn_iomt, stop, wait_port
 
 pytestmark = pytest.mark.integration
 PASSWORD = "correct horse battery"
@@ -36,15 +36,12 @@ def services(tmp_path_factory):
     save_model(edge / "models", cfg, state, name="global", info={"version": 1})
     run_iomt("edge", "users", "add", "alice", "--data-dir", str(edge), "--password-stdin", input=PASSWORD + "\n")
 
-    def launch(name, args, env):
-        return spawn_iomt(*args, log=root / f"{name}.log", env=env)
-
-    cloud = MpcCloud(root / "cloud", ["h0"], 2, launch=launch, stop=stop)
-    publish_shared_model(cloud.dirs, [state], [1], "multimodal", json.loads(cfg.to_json()))
+    cloud = LocalCloud(root / "cloud", 2, ["h0"], mpc=True, log_dir=root)
+    publish_shared_model(cloud.party_dirs, [state], [1], "multimodal", json.loads(cfg.to_json()))
     port = free_port()
     key = root / "cloud" / "creds" / "keys" / "h0.json"
     web = spawn_iomt("edge", "web", "--data-dir", str(edge), "--listen", f"127.0.0.1:{port}",
-                     "--parties", ",".join(cloud.urls), "--key-file", str(key), log=root / "web.log")
+                     "--parties", ",".join(cloud.party_urls), "--key-file", str(key), log=root / "web.log")
     try:
         cloud.start()
         wait_port(port, timeout=60)
@@ -109,7 +106,8 @@ def test_sign_in_open_patient_and_ask_the_cloud(services):
         check_fits(page, TABLET)
     # the same probabilities as the API (`iomt infer --json`), and as the edge's plaintext model
     api = json.loads(run_iomt("infer", "--patient", patient, "--data-dir", str(services["edge"]), "--parties",
-                              ",".join(services["cloud"].urls), "--key-file", str(services["key"]), "--json").stdout)
+                              ",".join(services["cloud"].party_urls), "--key-file", str(services["key"]),
+                              "--json").stdout)
     assert set(shown) == set(api["probabilities"][0])
     for k, v in api["probabilities"][0].items():
         assert shown[k] == pytest.approx(v, abs=2e-3)
@@ -124,7 +122,7 @@ def test_refused_model_version_is_a_clear_message(services):
     from iomt.edge_web import build_app
 
     Accounts(services["edge"])  # the account from the fixture
-    settings = WebSettings(data_dir=services["edge"], parties=services["cloud"].urls, key_file=services["key"],
+    settings = WebSettings(data_dir=services["edge"], parties=services["cloud"].party_urls, key_file=services["key"],
                            model_version=9)
     client = TestClient(build_app(settings), base_url="http://127.0.0.1")
     token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)

@@ -1,4 +1,4 @@
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 
 
 def test_help_lists_every_role():

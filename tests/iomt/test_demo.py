@@ -7,16 +7,16 @@ import subprocess
 
 import pytest
 
-from tests.utils.procs import iomt_cmd, iomt_env, REPO
+from iomt.supervisor import REPO_ROOT, child_env, iomt_argv
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["attention", "quadratic"])
 def test_small_demo_runs_every_role_and_reports(tmp_path, fusion):
     out = tmp_path / "demo"
-    proc = subprocess.run(iomt_cmd("demo", "--out", str(out), "--hospitals", "2", "--patients", "10",
+    proc = subprocess.run(iomt_argv("demo", "--out", str(out), "--hospitals", "2", "--patients", "10",
                                    "--duration", "16", "--rounds", "1", "--epochs", "1", "--fusion", fusion),
-                          env=iomt_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
+                          env=child_env(one_thread=True), cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     for h, ing in report["ingest"].items():  # nothing lost between devices and edge
@@ -38,7 +38,7 @@ def test_small_demo_runs_every_role_and_reports(tmp_path, fusion):
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
-    proc = subprocess.run(iomt_cmd("demo", "--out", str(tmp_path)), env=iomt_env(), cwd=REPO,
+    proc = subprocess.run(iomt_argv("demo", "--out", str(tmp_path)), env=child_env(one_thread=True), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not made by `iomt demo`" in proc.stderr + proc.stdout
     assert (tmp_path / "precious.txt").read_text() == "keep me"
@@ -54,9 +54,10 @@ def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
     import httpx
 
     out = tmp_path / "demo"
-    proc = subprocess.Popen(iomt_cmd("demo", "--out", str(out), "--hospitals", "2", "--patients", "10",
+    proc = subprocess.Popen(iomt_argv("demo", "--out", str(out), "--hospitals", "2", "--patients", "10",
                                      "--duration", "16", "--rounds", "1", "--epochs", "1", "--serve"),
-                            env=iomt_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=child_env(one_thread=True), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         lines = []
         for line in proc.stdout:  # until both pages are printed (or the demo exits)

@@ -12,7 +12,7 @@ import torch
 from iomt.experiments import run_experiment
 from iomt.experiments.paper000 import ABLATION_NAMES, TABLE2_METHODS, TABLE3_MODELS
 from iomt.experiments.settings import Settings
-from tests.utils.procs import run_iomt
+from iomt.supervisor import run_iomt
 
 torch.set_num_threads(1)
 

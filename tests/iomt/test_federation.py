@@ -9,7 +9,7 @@ import torch
 from edge_server.training.loop import evaluate
 from iomt.federation import FederationSpec, initial_state, plain_fedavg, run_federation, secure_fedavg
 from protocols import sharing
-from tests.utils.records import make_records
+from simulators.records import make_records
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ from protocols.imaging import MAX_DECODED_BYTES
 from protocols.messages import ClinicalNote, DeviceRegistration, SignalFrame, from_wire, to_wire
 from protocols.ranges import MAX_INT, check_json_text, printable
 from protocols.topics import Topic
-from tests.edge_server import builders as b
+from simulators import payloads as b
 
 ECG = Topic("h1", "wearable", "w-1", "ecg")
 STUDY = Topic("h1", "imaging", "cr-1", "study")

@@ -19,7 +19,7 @@ from simulators.replay import (PYPHYSIO_FILE, PYPHYSIO_INSTALL, ReplayError, Sou
                                load_pyphysio, load_recording, replay_cohort, resample_recording, save_npz,
                                stream_rates)
 from tests.edge_server.harness import spawn_edge, wait_status
-from tests.utils.procs import run_iomt, stop
+from iomt.supervisor import run_iomt, stop
 
 
 def _pyphysio_installed() -> bool:

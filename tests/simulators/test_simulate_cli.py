@@ -6,8 +6,8 @@ from collections import Counter
 
 from protocols.messages import ClinicalNote, EhrRecord, ImagingStudy, SignalFrame
 from protocols.schema import SIGNAL_STREAMS
-from tests.device_agent.collector import Collector
-from tests.utils.procs import run_iomt
+from iomt.mqtt_collector import Collector
+from iomt.supervisor import run_iomt
 
 
 def test_simulate_publishes_every_modality_and_reports(mosquitto, tmp_path):

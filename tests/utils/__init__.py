@@ -1,1 +1,2 @@
-"""Shared builders for the tests: free ports, a real Mosquitto, `iomt` subprocesses."""
+"""Shared builders for the tests. Process launchers live in iomt.supervisor,
+iomt.local_broker and iomt.local_cloud."""

@@ -19,8 +19,8 @@ import numpy as np
 from device_agent.agent import DeviceAgent
 from device_agent.settings import AgentSettings
 from protocols.messages import SignalFrame
-from tests.device_agent.collector import Collector
-from tests.utils.procs import Mosquitto
+from iomt.mqtt_collector import Collector
+from iomt.local_broker import Mosquitto
 
 HOSPITAL = "h1"
 

@@ -1,4 +1,4 @@
-"""Wire messages for edge tests: valid ones for every stream and forged bad ones."""
+"""Wire messages for the edge's tests and fuzzers: valid ones for every stream and forged bad ones."""
 from __future__ import annotations
 
 import numpy as np

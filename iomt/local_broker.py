@@ -1,87 +1,19 @@
-"""Start real processes (brokers, daemons, services) on loopback for integration tests."""
+"""A local MQTT broker for tests and benches: a real Mosquitto on a free loopback port,
+restartable on the same port, started through :mod:`iomt.supervisor`."""
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
 import signal
 import site
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import weakref
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM us when the test process dies, so an interrupted
-    test run (Ctrl-C, a killed pytest) cannot leave brokers and services behind."""
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on {host}:{port} within {timeout}s")
-
-
-def iomt_env(**extra: str) -> dict[str, str]:
-    """Environment for an `iomt` subprocess that runs this checkout's code."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(extra)
-    return env
-
-
-def iomt_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "iomt", *args]
-
-
-def run_iomt(*args: str, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(iomt_cmd(*args), env=iomt_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"iomt {' '.join(args)} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def spawn_iomt(*args: str, log: Path | None = None, **kw) -> subprocess.Popen:
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen(iomt_cmd(*args), env=iomt_env(**kw.pop("env", {})), cwd=REPO,
-                            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, **kw)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    return proc.returncode
+from iomt.supervisor import REPO_ROOT, ChildFailed, child_env, free_port, iomt_argv, spawn, stop, wait_port
 
 
 def mosquitto_path() -> str | None:
@@ -130,9 +62,9 @@ class Mosquitto:
                 account = pwd.getpwnam(user)
                 self.data_dir.mkdir()
                 os.chown(self.data_dir, account.pw_uid, account.pw_gid)
-            self.cmd = iomt_cmd("-v", "broker", "--port", str(self.port), "--data-dir", str(self.data_dir),
+            self.cmd = iomt_argv("-v", "broker", "--port", str(self.port), "--data-dir", str(self.data_dir),
                                 *(broker_args or ("--allow-anonymous",)))
-            self.env = iomt_env()
+            self.env = child_env(one_thread=True)
             if user is not None:
                 self.cmd, self.env = as_user(user, self.cmd, self.env)
         else:
@@ -151,14 +83,12 @@ class Mosquitto:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self) -> "Mosquitto":
-        with open(self.workdir / "mosquitto.log", "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent)
+        self.proc = spawn(self.cmd, self.workdir / "mosquitto.log", self.env)
         try:
             wait_port(self.port)
         except TimeoutError:
             stop(self.proc)
-            raise AssertionError(f"broker did not listen:\n{self.log_text()[-3000:]}") from None
+            raise ChildFailed(f"broker did not listen:\n{self.log_text()[-3000:]}") from None
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
@@ -185,7 +115,7 @@ def as_user(user: str, cmd: list[str], env: dict[str, str]) -> tuple[list[str], 
     except KeyError as err:
         raise LookupError(f"no user {user}") from err
     prefix = [setpriv, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO), *site.getsitepackages()])}
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *site.getsitepackages()])}
     wanted = f"{sys.version_info.major}.{sys.version_info.minor}"
     for exe in (sys.executable, shutil.which(f"python{wanted}"), shutil.which("python3")):
         if exe is None:

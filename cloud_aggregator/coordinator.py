@@ -28,6 +28,7 @@ from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
 from protocols.aggregation_messages import (AggregateRequest, AggregateResult, FederationStatus, ModelInfo,
+                                            PrivacySpent,
                                             Receipts, RoundConfig, RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.errors import ConfigError
@@ -59,6 +60,8 @@ class Coordinator:
         self.hospitals: list[str] = []
         self.rounds: dict[int, RoundStatus] = {}
         self.expected: dict[int, list[str]] = {}
+        # what each hospital reports of its own privacy ledger, per round (shown in round status)
+        self.privacy: dict[int, dict[str, PrivacySpent]] = {}
         self._load()
 
     # persistence ----------------------------------------------------------------------
@@ -69,11 +72,15 @@ class Coordinator:
         self.hospitals = data["hospitals"]
         self.rounds = {int(k): RoundStatus.model_validate(v) for k, v in data["rounds"].items()}
         self.expected = {int(k): v for k, v in data["expected"].items()}
+        self.privacy = {int(r): {h: PrivacySpent.model_validate(v) for h, v in spent.items()}
+                        for r, spent in data.get("privacy", {}).items()}
         log.info("coordinator resumed: %d rounds known", len(self.rounds))
 
     def _save(self) -> None:
         data = {"hospitals": self.hospitals, "expected": self.expected,
-                "rounds": {r: s.model_dump(mode="json") for r, s in self.rounds.items()}}
+                "rounds": {r: s.model_dump(mode="json") for r, s in self.rounds.items()},
+                "privacy": {r: {h: v.model_dump(mode="json") for h, v in spent.items()}
+                            for r, spent in self.privacy.items()}}
         atomic_write(self.state_path, json.dumps(data).encode())
 
     def _set(self, status: RoundStatus) -> None:
@@ -85,6 +92,19 @@ class Coordinator:
     def current(self) -> RoundStatus | None:
         return self.rounds[max(self.rounds)] if self.rounds else None
 
+    def round_view(self, rnd: int) -> RoundStatus:
+        """Round ``rnd``'s status with the privacy each hospital reported for it."""
+        return self.rounds[rnd].model_copy(update={"privacy": dict(self.privacy.get(rnd, {}))})
+
+    def report_privacy(self, rnd: int, hospital: str, spent: PrivacySpent) -> None:
+        """Record the ε ``hospital`` says it has spent after round ``rnd`` (its own figure)."""
+        if rnd not in self.rounds or hospital not in self.expected.get(rnd, []):
+            raise KeyError(f"{hospital} is not in round {rnd}")
+        self.privacy.setdefault(rnd, {})[hospital] = spent
+        self._save()
+        log.info("round %d: %s reports epsilon %s at delta %g (%s level, %s)", rnd, hospital,
+                 "inf" if spent.epsilon is None else f"{spent.epsilon:.3g}", spent.delta, spent.unit, spent.mechanism)
+
     def latest_version(self) -> int | None:
         done = [s.config.version for s in self.rounds.values() if s.state == "done"]
         return max(done) if done else None
@@ -92,7 +112,8 @@ class Coordinator:
     def status(self) -> FederationStatus:
         finished = len(self.rounds) >= self.settings.rounds and all(
             s.state in ("done", "failed") for s in self.rounds.values())
-        return FederationStatus(current=self.current, latest_version=self.latest_version(),
+        return FederationStatus(current=self.round_view(max(self.rounds)) if self.rounds else None,
+                                latest_version=self.latest_version(),
                                 rounds_done=sum(s.state == "done" for s in self.rounds.values()),
                                 rounds_planned=self.settings.rounds, finished=finished,
                                 parties=list(self.settings.party_urls))
@@ -260,7 +281,22 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         auth(request, ("hospital", "party", "coordinator"))
         if rnd not in coord.rounds:
             return JSONResponse({"error": "unknown_round", "detail": str(rnd)}, status_code=404)
-        return coord.rounds[rnd]
+        return coord.round_view(rnd)
+
+    @app.post("/rounds/{rnd}/privacy", response_model=RoundStatus)
+    async def report_privacy(rnd: int, request: Request):
+        hospital = auth(request, ("hospital",))
+        try:
+            spent = PrivacySpent.model_validate_json(await request.body())
+            coord.report_privacy(rnd, hospital, spent)
+        except ValueError as err:
+            coord.counters["privacy_report_rejected"] += 1
+            log.warning("coordinator refused %s's privacy report for round %d: %s", hospital, rnd, err)
+            return JSONResponse({"error": "bad_request", "detail": str(err)[:300]}, status_code=422)
+        except KeyError as err:
+            coord.counters["privacy_report_rejected"] += 1
+            return JSONResponse({"error": "unknown_round", "detail": str(err)}, status_code=404)
+        return coord.round_view(rnd)
 
     @app.get("/metrics")
     async def metrics(request: Request):

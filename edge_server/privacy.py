@@ -56,6 +56,7 @@ ACCOUNTANT_FILE = "privacy_accountant.json"
 #: hospitals; integer orders are exact for the subsampled Gaussian (Mironov et al., 2019).
 RDP_ORDERS = tuple(range(2, 64)) + (80, 96, 128, 192, 256, 512, 1024)
 Unit = Literal["patient", "hospital"]
+Mechanism = Literal["update", "dpsgd"]
 _SENSITIVITY = {"patient": 2.0, "hospital": 1.0}
 
 
@@ -258,10 +259,13 @@ class PrivacyAccountant:
             acc.compose(_step_event(sigma, q), steps)
         return float(acc.get_epsilon(delta))
 
-    def _entry(self, noise_multiplier: float, clip_norm: float | None, sample_rate: float, steps: int) -> dict:
+    def _entry(self, noise_multiplier: float, clip_norm: float | None, sample_rate: float, steps: int,
+               mechanism: Mechanism) -> dict:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        mechanism = "update" if sample_rate >= 1.0 and steps == 1 else "dpsgd"
+        if mechanism not in ("update", "dpsgd") or (mechanism == "update" and (sample_rate, steps) != (1.0, 1)):
+            raise ValueError(f"an update-level round is one unsampled Gaussian mechanism, got {mechanism!r} "
+                             f"with sample_rate={sample_rate}, steps={steps}")
         return {"noise_multiplier": float(noise_multiplier), "unit": self.unit, "clip_norm": clip_norm,
                 "mechanism": mechanism, "sample_rate": float(sample_rate), "steps": int(steps)}
 
@@ -269,17 +273,20 @@ class PrivacyAccountant:
         """ε spent so far at ``delta`` (default: the accountant's δ)."""
         return self._epsilon_of(self._events(), self.delta if delta is None else delta)
 
-    def projected_epsilon(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1) -> float:
+    def projected_epsilon(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1,
+                          mechanism: Mechanism = "update") -> float:
         """ε after one more round: one Gaussian mechanism with ``noise_multiplier`` (update
-        level), or ``steps`` DP-SGD steps at ``sample_rate``."""
-        return self._epsilon_of(self._events(self._entry(noise_multiplier, None, sample_rate, steps)), self.delta)
+        level), or ``steps`` DP-SGD steps at ``sample_rate`` (``mechanism="dpsgd"``)."""
+        extra = self._entry(noise_multiplier, None, sample_rate, steps, mechanism)
+        return self._epsilon_of(self._events(extra), self.delta)
 
-    def check_budget(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1) -> float:
+    def check_budget(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1,
+                     mechanism: Mechanism = "update") -> float:
         """Raise :class:`PrivacyBudgetExceeded` if one more round would exceed the budget.
 
         Returns the projected ε after that round.
         """
-        projected = self.projected_epsilon(noise_multiplier, sample_rate, steps)
+        projected = self.projected_epsilon(noise_multiplier, sample_rate, steps, mechanism)
         if self.epsilon_budget is not None and projected > self.epsilon_budget:
             raise PrivacyBudgetExceeded(
                 f"refusing to start round {len(self.rounds) + 1}: it would bring epsilon to "
@@ -290,9 +297,9 @@ class PrivacyAccountant:
         return projected
 
     def record_round(self, noise_multiplier: float, clip_norm: float | None = None,
-                     sample_rate: float = 1.0, steps: int = 1) -> float:
+                     sample_rate: float = 1.0, steps: int = 1, mechanism: Mechanism = "update") -> float:
         """Account one released round; persist; return ε so far."""
-        self.rounds.append(self._entry(noise_multiplier, clip_norm, sample_rate, steps))
+        self.rounds.append(self._entry(noise_multiplier, clip_norm, sample_rate, steps, mechanism))
         eps = self.epsilon()
         self._save()
         log.info("privacy: round %d released, epsilon=%.4g at delta=%g (%s level)", len(self.rounds), eps,

@@ -148,6 +148,17 @@ class RoundConfig(_Msg):
     init_seed: int = 0
 
 
+class PrivacySpent(_Msg):
+    """What a hospital reports of its own privacy ledger after a round: the ε it has spent in
+    all (every step of every round so far, composed) at δ, for the stated unit. A number the
+    hospital vouches for, not data; the coordinator only displays it."""
+
+    epsilon: float | None = Field(ge=0, description="None: infinite (a mechanism without noise)")
+    delta: float = Field(gt=0, lt=1)
+    unit: Literal["patient", "hospital"] = "patient"
+    mechanism: Literal["dpsgd", "update"] = "dpsgd"
+
+
 class RoundStatus(_Msg):
     config: RoundConfig
     state: RoundState
@@ -155,6 +166,7 @@ class RoundStatus(_Msg):
     denominator: int | None = None
     share_sha256: list[str | None] = Field(default_factory=list)
     detail: str = ""
+    privacy: dict[str, PrivacySpent] = Field(default_factory=dict, description="hospital -> its reported epsilon")
 
 
 class FederationStatus(_Msg):

@@ -198,7 +198,7 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
         if accountant is not None:
             if accountant.unit != "patient":
                 raise TrainingError(f"DP-SGD protects patients; the accountant's unit is {accountant.unit!r}")
-            accountant.check_budget(plan.noise_multiplier, plan.sample_rate, plan.steps)
+            accountant.check_budget(plan.noise_multiplier, plan.sample_rate, plan.steps, "dpsgd")
     elif cfg.dp == "update" and accountant is not None:
         accountant.check_budget(cfg.own_noise_multiplier)
     device = resolve_device(cfg.device)
@@ -227,7 +227,7 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
                        sample_rate=plan.sample_rate)
         if accountant is not None:
             metrics["epsilon"] = accountant.record_round(plan.noise_multiplier, plan.clip_norm,
-                                                         plan.sample_rate, plan.steps)
+                                                         plan.sample_rate, plan.steps, "dpsgd")
     elif cfg.dp == "update":
         gen = None
         if cfg.dp_seed is not None:

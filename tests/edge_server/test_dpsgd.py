@@ -127,12 +127,21 @@ def test_a_run_planned_at_epsilon_8_spends_at_most_8_over_all_its_rounds():
     p = plan(40, 8, 2, 1.0, delta=1e-5, target_epsilon=8.0, planned_rounds=rounds)
     acc = PrivacyAccountant(delta=1e-5, epsilon_budget=8.0)
     for _ in range(rounds):
-        acc.check_budget(p.noise_multiplier, p.sample_rate, p.steps)
-        acc.record_round(p.noise_multiplier, 1.0, p.sample_rate, p.steps)
+        acc.check_budget(p.noise_multiplier, p.sample_rate, p.steps, "dpsgd")
+        acc.record_round(p.noise_multiplier, 1.0, p.sample_rate, p.steps, "dpsgd")
     assert 7.5 < acc.epsilon() <= 8.0
     assert acc.summary()["steps"] == rounds * p.steps == rounds * 2 * 5
     with pytest.raises(PrivacyBudgetExceeded):
-        acc.check_budget(p.noise_multiplier, p.sample_rate, p.steps)
+        acc.check_budget(p.noise_multiplier, p.sample_rate, p.steps, "dpsgd")
+
+
+def test_a_full_batch_dp_sgd_round_is_accounted_as_dp_sgd_not_as_an_update():
+    # a hospital smaller than the batch: q = 1, one step per epoch; the sensitivity is still C
+    p = plan(10, 32, 1, 1.0, delta=1e-5, target_epsilon=8.0, planned_rounds=2)
+    assert (p.sample_rate, p.steps) == (1.0, 1)
+    acc = PrivacyAccountant(delta=1e-5)
+    acc.record_round(p.noise_multiplier, 1.0, p.sample_rate, p.steps, "dpsgd")
+    assert acc.epsilon() == pytest.approx(dpsgd_epsilon(p.noise_multiplier, 1.0, 1, 1e-5))
 
 
 def test_a_round_over_the_budget_is_refused_before_training(tmp_path):
@@ -172,3 +181,24 @@ def test_noise_is_fresh_without_a_seed_and_reproducible_with_one():
 def test_dp_sgd_needs_noise_or_a_target():
     with pytest.raises(ValueError, match="target_epsilon"):
         TrainConfig(dp="sgd")
+
+
+@pytest.mark.integration
+def test_edge_train_is_private_by_default_and_a_rerun_past_the_budget_exits_3(tmp_path):
+    from tests.utils.procs import run_iomt
+    from tests.utils.records import write_store
+    write_store(tmp_path, 20, seed=0)
+    # Execute: the default run (DP-SGD, epsilon 8 for the run), then the same run again
+    first = json.loads(run_iomt("edge", "train", "--data-dir", str(tmp_path), "--epochs", "2", "--json",
+                                "--no-progress").stdout)
+    model = tmp_path / "models" / "local.onnx"
+    stamp = model.stat().st_mtime_ns
+    again = run_iomt("edge", "train", "--data-dir", str(tmp_path), "--epochs", "2", "--no-progress", check=False)
+    # Assert: epsilon <= 8 at delta 1e-5, patient level; the re-run would pass 8 in all and is refused
+    assert first["dp"]["mode"] == "sgd" and first["dp"]["unit"] == "patient"
+    assert 7.0 < first["dp"]["epsilon"] <= 8.0 and first["dp"]["delta"] == 1e-5
+    assert again.returncode == 3
+    assert "over the budget of 8" in again.stderr and "refusing to start round 2" in again.stderr
+    assert model.stat().st_mtime_ns == stamp
+    ledger = json.loads((tmp_path / ACCOUNTANT_FILE).read_text())
+    assert len(ledger["rounds"]) == 1 and ledger["epsilon"] == pytest.approx(first["dp"]["epsilon"])

@@ -202,3 +202,47 @@ def test_edge_train_is_private_by_default_and_a_rerun_past_the_budget_exits_3(tm
     assert model.stat().st_mtime_ns == stamp
     ledger = json.loads((tmp_path / ACCOUNTANT_FILE).read_text())
     assert len(ledger["rounds"]) == 1 and ledger["epsilon"] == pytest.approx(first["dp"]["epsilon"])
+
+
+def test_a_dp_sgd_model_exports_to_onnx_and_answers_encrypted_like_any_other(tmp_path):
+    import onnxruntime as ort
+
+    from cloud_aggregator.crypten_compat import load_crypten
+    from cloud_aggregator.inference.client import prepare_inputs, unscale_outputs
+    from cloud_aggregator.inference.publish import publish_shared_model, split_shares
+    from edge_server.onnx_export import export_onnx
+    from protocols.fixedpoint import decode, encode
+    from protocols.model import INPUT_NAMES
+    from protocols.sharing import reconstruct
+    from tests.cloud_aggregator.test_quadratic_head import _party
+
+    # Prepare: a quadratic-fusion model trained with DP-SGD
+    cfg = SMALL.model_copy(update={"fusion": "quadratic"})
+    state = train_local(cfg, None, make_records(12, seed=4), _sgd(epochs=2), progress=False).state
+    model = load_numpy_state(build_model(cfg), state).eval()
+    records = records_to_tensors(make_records(5, seed=9), cfg)
+    idx = torch.arange(len(records))
+    inputs = records.inputs(idx, torch.zeros_like(idx))
+    # Execute 1: ONNX Runtime on its export
+    path = export_onnx(cfg, state, tmp_path / "dp.onnx")
+    session = ort.InferenceSession(str(path))
+    onnx_logits = session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})[0]
+    # Execute 2: its fusion and head on secret shares, two CrypTen parties
+    dirs = [tmp_path / f"p{i}" for i in range(2)]
+    publish_shared_model(dirs, [state], [12], "multimodal", json.loads(cfg.to_json()))
+    with torch.no_grad():
+        feats = model.encode(*inputs[:4])
+        ref_logits, _ = model(*inputs)
+    query = prepare_inputs({"features": feats.numpy().astype(np.float64),
+                            "mask": inputs[4].numpy().astype(np.float64)})
+    shares = [{}, {}]
+    for name, value in query.items():
+        for i, part in enumerate(split_shares(encode(value), 2)):
+            shares[i][name] = part
+    results = load_crypten().mpc.run_multiprocess(world_size=2)(_party)([str(d) for d in dirs], shares, 1)
+    raw = {k: decode(reconstruct([r[0][0][k] for r in results])) for k in results[0][0][0]}
+    got = unscale_outputs(raw)
+    # Assert: the same answers as the plaintext model
+    assert np.abs(onnx_logits - ref_logits.numpy()).max() < 1e-4
+    assert np.abs(got["logits"] - ref_logits.numpy()).max() < 1e-2
+    assert (got["logits"].argmax(1) == ref_logits.numpy().argmax(1)).all()

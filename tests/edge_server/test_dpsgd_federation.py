@@ -44,6 +44,14 @@ def test_federate_defaults_to_dp_sgd_and_the_coordinator_shows_each_hospitals_ep
         client = cluster.client("h1")
         try:
             status = client.round_status(ROUNDS)
+            # a malformed report or one for a round that does not exist is refused, nothing changes
+            headers = {**client.signer.headers("coordinator"), "content-type": "application/json"}
+            bad = client.http.post(f"{cluster.coord_url}/rounds/{ROUNDS}/privacy", headers=headers,
+                                   content=b'{"epsilon": -1, "delta": 1e-5}')
+            unknown = client.http.post(f"{cluster.coord_url}/rounds/99/privacy", headers=headers,
+                                       content=b'{"epsilon": 1.0, "delta": 1e-5}')
+            assert (bad.status_code, unknown.status_code) == (422, 404)
+            assert client.round_status(ROUNDS).privacy == status.privacy
         finally:
             client.close()
         assert set(status.privacy) == set(HOSPITALS)

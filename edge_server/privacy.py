@@ -161,8 +161,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     Uses the same accountant as the ledger, so a run planned at ``target_epsilon`` never
     trips a budget of the same value on its last round.
     """
-    if not target_epsilon > 0:
-        raise ValueError(f"target epsilon must be positive, got {target_epsilon}")
+    if not 0 < target_epsilon < math.inf:
+        raise ValueError(f"target epsilon must be positive and finite, got {target_epsilon}")
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     lo, hi = 0.0, 1.0

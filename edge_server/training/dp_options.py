@@ -40,8 +40,8 @@ def dp_fields(args: argparse.Namespace, planned_rounds: int) -> dict:
     """:class:`~edge_server.training.TrainConfig` fields for the parsed privacy options."""
     if args.dp == "off":
         return {"dp": "off"}
-    if args.epsilon is not None and not args.epsilon > 0:
-        raise DpOptionError(f"--epsilon must be positive, got {args.epsilon}")
+    if args.epsilon is not None and not 0 < args.epsilon < float("inf"):
+        raise DpOptionError(f"--epsilon must be positive and finite (no privacy is --dp off), got {args.epsilon}")
     if args.dp == "update":
         if args.clip_norm is None:
             raise DpOptionError("--dp update needs --clip-norm (and --noise-multiplier)")

@@ -178,9 +178,11 @@ def test_noise_is_fresh_without_a_seed_and_reproducible_with_one():
     assert all(np.array_equal(c.state[k], d.state[k]) for k in c.state)
 
 
-def test_dp_sgd_needs_noise_or_a_target():
+def test_dp_sgd_needs_noise_or_a_finite_target():
     with pytest.raises(ValueError, match="target_epsilon"):
         TrainConfig(dp="sgd")
+    with pytest.raises(ValueError, match="finite"):
+        calibrate_noise(float("inf"), 1e-5, 0.1, 100)
 
 
 @pytest.mark.integration

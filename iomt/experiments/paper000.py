@@ -238,6 +238,9 @@ def _fig4_dpsgd(settings: Settings, epsilons: tuple[float, ...]) -> dict:
             if not math.isfinite(r["target_epsilon"]):
                 ax.axhline(100 * r["accuracy_mean"], ls="--", color="grey", label="no DP (eps = inf)")
         ax.set_xscale("log")
+        ticks = [r["target_epsilon"] for r in finite]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel(f"patient-level epsilon over {settings.rounds} rounds (delta = 1e-5)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("Fig. 4: privacy-utility trade-off (DP-SGD)")

@@ -83,7 +83,7 @@ def measure(device: str, patients: int, epochs: int, repeats: int) -> dict:
     cfg = ModelConfig()
     records = make_records(patients, seed=0)
     tc = TrainConfig(epochs=epochs, device=device)
-    tc_dp = tc.model_copy(update={"clip_norm": 1.0, "noise_multiplier": 1.0, "dp_seed": 0})
+    tc_dp = tc.model_copy(update={"dp": "update", "clip_norm": 1.0, "noise_multiplier": 1.0, "dp_seed": 0})
     dev = torch.device(device)
     bare_loop(cfg, records[:32], 1, 32, dev)  # warm-up (allocator, kernels)
     runs = {"bare": [], "edge": [], "edge_dp": []}

@@ -33,8 +33,8 @@ from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
 from cloud_aggregator.web import bounded_route, error_response, install_error_handlers, read_body, refuse, responses
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult,
-                                            FederationStatus, ModelInfo, Receipts, RoundConfig, RoundStatus,
-                                            ServerOptConfig)
+                                            FederationStatus, ModelInfo, PrivacySpent, Receipts, RoundConfig,
+                                            RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.errors import ConfigError
 from protocols.params import normalise_spec, spec_hash
@@ -63,6 +63,8 @@ class Coordinator:
         self.hospitals: list[str] = []
         self.rounds: dict[int, RoundStatus] = {}
         self.expected: dict[int, list[str]] = {}
+        # what each hospital reports of its own privacy ledger, per round (shown in round status)
+        self.privacy: dict[int, dict[str, PrivacySpent]] = {}
         self._load()
 
     # persistence ----------------------------------------------------------------------
@@ -73,11 +75,15 @@ class Coordinator:
         self.hospitals = data["hospitals"]
         self.rounds = {int(k): RoundStatus.model_validate(v) for k, v in data["rounds"].items()}
         self.expected = {int(k): v for k, v in data["expected"].items()}
+        self.privacy = {int(r): {h: PrivacySpent.model_validate(v) for h, v in spent.items()}
+                        for r, spent in data.get("privacy", {}).items()}
         log.info("coordinator resumed: %d rounds known", len(self.rounds))
 
     def _save(self) -> None:
         data = {"hospitals": self.hospitals, "expected": self.expected,
-                "rounds": {r: s.model_dump(mode="json") for r, s in self.rounds.items()}}
+                "rounds": {r: s.model_dump(mode="json") for r, s in self.rounds.items()},
+                "privacy": {r: {h: v.model_dump(mode="json") for h, v in spent.items()}
+                            for r, spent in self.privacy.items()}}
         atomic_write(self.state_path, json.dumps(data).encode())
 
     def _set(self, status: RoundStatus) -> None:
@@ -89,6 +95,19 @@ class Coordinator:
     def current(self) -> RoundStatus | None:
         return self.rounds[max(self.rounds)] if self.rounds else None
 
+    def round_view(self, rnd: int) -> RoundStatus:
+        """Round ``rnd``'s status with the privacy each hospital reported for it."""
+        return self.rounds[rnd].model_copy(update={"privacy": dict(self.privacy.get(rnd, {}))})
+
+    def report_privacy(self, rnd: int, hospital: str, spent: PrivacySpent) -> None:
+        """Record the ε ``hospital`` says it has spent after round ``rnd`` (its own figure)."""
+        if rnd not in self.rounds or hospital not in self.expected.get(rnd, []):
+            raise KeyError(f"{hospital} is not in round {rnd}")
+        self.privacy.setdefault(rnd, {})[hospital] = spent
+        self._save()
+        log.info("round %d: %s reports epsilon %s at delta %g (%s level, %s)", rnd, hospital,
+                 "inf" if spent.epsilon is None else f"{spent.epsilon:.3g}", spent.delta, spent.unit, spent.mechanism)
+
     def latest_version(self) -> int | None:
         done = [s.config.version for s in self.rounds.values() if s.state == "done"]
         return max(done) if done else None
@@ -96,7 +115,8 @@ class Coordinator:
     def status(self) -> FederationStatus:
         finished = len(self.rounds) >= self.settings.rounds and all(
             s.state in ("done", "failed") for s in self.rounds.values())
-        return FederationStatus(current=self.current, latest_version=self.latest_version(),
+        return FederationStatus(current=self.round_view(max(self.rounds)) if self.rounds else None,
+                                latest_version=self.latest_version(),
                                 rounds_done=sum(s.state == "done" for s in self.rounds.values()),
                                 rounds_planned=self.settings.rounds, finished=finished,
                                 parties=list(self.settings.party_urls))
@@ -287,7 +307,19 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         auth(request, ("hospital", "party", "coordinator"))
         if rnd not in coord.rounds:
             return refuse(request, 404, "unknown_round", str(rnd))
-        return coord.rounds[rnd]
+        return coord.round_view(rnd)
+
+    @app.post("/rounds/{rnd}/privacy", response_model=RoundStatus, responses=responses(400, 401, 403, 404, 413, 422))
+    async def report_privacy(rnd: Annotated[int, PathParam(ge=1, le=10**9)], spent: PrivacySpent,
+                             request: Request):
+        """A hospital's own report of the epsilon it has spent after round ``rnd`` (displayed only;
+        the bounded route refuses a large or deeply nested body, validation answers 422)."""
+        hospital = auth(request, ("hospital",))
+        try:
+            coord.report_privacy(rnd, hospital, spent)
+        except KeyError as err:
+            return refuse(request, 404, "unknown_round", str(err))
+        return coord.round_view(rnd)
 
     @app.get("/metrics", responses=responses(401, 403))
     async def metrics(request: Request):

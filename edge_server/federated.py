@@ -1,7 +1,9 @@
 """`iomt edge federate`: take part in secret-shared federated rounds.
 
 Each round: fetch the previous global model's shares from every party, reconstruct and
-verify it, train locally (with DP on the update, :mod:`edge_server.training`), encode
+verify it, train locally (patient-level DP-SGD by default, :mod:`edge_server.training`; a
+round the privacy ledger's budget refuses ends the run with exit code 3), report the ε spent
+to the coordinator, encode
 ``n_k * theta_k`` in the ring Z_2^64, split it into one full share (party 0) and n-1 seeds
 (parties 1..n-1), and send each party only its own piece over TLS. The pieces are kept
 (``DATA_DIR/federation``) before anything is sent, so every retry of a round, also after a
@@ -30,7 +32,7 @@ import httpx
 import numpy as np
 
 from protocols import fixedpoint, sharing
-from protocols.aggregation_messages import (FederationStatus, RoundConfig, RoundStatus, sharing_to_wire,
+from protocols.aggregation_messages import (FederationStatus, PrivacySpent, RoundConfig, RoundStatus, sharing_to_wire,
                                             upload_from_wire)
 from protocols.auth import Signer
 from protocols.errors import IomtError
@@ -42,7 +44,7 @@ POLL_S = 0.2
 #: First pause before resending a round's upload to an unreachable party (doubles per try).
 UPLOAD_RETRY_S = 1.0
 UPLOAD_RETRY_MAX_S = 15.0
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUDGET = 0, 1, 2, 3
 
 TrainFn = Callable[[dict[str, np.ndarray] | None, RoundConfig], tuple[dict[str, np.ndarray], int, dict]]
 
@@ -169,6 +171,22 @@ class FederatedClient:
     def round_status(self, rnd: int) -> RoundStatus:
         resp = self.http.get(f"{self.coordinator_url}/rounds/{rnd}", headers=self.signer.headers("coordinator"))
         return RoundStatus.model_validate_json(self._check(resp, f"round {rnd}").content)
+
+    def report_privacy(self, rnd: int, metrics: dict) -> None:
+        """Tell the coordinator the ε this hospital's ledger has spent after round ``rnd``
+        (for its round status). Only a display: a failure is logged, the round goes on."""
+        eps = metrics["epsilon"]
+        spent = PrivacySpent(epsilon=None if eps == float("inf") else eps, delta=metrics["delta"],
+                             unit=metrics.get("privacy_unit", "patient"),
+                             mechanism="dpsgd" if metrics.get("dp") == "sgd" else "update",
+                             limit=metrics.get("epsilon_budget"))
+        try:
+            self._check(self.http.post(f"{self.coordinator_url}/rounds/{rnd}/privacy",
+                                       content=spent.model_dump_json(),
+                                       headers={**self.signer.headers("coordinator"),
+                                                "content-type": "application/json"}), "privacy report")
+        except (httpx.HTTPError, FederationError) as err:
+            log.warning("%s: could not report epsilon for round %d: %s", self.hospital, rnd, err)
 
     # upload ---------------------------------------------------------------------------
     def make_uploads(self, cfg: RoundConfig, state: dict[str, np.ndarray], n_samples: int) -> list[bytes]:
@@ -365,6 +383,8 @@ class FederatedClient:
         rec.uploaded_bytes = self._send_until_deadline(cfg, bodies)
         t3 = time.perf_counter()
         rec.n_samples, rec.train_metrics = int(n_samples), metrics
+        if "epsilon" in metrics:
+            self.report_privacy(cfg.round, metrics)
         rec.timings = {"download_s": t1 - t0, "train_s": t2 - t1, "upload_s": t3 - t2}
         log.info("%s: round %d uploaded %d bytes (%d samples)", self.hospital, cfg.round, rec.uploaded_bytes,
                  n_samples)
@@ -409,15 +429,14 @@ def _keep_global(client: FederatedClient, latest: int, default_cfg, val, data_di
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edge_server.training.dp_options import add_dp_arguments
     parser.add_argument("--data-dir", help="this edge's data dir (its stored patients)")
     parser.add_argument("--key-file", help="this hospital's Ed25519 key file")
     parser.add_argument("--coordinator", help="coordinator base URL")
     parser.add_argument("--tls-ca", help="CA bundle of the cloud services")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clip-norm", type=float, default=None, help="DP: L2 bound C on the update")
-    parser.add_argument("--noise-multiplier", type=float, default=0.0, help="DP: sigma")
-    parser.add_argument("--epsilon-budget", type=float, default=None)
+    add_dp_arguments(parser)  # DP-SGD at epsilon 8 for all the coordinator's planned rounds by default
     parser.add_argument("--write-model", metavar="FILE",
                         help="write the coordinator's model file (architecture from --model-config, or from "
                              "--image-encoder/--text-encoder/--fusion and a BYOD --data-dir's widths) and exit")
@@ -437,6 +456,8 @@ def run(args: argparse.Namespace) -> int:
     from edge_server.text_embedding import TextEmbeddingUnavailable
     from edge_server.training import (ModelConfig, PrivacyAccountant, TrainConfig, initial_state,
                                       split_records, train_local)
+    from edge_server.privacy import PrivacyBudgetExceeded
+    from edge_server.training.dp_options import DpOptionError, dp_fields
     from edge_server.training.inputs import labelled_records, model_config_for, prepare_text
     try:
         model_cfg = (ModelConfig.from_json(Path(args.model_config).read_text()) if args.model_config else
@@ -458,10 +479,24 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return EXIT_CONFIG
     train, val, _test = split_records(records, seed=args.seed)
-    tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, clip_norm=args.clip_norm,
-                       noise_multiplier=args.noise_multiplier, epsilon_budget=args.epsilon_budget)
-    accountant = PrivacyAccountant.for_data_dir(args.data_dir, delta=tcfg.delta,
-                                                epsilon_budget=args.epsilon_budget)
+    try:
+        dp_fields(args, planned_rounds=1)
+    except DpOptionError as err:
+        log.error("%s", err)
+        return EXIT_CONFIG
+    accountant = PrivacyAccountant.for_data_dir(args.data_dir, delta=args.delta,
+                                                epsilon_budget=dp_fields(args, 1).get("epsilon_budget"))
+    configs: dict = {}
+
+    def train_config() -> TrainConfig:
+        # DP-SGD's noise is calibrated once for every round the coordinator plans
+        if "cfg" not in configs:
+            planned = client.status().rounds_planned
+            configs["cfg"] = TrainConfig(epochs=args.epochs, seed=args.seed, **dp_fields(args, planned))
+            if args.dp == "sgd":
+                log.info("%s: DP-SGD for %d planned rounds at epsilon %s, delta %g (patient level)",
+                         client.hospital, planned, args.epsilon, args.delta)
+        return configs["cfg"]
 
     def train_fn(global_state, rcfg: RoundConfig):
         mcfg = ModelConfig.model_validate(rcfg.model.config) if rcfg.model.config else model_cfg
@@ -470,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
         except TextEmbeddingUnavailable as err:
             raise IomtError(str(err)) from err
         base = global_state if global_state is not None else initial_state(mcfg, rcfg.init_seed)
-        cfg = tcfg.model_copy(update={"prox_mu": rcfg.prox_mu, "seed": args.seed + rcfg.round})
+        cfg = train_config().model_copy(update={"prox_mu": rcfg.prox_mu, "seed": args.seed + rcfg.round})
         result = train_local(mcfg, base, train, cfg, progress=False, accountant=accountant)
         return result.state, result.n_samples, result.metrics
 
@@ -482,6 +517,9 @@ def run(args: argparse.Namespace) -> int:
         if status.latest_version:
             report["history"], report["global"] = _keep_global(client, status.latest_version, model_cfg, val,
                                                                Path(args.data_dir))
+    except PrivacyBudgetExceeded as err:
+        log.error("%s", err)
+        return EXIT_BUDGET
     except IomtError as err:
         log.error("federation failed: %s", err)
         return EXIT_FAILED

@@ -34,8 +34,7 @@ def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup
         fed[h] = sup.start(f"federate-{h}", iomt_argv(
             "edge", "federate", "--data-dir", str(edges[h]), "--key-file", str(cloud.key_file(h)),
             "--coordinator", coord_url, "--tls-ca", str(tls["ca"]), "--epochs", str(args.epochs),
-            "--seed", str(args.seed), "--clip-norm", str(args.clip_norm),
-            "--noise-multiplier", str(args.noise_multiplier), "--json"), daemon=False)
+            "--seed", str(args.seed), *_dp_argv(args), "--json"), daemon=False)
     _watch_rounds(sup, fed, cloud.key_file(hospitals[0]), coord_url, tls["ca"], args.rounds, say)
     results = {}
     for h, child in fed.items():
@@ -52,6 +51,16 @@ def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup
     return {"cloud": {"parties": args.parties, "party_urls": party_urls, "coordinator": coord_url,
                       "ca": str(tls["ca"])},
             "federation": results, "inference": inference}
+
+
+def _dp_argv(args) -> list[str]:
+    """`iomt edge federate`'s privacy options for the demo's settings."""
+    argv = ["--dp", args.dp, "--epsilon", str(args.epsilon)]
+    if args.clip_norm is not None:
+        argv += ["--clip-norm", str(args.clip_norm)]
+    if args.noise_multiplier is not None:
+        argv += ["--noise-multiplier", str(args.noise_multiplier)]
+    return argv
 
 
 def _watch_rounds(sup: Supervisor, fed: dict, key_file: Path, coord_url: str, ca: Path, rounds: int,
@@ -74,6 +83,10 @@ def _watch_rounds(sup: Supervisor, fed: dict, key_file: Path, coord_url: str, ca
                 if now != seen:
                     seen = now
                     extra = f" participants {cur.participants}" if getattr(cur, "participants", None) else ""
+                    if now[1] == "done" and cur.privacy:
+                        extra += "; epsilon spent (as each hospital reports): " + ", ".join(
+                            f"{h} {'inf' if p.epsilon is None else f'{p.epsilon:.2f}'}"
+                            for h, p in sorted(cur.privacy.items()))
                     say(f"round {now[0]}/{rounds}: {now[1]}{extra}")
             time.sleep(POLL_S)
     finally:

@@ -14,7 +14,10 @@ optional DP on the update) and the server combines the results:
   sum is reconstructed, exactly as the cloud parties do, but without the network.
   ``dp_mode="distributed"`` lets each of the K hospitals add only ``1/K`` of the noise
   variance, which the secure sum makes as private as one full draw
-  (:mod:`edge_server.privacy`); ``"local"`` (default) is the paper's per-update noise.
+  (:mod:`edge_server.privacy`); ``"local"`` (default) is the paper's per-update noise;
+  ``"sgd"`` is patient-level DP-SGD at every hospital (the edge's default), its noise
+  calibrated so that all ``rounds`` spend ``target_epsilon`` at ``delta``; each hospital keeps
+  its own ledger and the run reports the largest ε among them.
 
 Processes and HTTP are left out on purpose (``iomt demo`` and the cloud tests cover them);
 what is simulated here is the arithmetic, so the accuracy numbers are those of the real path.
@@ -33,7 +36,8 @@ from protocols.schema import PatientRecord
 log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "ours")
-DP_MODES: tuple[str, ...] = ("local", "distributed")
+DP_MODES: tuple[str, ...] = ("local", "distributed")  # update-level (the paper's)
+ALL_DP_MODES: tuple[str, ...] = (*DP_MODES, "sgd")
 
 
 @dataclass(frozen=True)
@@ -50,14 +54,15 @@ class FederationSpec:
     noise_multiplier: float = 0.1   # ours only: sigma, noise std = sigma * clip_norm
     delta: float = 1e-5
     parties: int = 3                # ours only: simulated non-colluding cloud parties
-    dp_mode: str = "local"          # ours only: "local" (paper eq. 3) or "distributed" (1/K each)
+    dp_mode: str = "local"          # ours only: "local" (paper eq. 3), "distributed" (1/K each) or "sgd"
+    target_epsilon: float | None = 8.0  # ours with dp_mode="sgd": patient-level epsilon of the whole run
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
-        if self.dp_mode not in DP_MODES:
-            raise ValueError(f"unknown dp_mode {self.dp_mode!r}; expected one of {DP_MODES}")
+        if self.dp_mode not in ALL_DP_MODES:
+            raise ValueError(f"unknown dp_mode {self.dp_mode!r}; expected one of {ALL_DP_MODES}")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError("rounds and local_epochs must be >= 1")
 
@@ -80,6 +85,14 @@ def train_config(spec: FederationSpec, seed: int, epochs: int | None = None, pri
     """The edge's :class:`TrainConfig` for one local step of ``spec`` in a round of ``hospitals``."""
     from edge_server.training.loop import TrainConfig
     private = spec.private if private is None else private
+    if private and spec.dp_mode == "sgd":
+        if spec.target_epsilon is None:  # epsilon = inf: the same federation without DP
+            private = False
+        else:
+            return TrainConfig(epochs=spec.local_epochs if epochs is None else epochs, batch_size=spec.batch_size,
+                               lr=spec.lr, seed=seed, dp="sgd", clip_norm=spec.clip_norm,
+                               target_epsilon=spec.target_epsilon, planned_rounds=spec.rounds, delta=spec.delta,
+                               dp_seed=seed)
     return TrainConfig(
         epochs=spec.local_epochs if epochs is None else epochs,
         batch_size=spec.batch_size,
@@ -153,12 +166,14 @@ def run_federation(model_cfg, train: Mapping[str, list[PatientRecord]], spec: Fe
         raise ValueError("no hospital has training records")
     state = dict(init) if init is not None else initial_state(model_cfg, spec.seed)
     result = FederationResult(state=state)
-    accountant = _accountant(spec) if spec.private else None
+    sgd = spec.private and spec.dp_mode == "sgd" and spec.target_epsilon is not None
+    accountant = _accountant(spec) if spec.private and spec.dp_mode != "sgd" else None
+    ledgers = {h: _accountant(spec) for h in hospitals} if sgd else {}
     for rnd in range(1, spec.rounds + 1):
         states, weights = [], []
         for i, hospital in enumerate(hospitals):
             cfg = train_config(spec, seed=spec.seed * 100_003 + rnd * 101 + i, hospitals=len(hospitals))
-            local = train_local(model_cfg, state, train[hospital], cfg, progress=False)
+            local = train_local(model_cfg, state, train[hospital], cfg, progress=False, accountant=ledgers.get(hospital))
             states.append(local.state)
             weights.append(int(local.n_samples))
         if spec.private:
@@ -169,6 +184,8 @@ def run_federation(model_cfg, train: Mapping[str, list[PatientRecord]], spec: Fe
         entry: dict = {"round": rnd}
         if accountant is not None:
             entry["epsilon"] = result.epsilon = _step_accountant(accountant, spec, weights)
+        elif ledgers:
+            entry["epsilon"] = result.epsilon = max(led.epsilon() for led in ledgers.values())
         if eval_records and ((eval_every and rnd % eval_every == 0) or rnd == spec.rounds):
             entry.update(evaluate(model_cfg, state, eval_records))
         result.history.append(entry)

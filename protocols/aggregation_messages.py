@@ -224,6 +224,19 @@ class RoundConfig(_Msg):
     max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)
 
 
+class PrivacySpent(_Msg):
+    """What a hospital reports of its own privacy ledger after a round: the ε it has spent in
+    all (every step of every round so far, composed) at δ, for the stated unit. A number the
+    hospital vouches for, not data; the coordinator only displays it."""
+
+    epsilon: float | None = Field(ge=0, description="None: infinite (a mechanism without noise)")
+    delta: float = Field(gt=0, lt=1)
+    unit: Literal["patient", "hospital"] = "patient"
+    mechanism: Literal["dpsgd", "update"] = "dpsgd"
+    #: the hospital's budget: the epsilon (at ``delta``) past which it refuses to train
+    limit: float | None = Field(default=None, gt=0)
+
+
 class RoundStatus(_Msg):
     config: RoundConfig
     state: RoundState
@@ -235,6 +248,8 @@ class RoundStatus(_Msg):
     commitments: dict[str, str] = Field(default_factory=dict)
     #: hospital -> why it was left out of this round (inconsistent sharing, sample count)
     excluded: dict[str, str] = Field(default_factory=dict)
+    #: hospital -> the epsilon it reports having spent (its own figure, shown, never checked)
+    privacy: dict[str, PrivacySpent] = Field(default_factory=dict)
 
 
 class FederationStatus(_Msg):

@@ -5,16 +5,19 @@ Library API used by ``iomt edge train`` and by the federated rounds:
 - :class:`~protocols.model.ModelConfig` and :func:`~protocols.model.build_model`: the
   architecture (JSON via ``cfg.to_json()`` / ``ModelConfig.from_json``).
 - :class:`TrainConfig`: epochs=10, batch_size=32, lr=1e-3, seed, device="auto", prox_mu
-  (FedProx), clip_norm C (None: no DP), noise_multiplier σ, delta, epsilon_budget, dp_seed.
+  (FedProx), dp ("sgd": patient-level DP-SGD, :mod:`edge_server.training.dpsgd`; "update":
+  the paper's noise on the update; "off"), clip_norm C, noise_multiplier σ, target_epsilon and
+  planned_rounds (DP-SGD calibration), delta, epsilon_budget, dp_seed (tests only).
 - :func:`split_records` ``(records, seed) -> (train, val, test)``: 70/15/15 by patient.
 - :func:`train_local` ``(model_cfg, global_state, train_records, cfg, progress=True,
   accountant=None) -> LocalResult(state, n_samples, metrics)``: ``state`` is
-  ``{name: float32 ndarray}``, already ``global + clip(Δ, C) + N(0, (σC)²)`` when DP is on.
+  ``{name: float32 ndarray}`` (today's parameter names also under DP-SGD); with ``dp="update"``
+  it is already ``global + clip(Δ, C) + N(0, (σC)²)``.
 - :func:`evaluate` ``(model_cfg, state, records) -> dict``: accuracy, precision, recall,
   f1 (macro), roc_auc (macro one-vs-rest), majority_accuracy, n.
-- :class:`~edge_server.privacy.PrivacyAccountant`: ε at δ (RDP, dp-accounting) after every
-  round, persisted under the data dir (``PrivacyAccountant.for_data_dir(d, ...)``);
-  ``check_budget(σ)`` raises :class:`~edge_server.privacy.PrivacyBudgetExceeded`.
+- :class:`~edge_server.privacy.PrivacyAccountant`: ε at δ (RDP, dp-accounting) over every
+  step of every round, persisted under the data dir (``PrivacyAccountant.for_data_dir(d, ...)``);
+  ``check_budget(σ, q, steps, mechanism)`` raises :class:`~edge_server.privacy.PrivacyBudgetExceeded`.
 - :func:`~protocols.model.state_to_numpy` / :func:`~protocols.model.load_numpy_state`:
   float parameters and buffers only, stable names.
 - :func:`save_model` / :func:`load_saved_model`: a model directory (state, config, ONNX).

@@ -1,6 +1,9 @@
 """`iomt edge train`: train the multimodal model on this edge's store and report held-out metrics.
 
-Exit codes: 0 trained; 2 nothing to train on; 3 the privacy budget refuses another round.
+Trains with patient-level DP-SGD at epsilon 8 (delta 1e-5) by default (edge_server.training.dp_options).
+
+Exit codes: 0 trained; 2 nothing to train on or contradictory options; 3 the privacy budget
+refuses another round (nothing was trained).
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import logging
 import math
 import sys
 from pathlib import Path
+
+from edge_server.training.dp_options import DpOptionError, add_dp_arguments, dp_fields
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='fusion layer and head: "attention" (the paper\'s) or "quadratic" (MPC-friendly: encrypted '
                              "inference in 12 rounds instead of 92, see README)")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal coefficient")
-    parser.add_argument("--clip-norm", type=float, default=None, help="DP: clip the update to this L2 norm")
-    parser.add_argument("--noise-multiplier", type=float, default=0.0, help="DP: noise std = this x clip norm")
-    parser.add_argument("--delta", type=float, default=1e-5, help="DP: report epsilon at this delta")
-    parser.add_argument("--epsilon-budget", type=float, default=None, help="DP: refuse rounds past this epsilon")
     parser.add_argument("--privacy-unit", choices=("patient", "hospital"), default="patient",
-                        help="what neighbouring datasets differ in (see edge_server.privacy)")
+                        help="--dp update: what neighbouring datasets differ in (see edge_server.privacy); "
+                             "DP-SGD is always patient level")
+    add_dp_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="model directory (default: DATA_DIR/models)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,10 +70,12 @@ def run(args: argparse.Namespace) -> int:
     except ByodError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NO_DATA
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      device=args.device, prox_mu=args.prox_mu, clip_norm=args.clip_norm,
-                      noise_multiplier=args.noise_multiplier, delta=args.delta,
-                      epsilon_budget=args.epsilon_budget)
+    try:
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          device=args.device, prox_mu=args.prox_mu, **dp_fields(args, planned_rounds=1))
+    except (DpOptionError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NO_DATA
     if len(records) < 3:
         print(f"error: {args.data_dir} holds {len(records)} labelled patients; at least 3 are needed",
               file=sys.stderr)
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     accountant = None
     if cfg.dp_enabled:
         accountant = PrivacyAccountant.for_data_dir(args.data_dir, delta=cfg.delta,
-                                                    epsilon_budget=cfg.epsilon_budget, unit=args.privacy_unit)
+                                                    epsilon_budget=cfg.epsilon_budget,
+                                                    unit="patient" if cfg.dp == "sgd" else args.privacy_unit)
     try:
         result = train_local(model_cfg, None, train, cfg, progress=not args.no_progress, accountant=accountant)
     except PrivacyBudgetExceeded as err:
@@ -103,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
         "test": test_metrics,
         "val": val_metrics,
         "train": {k: result.metrics[k] for k in ("loss", "steps", "seconds", "samples_per_s", "device")},
-        "dp": {"clip_norm": cfg.clip_norm, "noise_multiplier": cfg.noise_multiplier, "delta": cfg.delta,
+        "dp": {"mode": cfg.dp, "clip_norm": result.metrics.get("clip_norm", cfg.clip_norm),
+               "noise_multiplier": result.metrics.get("noise_multiplier", cfg.noise_multiplier),
+               "sample_rate": result.metrics.get("sample_rate"), "delta": cfg.delta,
                "epsilon": None if epsilon is None or math.isinf(epsilon) else epsilon,
-               "epsilon_budget": cfg.epsilon_budget, "unit": args.privacy_unit if cfg.dp_enabled else None},
+               "epsilon_budget": cfg.epsilon_budget, "unit": accountant.unit if accountant else None},
     }
     paths = save_model(out_dir, model_cfg, result.state, name="local", info=summary)
     summary["model"] = {k: str(v) for k, v in paths.items()}
@@ -118,9 +126,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  accuracy {_fmt(t['accuracy'])}  precision {_fmt(t['precision'])}  recall {_fmt(t['recall'])}  "
           f"F1 {_fmt(t['f1'])}  AUC {_fmt(t['roc_auc'])}  (majority class {_fmt(t['majority_accuracy'])})")
     if cfg.dp_enabled:
+        d = summary["dp"]
         eps = "inf (no noise)" if epsilon is None or math.isinf(epsilon) else f"{epsilon:.3f}"
-        print(f"  DP: C={cfg.clip_norm} sigma={cfg.noise_multiplier}  epsilon={eps} at delta={cfg.delta:g}")
+        what = "patient-level DP-SGD" if cfg.dp == "sgd" else f"update-level DP ({d['unit']} level)"
+        print(f"  DP: {what}, C={d['clip_norm']:g} sigma={d['noise_multiplier']:.3g}; this data directory has spent "
+              f"epsilon={eps} at delta={cfg.delta:g} in all (budget {cfg.epsilon_budget})")
     else:
-        print("  DP: off (no --clip-norm)")
+        print("  DP: off (--dp off)")
     print(f"  model: {paths['onnx']}")
     return EXIT_OK

@@ -1,4 +1,5 @@
-"""Local training of the multimodal model (Adam, FedProx option, DP on the update) and evaluation."""
+"""Local training of the multimodal model (Adam, FedProx option; patient-level DP-SGD or the paper's
+DP on the update) and evaluation."""
 from __future__ import annotations
 
 import logging
@@ -6,10 +7,11 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,8 +41,16 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = Field("auto", description='"auto" (CUDA when available), "cpu", "cuda", "cuda:1" ...')
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient (0: plain FedAvg local step)")
-    clip_norm: float | None = Field(None, gt=0, description="L2 bound C on the update; None: no DP")
-    noise_multiplier: float = Field(0.0, ge=0, description="sigma; noise std is sigma*C")
+    dp: Literal["off", "sgd", "update"] = Field("off", description=(
+        '"sgd": patient-level DP-SGD (edge_server.training.dpsgd); "update": the source paper\'s clip and '
+        'noise of the whole update; "off". When not given: "update" if clip_norm is set, else "off"'))
+    clip_norm: float | None = Field(None, gt=0, description=(
+        "L2 bound C: on each patient's gradient (sgd, default 1.0) or on the whole update (update)"))
+    noise_multiplier: float = Field(0.0, ge=0, description=(
+        "sigma; noise std is sigma*C (sgd: 0 means calibrate from target_epsilon)"))
+    target_epsilon: float | None = Field(None, gt=0, description=(
+        "sgd: calibrate sigma so that planned_rounds rounds spend this epsilon at delta"))
+    planned_rounds: int = Field(1, ge=1, description="sgd: rounds the calibration covers (the whole federation)")
     noise_fraction: float = Field(1.0, gt=0, le=1, description=(
         "share of the noise variance this hospital adds: 1 = local DP (paper eq. 3); 1/K = distributed DP "
         "across the K hospitals of a securely aggregated round (edge_server.privacy)"))
@@ -48,9 +58,24 @@ class TrainConfig(BaseModel):
     epsilon_budget: float | None = Field(None, gt=0)
     dp_seed: int | None = Field(None, description="seed of the DP noise; None: OS entropy (production)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data):
+        if isinstance(data, dict) and "dp" not in data:
+            data = {**data, "dp": "update" if data.get("clip_norm") is not None else "off"}
+        return data
+
+    @model_validator(mode="after")
+    def _check_dp(self):
+        if self.dp == "update" and self.clip_norm is None:
+            raise ValueError("dp='update' needs clip_norm")
+        if self.dp == "sgd" and self.noise_multiplier == 0 and self.target_epsilon is None:
+            raise ValueError("dp='sgd' needs target_epsilon or a positive noise_multiplier")
+        return self
+
     @property
     def dp_enabled(self) -> bool:
-        return self.clip_norm is not None
+        return self.dp != "off"
 
     @property
     def own_noise_multiplier(self) -> float:
@@ -140,7 +165,7 @@ def fit(model: nn.Module, data: RecordTensors, cfg: TrainConfig, device: torch.d
 def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | None,
                 train_records: list[PatientRecord], cfg: TrainConfig, progress: bool = True,
                 accountant: PrivacyAccountant | None = None) -> LocalResult:
-    """One local round: start from ``global_state``, train, clip and noise the update.
+    """One local round: start from ``global_state`` and train, privately when ``cfg.dp`` says so.
 
     Parameters
     ----------
@@ -150,22 +175,34 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
     accountant:
         When given (and DP is on), the round is refused up front with
         :class:`~edge_server.privacy.PrivacyBudgetExceeded` if it would exceed
-        ``accountant.epsilon_budget``, and is recorded once the update is released.
+        ``accountant.epsilon_budget``, before any training, and is recorded once released.
 
     Returns
     -------
-    LocalResult whose ``state`` is ``global + clip(Δ, C) + N(0, (σC)²)`` when
-    ``cfg.clip_norm`` is set, the trained state otherwise.
+    LocalResult whose ``state`` was trained with patient-level DP-SGD (``dp="sgd"``), is
+    ``global + clip(Δ, C) + N(0, (σC)²)`` (``dp="update"``), or the plainly trained state.
+    ``metrics`` carries ``epsilon`` (ledger total), ``delta`` and ``privacy_unit`` when an
+    accountant is given.
     """
-    if accountant is not None and cfg.dp_enabled:
-        accountant.check_budget(cfg.own_noise_multiplier)
-    elif accountant is not None and accountant.epsilon_budget is not None:
-        raise TrainingError("an epsilon budget is set but DP is off: set clip_norm and noise_multiplier")
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    if accountant is not None and not cfg.dp_enabled and accountant.epsilon_budget is not None:
+        raise TrainingError("an epsilon budget is set but DP is off: choose dp='sgd' or dp='update'")
     data = records_to_tensors(train_records, model_cfg, need_label=True)
     if len(data) == 0:
         raise TrainingError(f"no usable labelled record among {len(train_records)} (skipped: {dict(data.skipped)})")
+    plan = None
+    if cfg.dp == "sgd":
+        from edge_server.training.dpsgd import plan as dpsgd_plan
+        plan = dpsgd_plan(len(data), cfg.batch_size, cfg.epochs, cfg.clip_norm or 1.0, delta=cfg.delta,
+                          noise_multiplier=cfg.noise_multiplier or None, target_epsilon=cfg.target_epsilon,
+                          planned_rounds=cfg.planned_rounds)
+        if accountant is not None:
+            if accountant.unit != "patient":
+                raise TrainingError(f"DP-SGD protects patients; the accountant's unit is {accountant.unit!r}")
+            accountant.check_budget(plan.noise_multiplier, plan.sample_rate, plan.steps, "dpsgd")
+    elif cfg.dp == "update" and accountant is not None:
+        accountant.check_budget(cfg.own_noise_multiplier)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
     model = build_model(model_cfg)
     if global_state is not None:
         load_numpy_state(model, global_state)
@@ -173,12 +210,25 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
     reference = _float_state(model)
     param_names = {name for name, _ in model.named_parameters()}
     params_ref = {k: v for k, v in reference.items() if k in param_names}
-    stats = fit(model, data.to(device), cfg, device, params_ref, progress)
+    if plan is not None:
+        from edge_server.training.dpsgd import fit_dpsgd
+        bar = tqdm(total=plan.steps, desc="local DP-SGD", unit="step", disable=not progress, leave=False)
+        stats = fit_dpsgd(model, data.to(device), plan, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device,
+                          prox_mu=cfg.prox_mu, global_params=params_ref, dp_seed=cfg.dp_seed, progress_bar=bar)
+        bar.close()
+    else:
+        stats = fit(model, data.to(device), cfg, device, params_ref, progress)
     trained = _float_state(model)
     update = {k: trained[k] - reference[k] for k in reference}
-    metrics = {**stats, "n_skipped": dict(data.skipped), "device": str(device)}
+    metrics = {**stats, "n_skipped": dict(data.skipped), "device": str(device), "dp": cfg.dp}
     metrics["update_norm"] = float(torch.linalg.vector_norm(torch.cat([u.reshape(-1) for u in update.values()])))
-    if cfg.dp_enabled:
+    if plan is not None:
+        metrics.update(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                       sample_rate=plan.sample_rate)
+        if accountant is not None:
+            metrics["epsilon"] = accountant.record_round(plan.noise_multiplier, plan.clip_norm,
+                                                         plan.sample_rate, plan.steps, "dpsgd")
+    elif cfg.dp == "update":
         gen = None
         if cfg.dp_seed is not None:
             gen = torch.Generator(device=device).manual_seed(cfg.dp_seed)
@@ -186,10 +236,14 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
         metrics.update(clip_scale=dp.clip_scale, noise_std=dp.noise_std)
         if accountant is not None:
             metrics["epsilon"] = accountant.record_round(cfg.own_noise_multiplier, cfg.clip_norm)
-            metrics["delta"] = accountant.delta
+    if "epsilon" in metrics:
+        metrics.update(delta=accountant.delta, privacy_unit=accountant.unit,
+                       epsilon_budget=accountant.epsilon_budget)
     state = {k: (reference[k] + update[k]).to("cpu", torch.float32).numpy() for k in reference}
-    log.info("local round: %d samples, %d epochs, loss %.4f, %.1f samples/s", len(data), cfg.epochs,
-             stats["loss"], stats["samples_per_s"] or 0.0)
+    log.info("local round: %d samples, %d epochs, loss %.4f, %.1f samples/s%s", len(data), cfg.epochs,
+             stats["loss"], stats["samples_per_s"] or 0.0,
+             f", epsilon {metrics['epsilon']:.3g} at delta {accountant.delta:g} ({accountant.unit} level)"
+             if "epsilon" in metrics else "")
     return LocalResult(state=state, n_samples=len(data), metrics=metrics)
 
 

@@ -45,8 +45,14 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
         if exp == "table2":
             p.add_argument("--methods", default=None,
                            help="comma-separated subset of centralized,fedavg,fedprox,unimodal_federated,ours,"
-                                "ours_distributed,baselines (default: all; baselines = logistic "
+                                "ours_distributed,ours_dpsgd,baselines (default: all; baselines = logistic "
                                 "regressions, pooled and per hospital)")
+        if exp == "fig4":
+            p.add_argument("--dp", choices=("sgd", "update"), default="sgd",
+                           help='"sgd" (default): patient-level DP-SGD at each target epsilon; "update": the '
+                                "paper's update-level noise at several noise multipliers")
+            p.add_argument("--epsilons", default=None,
+                           help="DP-SGD: comma-separated patient-level epsilons (default 0.5,1,2,4,8,inf)")
         if exp in ("encrypted_inference", "encrypted_fusion"):
             p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,5,10,25)")
         if exp == "encrypted_inference":
@@ -82,6 +88,10 @@ def _run(args: argparse.Namespace) -> int:
     kwargs = {}
     if args.experiment == "table2" and args.methods:
         kwargs["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.experiment == "fig4":
+        kwargs["dp"] = args.dp
+        if args.epsilons:
+            kwargs["epsilons"] = tuple(float(e) for e in args.epsilons.split(","))
     if args.experiment in ("encrypted_inference", "encrypted_fusion") and args.batches:
         kwargs["batches"] = tuple(int(b) for b in args.batches.split(","))
     if args.experiment == "encrypted_inference":

@@ -97,9 +97,9 @@ def test_predictor_on_records_matches_pytorch_window_averaged(trained):
 def test_train_then_predict_cli_on_a_real_edge_store(tmp_path):
     # Prepare: an edge store with 30 patients' EHR bundles and notes
     ids = write_store(tmp_path, 30, seed=0)
-    # Execute: train with DP, as JSON
+    # Execute: train with the paper's update-level DP, as JSON
     proc = run_iomt("edge", "train", "--data-dir", str(tmp_path), "--epochs", "3", "--json", "--no-progress",
-                    "--clip-norm", "5", "--noise-multiplier", "1.0")
+                    "--dp", "update", "--clip-norm", "5", "--noise-multiplier", "1.0")
     out = json.loads(proc.stdout)
     # Assert
     assert out["patients"] == {"train": 21, "val": 4, "test": 5}

@@ -55,6 +55,8 @@ def test_table2(quick):
     dist = next(r for r in runs if r["method"] == "ours_distributed")
     # same sigma: never a better guarantee than local DP (equal only for equally sized hospitals)
     assert "distributed DP" in dist["detail"] and float(dist["epsilon"]) >= float(ours["epsilon"]) * (1 - 1e-9)
+    dpsgd = next(r for r in runs if r["method"] == "ours_dpsgd")
+    assert 7.5 < float(dpsgd["epsilon"]) <= 8.0 and "patient-level DP-SGD" in dpsgd["detail"]
 
 
 def test_table2_runs_only_the_methods_asked_for(quick):
@@ -92,8 +94,19 @@ def test_table4_evaluates_every_step_for_each_strategy(quick):
     assert by_strategy == {s: [1, 2, 3, 4] for s in ("fedavg", "fedprox", "ours")}
 
 
+def test_fig4_with_dp_sgd_reports_accuracy_at_each_patient_level_epsilon(quick):
+    run_experiment("fig4", quick, epsilons=(1.0, math.inf))
+
+    columns, rows = _check_outputs(quick.out, "fig4")
+    assert columns[:2] == ["dp", "target_epsilon"] and "accuracy_mean" in columns
+    spent = {float(r["target_epsilon"]): float(r["epsilon_mean"]) for r in rows}
+    assert 0.9 < spent[1.0] <= 1.0 and math.isinf(spent[math.inf])
+    _, runs = _csv(quick.out / "fig4_runs.csv")
+    assert all(r["lr"] and r["clip_norm"] and r["val_accuracy"] for r in runs)  # chosen on validation
+
+
 def test_fig4_epsilon_falls_as_noise_grows(quick):
-    run_experiment("fig4", quick)
+    run_experiment("fig4", quick, dp="update")
 
     columns, rows = _check_outputs(quick.out, "fig4")
     assert columns[:2] == ["dp", "noise_multiplier"] and "epsilon_mean" in columns

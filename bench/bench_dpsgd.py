@@ -29,7 +29,7 @@ def child(mode: str, patients: int, epochs: int, threads: int, device: str) -> d
     import torch
 
     from edge_server.training import ModelConfig, TrainConfig, train_local
-    from tests.utils.records import make_records
+    from simulators.records import make_records
 
     torch.set_num_threads(threads)
     records = make_records(patients, seed=0)

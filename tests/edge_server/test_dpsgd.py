@@ -15,7 +15,7 @@ from edge_server.privacy import (
 from edge_server.training import ModelConfig, TrainConfig, records_to_tensors, train_local
 from edge_server.training.dpsgd import DpSgdUnsupported, make_private_trainable, per_example_grads, plan
 from protocols.model import build_model, load_numpy_state, state_to_numpy
-from tests.utils.records import make_records
+from simulators.records import make_records
 
 torch.set_num_threads(1)
 
@@ -187,7 +187,7 @@ def test_dp_sgd_needs_noise_or_a_finite_target():
 
 @pytest.mark.integration
 def test_edge_train_is_private_by_default_and_a_rerun_past_the_budget_exits_3(tmp_path):
-    from tests.utils.procs import run_iomt
+    from iomt.supervisor import run_iomt
     from tests.utils.records import write_store
     write_store(tmp_path, 20, seed=0)
     # Execute: the default run (DP-SGD, epsilon 8 for the run), then the same run again

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_server.training import ModelConfig, initial_state
-from tests.utils.procs import run_iomt, spawn_iomt
+from iomt.supervisor import run_iomt, spawn_iomt
 from tests.utils.records import write_store
 
 HOSPITALS = ("h1", "h2")
@@ -20,10 +20,10 @@ CFG = ModelConfig(dim=8, ehr_hidden=8, lstm_hidden=8, lstm_layers=1, text_layers
 
 @pytest.mark.integration
 def test_federate_defaults_to_dp_sgd_and_the_coordinator_shows_each_hospitals_epsilon(tmp_path: Path):
-    from tests.cloud_aggregator.secagg_cluster import Cluster
+    from iomt.local_cloud import LocalCloud
     model = {"arch": "multimodal", "config": CFG.model_dump(mode="json"), "init_seed": 3}
-    cluster = Cluster(tmp_path, 2, list(HOSPITALS), rounds=ROUNDS, round_timeout=300.0,
-                      spec_state=initial_state(CFG, 3), model=model).start()
+    cluster = LocalCloud.secagg(tmp_path, 2, list(HOSPITALS), rounds=ROUNDS, round_timeout=300.0,
+                                state=initial_state(CFG, 3), model=model).start()
     try:
         dirs = {h: tmp_path / "edge" / h for h in HOSPITALS}
         procs = {}

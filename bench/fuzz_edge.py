@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import random
-import select
 import sqlite3
 import subprocess
 import sys
@@ -135,16 +134,7 @@ class RawPublisher(Publisher):
     """``bench.mqtt_loadgen.Publisher`` sending arbitrary ``(topic, payload)`` pairs."""
 
     def send_payloads(self, items: list[tuple[str, bytes]]) -> None:
-        data = memoryview(b"".join(publish_packet(_utf8(t), self._next_mid(), p) for t, p in items))
-        while data:
-            try:
-                written = self.sock.send(data)
-            except BlockingIOError:
-                select.select([self.sock], [self.sock], [], 1.0)
-                self.read_acks()
-                continue
-            data = data[written:]
-        self.sent += len(items)
+        self.send_packets([publish_packet(_utf8(t), self._next_mid(), p) for t, p in items])
 
 
 def publish_bad(port: int, items: list[tuple[str, bytes]], rate: float, out: dict) -> None:

@@ -129,7 +129,11 @@ class Publisher:
         for topic, dev, stream, seq, hz, channels in items:
             payload = pack_raw(dev, stream, seq, now, hz, channels, _FLOAT32, int(hz), blocks[stream])
             out.append(publish_packet(topic, self._next_mid(), payload))
-        data = memoryview(b"".join(out))
+        self.send_packets(out)
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        """Write whole PUBLISH packets, reading acknowledgements whenever the socket is full."""
+        data = memoryview(b"".join(packets))
         while data:
             try:
                 written = self.sock.send(data)
@@ -138,7 +142,7 @@ class Publisher:
                 self.read_acks()
                 continue
             data = data[written:]
-        self.sent += len(items)
+        self.sent += len(packets)
 
     def drain(self) -> None:
         """Wait until every PUBLISH is acknowledged."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import pwd
@@ -38,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 from protocols.errors import IomtError
+from protocols.netaddr import is_loopback
 from protocols.topics import ID_PATTERN, PREFIX
 
 log = logging.getLogger(__name__)
@@ -106,15 +106,6 @@ def acl_text(hospital: str, edge: str) -> str:
             f"pattern write {PREFIX}/{hospital}/+/%u/+\n"
             f"user {edge}\n"
             f"topic read {PREFIX}/{hospital}/#\n")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_access(args: argparse.Namespace, account: pwd.struct_passwd | None) -> None:

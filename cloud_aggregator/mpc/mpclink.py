@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocols.errors import ConfigError
+from protocols.netaddr import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,6 @@ def _ip(host: str) -> str:
         return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
     except OSError as err:
         raise MpcLinkError(f"cannot resolve MPC host {host!r}: {err}") from err
-
-
-def _is_loopback(ip: str) -> bool:
-    return ipaddress.ip_address(ip).is_loopback
 
 
 def _ip_json(*args: str) -> list[dict]:
@@ -154,7 +151,7 @@ def resolve_link(master: str, rank: int, address: str | None = None, interface: 
     ``address`` the interface's first address is used; without either, loopback when the
     master is on loopback. See the module docstring for the rule on protection."""
     master_ip = _ip(split_master(master)[0])
-    if interface is None and _is_loopback(master_ip) and (address is None or _is_loopback(_ip(address))):
+    if interface is None and is_loopback(master_ip) and (address is None or is_loopback(_ip(address))):
         address = _ip(address) if address else master_ip
         if rank == 0 and address != master_ip:
             raise MpcLinkError(f"party 0 hosts the rendezvous: its MPC address {address} must be the "
@@ -171,7 +168,7 @@ def resolve_link(master: str, rank: int, address: str | None = None, interface: 
             raise MpcLinkError(f"MPC interface {interface!r} has no IPv{family} address")
         address = own[0]
     if address is None:
-        if rank == 0 or _is_loopback(master_ip):
+        if rank == 0 or is_loopback(master_ip):
             address = master_ip
         else:
             raise MpcLinkError("set --mpc-interface (e.g. wg0) or --mpc-address for a rendezvous off this host")
@@ -186,7 +183,7 @@ def resolve_link(master: str, rank: int, address: str | None = None, interface: 
         interface = holders[0]
     elif interface not in holders:
         raise MpcLinkError(f"MPC address {address} is not on interface {interface!r} (it is on {holders[0]})")
-    if _is_loopback(address) and _is_loopback(master_ip):
+    if is_loopback(address) and is_loopback(master_ip):
         log.info("MPC link on loopback (%s): every member is on this host, no tunnel needed", address)
         return MpcLink(master, address, interface, "loopback")
     problem = _tunnel_problem(interface, master_ip, rank)

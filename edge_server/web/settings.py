@@ -1,20 +1,12 @@
 """Settings of the clinician's page (``iomt edge web``): flags, ``IOMT_EDGE_WEB_*`` or kwargs."""
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from protocols.netaddr import is_loopback
 
 
 class WebSettings(BaseSettings):
@@ -52,7 +44,7 @@ class WebSettings(BaseSettings):
     def _transport(self):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
-        if self.tls_cert is None and not self.behind_proxy and not _loopback(self.host):
+        if self.tls_cert is None and not self.behind_proxy and not is_loopback(self.host):
             raise ValueError(f"refusing plain HTTP on {self.host}: give tls_cert/tls_key, or set behind_proxy "
                              "when a TLS-terminating gateway is in front")
         if self.parties and self.key_file is None:

@@ -50,8 +50,10 @@ class Coordinator:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         strategy = get_strategy(settings.strategy)  # refuse unknown or unimplemented strategies up front
-        self.server_opt = ServerOptConfig(lr=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2,
-                                          tau=settings.tau) if strategy.server_opt else None
+        #: what every round config carries for this strategy (prox_mu, server optimiser)
+        self.strategy_fields = strategy.round_fields(
+            prox_mu=settings.prox_mu, server_opt=ServerOptConfig(lr=settings.server_lr, beta1=settings.beta1,
+                                                                 beta2=settings.beta2, tau=settings.tau))
         self.registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
         self.signer = Signer.from_file(settings.key_file)
         model = json.loads(Path(settings.model_file).read_text())
@@ -131,8 +133,7 @@ class Coordinator:
     def _open(self, rnd: int) -> None:
         cfg = RoundConfig(round=rnd, version=rnd, base_version=self.latest_version(),
                           deadline=time.time() + self.settings.round_timeout,
-                          strategy=self.settings.strategy, prox_mu=self.settings.prox_mu,
-                          server_opt=self.server_opt,
+                          strategy=self.settings.strategy, **self.strategy_fields,
                           parties=len(self.settings.party_urls),
                           spec=[(n, list(s)) for n, s in self.spec], spec_hash=spec_hash(self.spec),
                           model=self.model, init_seed=self.init_seed, max_samples=self.settings.max_samples)

@@ -173,12 +173,9 @@ class Party:
                 "party_index": self.settings.index, "denominator": denominator,
                 "participants": list(req.participants), "spec": [[n, list(s)] for n, s in spec],
                 "model": cfg.model.model_dump(), "strategy": strategy.name}
-        if strategy.server_opt and cfg.base_version is not None:
-            total, meta["server_opt"] = self._server_step(strategy.server_opt, cfg, total, denominator)
-            meta["denominator"] = 1  # the stored share is of theta itself
-        elif strategy.server_opt:
-            meta["server_opt"] = {"opt": strategy.server_opt, "warm_start": "S / N, no previous global model"}
-        digest = self.store.write_global(cfg.version, unflatten(total, spec), meta)
+        result = strategy.aggregate_shares(total, denominator, cfg, self._server_step)
+        meta |= {"denominator": result.denominator, **result.meta}
+        digest = self.store.write_global(cfg.version, unflatten(result.total, spec), meta)
         self.counters["rounds_aggregated"] += 1
         log.info("party %d aggregated round %d (%d hospitals) into v%d in %.2fs", self.settings.index,
                  rnd, len(req.participants), cfg.version, time.perf_counter() - t0)

@@ -75,7 +75,7 @@ def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dic
         for strategy in ("fedavg", "fedprox"):
             if strategy in methods:
                 res = run_federation(cfg, s.train, settings.spec(strategy, seed))
-                runs.append(base | {"method": strategy, "detail": "multimodal, plaintext, no DP"}
+                runs.append(base | {"method": strategy, "detail": "multimodal, secure aggregation, no DP"}
                             | _metrics(_evaluate(cfg, res.state, test)))
 
         # Unimodal federated: FedAvg on each single modality; the best on *validation* is reported.
@@ -178,25 +178,25 @@ def table4(settings: Settings) -> dict:
     step = max(1, settings.rounds // 6)
     runs = []
     for seed, fold, fed, cfg, s in prepared_runs(settings):
-        for strategy in ("fedavg", "fedprox", "ours"):
-            res = run_federation(cfg, s.train, settings.spec(strategy, seed), eval_records=s.pooled("test"),
+        for method in ("fedavg", "fedprox", "ours"):
+            res = run_federation(cfg, s.train, settings.spec(method, seed), eval_records=s.pooled("test"),
                                  eval_every=step)
             for h in res.history:
                 if "accuracy" in h:
-                    runs.append({"seed": seed, "fold": fold, "strategy": strategy, "round": h["round"],
+                    runs.append({"seed": seed, "fold": fold, "method": method, "round": h["round"],
                                  "epsilon": h.get("epsilon")} | _metrics(h))
 
     def plot(summary):
         rounds = sorted({r["round"] for r in summary})
         series = {}
-        for strategy in ("fedavg", "fedprox", "ours"):
-            rows = sorted((r for r in summary if r["strategy"] == strategy), key=lambda r: r["round"])
-            series[strategy] = ([100 * r["accuracy_mean"] for r in rows], [100 * r["accuracy_std"] for r in rows])
+        for method in ("fedavg", "fedprox", "ours"):
+            rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["round"])
+            series[method] = ([100 * r["accuracy_mean"] for r in rows], [100 * r["accuracy_std"] for r in rows])
         return report.line_chart(settings.out / "table4.png", rounds, series, "communication round",
                                  "global test accuracy (%)", "Table IV: accuracy across rounds")
 
-    return report.finish(settings, "table4", runs, keys=("strategy", "round"), values=(*METRICS,),
-                   run_columns=("seed", "fold", "strategy", "round", *METRICS, "n", "epsilon"), plot=plot)
+    return report.finish(settings, "table4", runs, keys=("method", "round"), values=(*METRICS,),
+                   run_columns=("seed", "fold", "method", "round", *METRICS, "n", "epsilon"), plot=plot)
 
 
 def _dpsgd_selected(settings: Settings, seed: int, cfg, s, epsilon: float) -> dict:

@@ -1,5 +1,5 @@
 """FedAdam / FedYogi on secret shares: real party processes forming a CrypTen group with a real
-triples provider; several rounds match a plaintext reference, and no party holds theta, m or v."""
+triples provider; several rounds match the strategy's plaintext step, and no party holds theta, m or v."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from cloud_aggregator.strategies import PlainState, get_strategy
 from protocols import fixedpoint as fp
+from protocols.aggregation_messages import ServerOptConfig
 from protocols.params import flatten, spec_of
 from iomt.local_cloud import LocalCloud, toy_state
 
@@ -22,24 +24,12 @@ TOL_THETA = 2e-4
 
 
 def _reference(uploads: list[dict], opt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Plaintext FedAdam/FedYogi (same formula as cloud_aggregator.mpc.server_opt) in float64."""
-    theta = m = v = None
-    for r, ups in enumerate(uploads, 1):
-        n = sum(COUNTS.values())
-        avg = sum(COUNTS[h] * x for h, x in ups.items()) / n
-        if r == 1:  # warm start: no previous global model at the parties
-            theta = avg
-            continue
-        d = avg - theta
-        m = (1 - B1) * d if m is None else B1 * m + (1 - B1) * d
-        if v is None:
-            v = (1 - B2) * d * d
-        elif opt == "adam":
-            v = B2 * v + (1 - B2) * d * d
-        else:
-            v = v - (1 - B2) * d * d * np.where(v - d * d >= 0, 1.0, -1.0)
-        theta = theta + LR * m / np.sqrt(v + TAU ** 2)
-    return theta, m, v
+    """The strategy's plaintext step (what the experiments' federation runs) in float64."""
+    strategy, state = get_strategy(f"fed{opt}"), PlainState()
+    cfg = ServerOptConfig(lr=LR, beta1=B1, beta2=B2, tau=TAU)
+    for ups in uploads:
+        strategy.aggregate_plain(sum(COUNTS[h] * x for h, x in ups.items()), sum(COUNTS.values()), state, cfg)
+    return state.theta, state.m, state.v
 
 
 def _looks_uniform(share: np.ndarray, plain_encoded: np.ndarray) -> None:

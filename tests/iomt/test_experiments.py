@@ -87,10 +87,10 @@ def test_table4_evaluates_every_step_for_each_strategy(quick):
     run_experiment("table4", settings)
 
     columns, rows = _check_outputs(settings.out, "table4")
-    assert columns[:2] == ["strategy", "round"]
+    assert columns[:2] == ["method", "round"]
     by_strategy = {}
     for r in rows:
-        by_strategy.setdefault(r["strategy"], []).append(int(r["round"]))
+        by_strategy.setdefault(r["method"], []).append(int(r["round"]))
     assert by_strategy == {s: [1, 2, 3, 4] for s in ("fedavg", "fedprox", "ours")}
 
 

@@ -28,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from cloud_aggregator.operator_page.view import PARTY_CACHE_S, Clock, party_health, snapshot
+from protocols import webui
 from protocols.auth import AuthError
 
 log = logging.getLogger(__name__)
@@ -196,5 +197,6 @@ def install_operator_page(app: FastAPI, coord) -> None:
             return JSONResponse({"error": "unauthorized", "detail": "operator token required"}, status_code=401)
         return await state()
 
+    app.mount(f"{PREFIX}/static/common", StaticFiles(directory=str(webui.STATIC_DIR)), name="operator-static-common")
     app.mount(f"{PREFIX}/static", StaticFiles(directory=str(HERE / "static")), name="operator-static")
     app.include_router(router)

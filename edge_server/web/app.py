@@ -30,6 +30,7 @@ from fastapi.templating import Jinja2Templates
 from edge_server.web.accounts import Accounts
 from edge_server.web.patients import NoStore, image_png, patient_view, search
 from edge_server.web.settings import WebSettings
+from protocols import webui
 from protocols.errors import IomtError
 from protocols.schema import MODALITIES
 
@@ -149,6 +150,7 @@ def create_app(settings: WebSettings, ask_cloud: AskCloud | None = None) -> Fast
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["pct"] = _pct
     app = FastAPI(title="iomt clinician", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static/common", StaticFiles(directory=str(webui.STATIC_DIR)), name="static-common")
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def cookie(resp: Response, name: str, value: str, max_age: int | None = None) -> None:

@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
         "patient_id": args.patient_id, "streams": args.streams, "buffer_path": args.buffer,
         "mqtt_version": args.mqtt_version, "username": args.username, "ca_file": args.ca_file,
     }.items() if v is not None}
-    overrides.setdefault("device_class", "wearable")
     try:
         if args.password_file is not None:
             overrides["password"] = (args.password_file.read_text().splitlines() or [""])[0]

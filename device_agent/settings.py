@@ -1,4 +1,5 @@
-"""Configuration of one device agent: environment (``IOMT_DEVICE_*``), an optional TOML file, arguments."""
+"""Configuration of one device agent (``IOMT_DEVICE_*``) and of a hospital broker (``IOMT_BROKER_*``):
+environment, an optional TOML file, arguments."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -107,3 +108,27 @@ class AgentSettings(BaseSettings):
             return cls(**overrides)
         scoped = type("FileAgentSettings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}})
         return scoped(**overrides)
+
+
+class BrokerSettings(BaseSettings):
+    """``iomt broker --config broker.toml``: the keys are the command's flags with ``_`` for ``-``,
+    and ``mosquitto_config`` for a Mosquitto config file used as is. Unknown keys are an error."""
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_BROKER_", extra="forbid")
+
+    port: int = Field(default=1883, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    embedded: bool = False
+    data_dir: Path | None = None
+    user: str | None = None
+    autosave_changes: int | None = None
+    #: A Mosquitto config file run as is (the ``--config FILE`` that is not ``.toml``).
+    mosquitto_config: Path | None = None
+    hospital: str | None = None
+    passwords: Path | None = None
+    edge_user: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    allow_anonymous: bool = False
+    allow_plain: bool = False

@@ -7,7 +7,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocols.topics import DATA_STREAMS, DEVICE_CLASSES, ID_PATTERN
 
@@ -15,9 +15,10 @@ _ID = f"^{ID_PATTERN.pattern}$"
 
 
 class AgentSettings(BaseSettings):
-    """Everything a device agent needs to know. Unknown keys are an error (``extra="forbid"``)."""
+    """Everything a device agent needs to know. Unknown keys are an error (``extra="forbid"``); a TOML
+    file, the environment and arguments combine in :func:`protocols.config.load_settings`."""
 
-    model_config = SettingsConfigDict(env_prefix="IOMT_DEVICE_", extra="forbid", toml_file=None)
+    model_config = SettingsConfigDict(env_prefix="IOMT_DEVICE_", extra="forbid")
 
     broker: str = "mqtt://127.0.0.1:1883"
     hospital: str = Field(pattern=_ID)
@@ -94,20 +95,6 @@ class AgentSettings(BaseSettings):
     @property
     def port(self) -> int:
         return urlsplit(self.broker).port or (8883 if self.tls else 1883)
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,
-                                   dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
-        # arguments beat environment, which beats the TOML file named by from_toml()
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
-
-    @classmethod
-    def from_toml(cls, path: Path | None, **overrides) -> "AgentSettings":
-        """Settings from a TOML file (its keys are the field names), environment and ``overrides``."""
-        if path is None:
-            return cls(**overrides)
-        scoped = type("FileAgentSettings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}})
-        return scoped(**overrides)
 
 
 class BrokerSettings(BaseSettings):

@@ -65,7 +65,7 @@ def test_malformed_toml(tmp_path, text):
 
 
 @pytest.mark.parametrize("argv", [["cloud", "party"], ["cloud", "coordinator"], ["cloud", "triples"],
-                                  ["edge", "run"], ["edge", "web"], ["edge", "federate"], ["broker"]])
+                                  ["edge", "run"], ["edge", "web"], ["edge", "federate"], ["broker"], ["device"]])
 def test_cli_unknown_key_exits_2(tmp_path, argv, caplog):
     path = tmp_path / "role.toml"
     path.write_text("no_such_key = 1\n")

@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from fastapi import Path as PathParam
 from fastapi import Request
 
-from cloud_aggregator.serve import serve, split_listen
+from cloud_aggregator.serve import listen_flags, serve
 from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
@@ -36,6 +36,7 @@ from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateReques
                                             FederationStatus, ModelInfo, PrivacySpent, Receipts, RoundConfig,
                                             RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
+from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError
 from protocols.params import normalise_spec, spec_hash
 
@@ -333,41 +334,42 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", required=True, help="where the coordinator keeps its round state")
-    parser.add_argument("--listen", default="127.0.0.1:8790", help="HOST:PORT to serve on")
-    parser.add_argument("--registry", required=True, help="principal registry JSON (keys, revocations)")
-    parser.add_argument("--key-file", required=True, help="the coordinator's Ed25519 key file")
-    parser.add_argument("--party", action="append", required=True, dest="parties",
-                        help="a party's base URL, in index order (repeat)")
-    parser.add_argument("--model", required=True, help="model JSON: arch, config, spec, init_seed")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--round-timeout", type=float, default=60.0, help="seconds from open to deadline")
-    parser.add_argument("--min-hospitals", type=int, default=1)
-    parser.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam or fedyogi "
+    add_config_argument(parser, CoordinatorSettings)
+    parser.add_argument("--data-dir", help="where the coordinator keeps its round state")
+    parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8790)")
+    parser.add_argument("--registry", help="principal registry JSON (keys, revocations)")
+    parser.add_argument("--key-file", help="the coordinator's Ed25519 key file")
+    parser.add_argument("--party", action="append", dest="parties",
+                        help="a party's base URL, in index order (repeat; config key party_urls)")
+    parser.add_argument("--model", help="model JSON: arch, config, spec, init_seed (config key model_file)")
+    parser.add_argument("--rounds", type=int, help="rounds to run (default 3)")
+    parser.add_argument("--round-timeout", type=float, help="seconds from open to deadline (default 60)")
+    parser.add_argument("--min-hospitals", type=int, help="hospitals registered before round 1 opens (default 1)")
+    parser.add_argument("--strategy", help="fedavg (default), fedprox, fedadam or fedyogi "
                         "(the last two need the parties' MPC group: --mpc-master and `iomt cloud triples`)")
-    parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam/FedYogi server learning rate")
-    parser.add_argument("--beta1", type=float, default=0.9)
-    parser.add_argument("--beta2", type=float, default=0.99)
-    parser.add_argument("--tau", type=float, default=1e-3, help="FedAdam/FedYogi adaptivity tau")
-    parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal weight")
-    parser.add_argument("--max-samples", type=int, default=MAX_SAMPLES_DEFAULT,
-                        help="most samples a hospital may claim per round (default %(default)s; the registry "
-                             "may declare less per hospital); larger claims are left out")
+    parser.add_argument("--server-lr", type=float, help="FedAdam/FedYogi server learning rate (default 0.01)")
+    parser.add_argument("--beta1", type=float, help="default 0.9")
+    parser.add_argument("--beta2", type=float, help="default 0.99")
+    parser.add_argument("--tau", type=float, help="FedAdam/FedYogi adaptivity tau (default 1e-3)")
+    parser.add_argument("--prox-mu", type=float, help="FedProx proximal weight (default 0)")
+    parser.add_argument("--max-samples", type=int,
+                        help=f"most samples a hospital may claim per round (default {MAX_SAMPLES_DEFAULT}; the "
+                             "registry may declare less per hospital); larger claims are left out")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-ca", help="CA bundle to verify the parties")
 
 
 def run(args: argparse.Namespace) -> int:
-    host, port = split_listen(args.listen)
     try:
-        settings = CoordinatorSettings(data_dir=args.data_dir, host=host, port=port, registry=args.registry,
-                                       key_file=args.key_file, party_urls=args.parties, rounds=args.rounds,
-                                       round_timeout=args.round_timeout, min_hospitals=args.min_hospitals,
-                                       strategy=args.strategy, prox_mu=args.prox_mu, model_file=args.model,
-                                       server_lr=args.server_lr, beta1=args.beta1, beta2=args.beta2, tau=args.tau,
-                                       max_samples=args.max_samples,
-                                       tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+        settings = load_settings(CoordinatorSettings, args.config, {
+            "data_dir": args.data_dir, **listen_flags(args.listen), "registry": args.registry,
+            "key_file": args.key_file, "party_urls": args.parties, "rounds": args.rounds,
+            "round_timeout": args.round_timeout, "min_hospitals": args.min_hospitals, "strategy": args.strategy,
+            "prox_mu": args.prox_mu, "model_file": args.model, "server_lr": args.server_lr, "beta1": args.beta1,
+            "beta2": args.beta2, "tau": args.tau, "max_samples": args.max_samples, "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key, "tls_ca": args.tls_ca},
+            flag_names={"party_urls": "--party", "model_file": "--model"})
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:
         log.error("bad coordinator settings: %s", err)

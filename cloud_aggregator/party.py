@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse
 from cloud_aggregator.accumulator import RoundAccumulator
 from cloud_aggregator.mpc import JobKind, WorkerConfig, WorkerSupervisor
 from cloud_aggregator.mpc.mpclink import add_mpc_link_arguments, resolve_link
-from cloud_aggregator.serve import serve, split_listen
+from cloud_aggregator.serve import listen_flags, serve
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
 from cloud_aggregator.strategies import get_strategy
@@ -31,6 +31,7 @@ from cloud_aggregator.web import bounded_route, error_response, install_error_ha
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult, Receipt,
                                             Receipts, RoundConfig, RoundStatus, UploadAck, upload_from_wire)
 from protocols.auth import AuthError, Registry, Signer
+from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError, Refusal, ShareError
 from protocols.params import normalise_spec, spec_size, unflatten
 
@@ -334,11 +335,12 @@ def create_app(settings: PartySettings) -> FastAPI:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", type=int, required=True, help="this party's index, 0..n-1")
-    parser.add_argument("--parties", type=int, required=True, help="number of parties n")
-    parser.add_argument("--data-dir", required=True, help="where shares and global versions are stored")
-    parser.add_argument("--listen", default="127.0.0.1:8800", help="HOST:PORT to serve on")
-    parser.add_argument("--registry", required=True, help="principal registry JSON (keys, revocations)")
+    add_config_argument(parser, PartySettings)
+    parser.add_argument("--index", type=int, help="this party's index, 0..n-1")
+    parser.add_argument("--parties", type=int, help="number of parties n")
+    parser.add_argument("--data-dir", help="where shares and global versions are stored")
+    parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8800)")
+    parser.add_argument("--registry", help="principal registry JSON (keys, revocations)")
     parser.add_argument("--key-file", help="this party's Ed25519 key file")
     parser.add_argument("--coordinator", help="coordinator base URL (https://host:port)")
     parser.add_argument("--tls-cert", help="server certificate (PEM)")
@@ -346,20 +348,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA bundle to verify the coordinator")
     parser.add_argument("--mpc-master", help="host:port of the MPC rendezvous for encrypted inference")
     add_mpc_link_arguments(parser)
-    parser.add_argument("--max-samples", type=int, default=MAX_SAMPLES_DEFAULT,
-                        help="refuse uploads claiming more samples per hospital and round (default %(default)s; "
+    parser.add_argument("--max-samples", type=int,
+                        help=f"refuse uploads claiming more samples per hospital and round (default {MAX_SAMPLES_DEFAULT}; "
                              "the coordinator's cap and the registry's per-hospital max_samples also apply)")
 
 
 def run(args: argparse.Namespace) -> int:
-    host, port = split_listen(args.listen)
     try:
-        settings = PartySettings(index=args.index, parties=args.parties, data_dir=args.data_dir, host=host,
-                                 port=port, registry=args.registry, key_file=args.key_file,
-                                 coordinator_url=args.coordinator, tls_cert=args.tls_cert,
-                                 tls_key=args.tls_key, tls_ca=args.tls_ca, mpc_master=args.mpc_master,
-                                 mpc_address=args.mpc_address, mpc_interface=args.mpc_interface,
-                                 mpc_insecure=args.mpc_insecure, max_samples=args.max_samples)
+        settings = load_settings(PartySettings, args.config, {
+            "index": args.index, "parties": args.parties, "data_dir": args.data_dir, **listen_flags(args.listen),
+            "registry": args.registry, "key_file": args.key_file, "coordinator_url": args.coordinator,
+            "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca, "mpc_master": args.mpc_master,
+            "mpc_address": args.mpc_address, "mpc_interface": args.mpc_interface, "mpc_insecure": args.mpc_insecure,
+            "max_samples": args.max_samples}, flag_names={"coordinator_url": "--coordinator"})
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:  # settings, registry, key file, MPC link
         log.error("bad party settings: %s", err)

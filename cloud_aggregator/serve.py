@@ -13,6 +13,14 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def listen_flags(listen: str | None) -> dict[str, object]:
+    """``--listen HOST:PORT`` as the settings keys ``host`` and ``port`` ({} when not given)."""
+    if listen is None:
+        return {}
+    host, port = split_listen(listen)
+    return {"host": host, "port": port}
+
+
 def serve(app: FastAPI, settings) -> None:
     """Serve ``app`` on ``settings.host:settings.port``, over TLS when the settings name a certificate."""
     import uvicorn

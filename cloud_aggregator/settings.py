@@ -1,6 +1,7 @@
-"""Settings of the cloud services: one party (:class:`PartySettings`) and the coordinator
-(:class:`CoordinatorSettings`). Values come from CLI flags, ``IOMT_PARTY_*`` /
-``IOMT_COORD_*`` environment variables, or keyword arguments in tests; unknown keys fail."""
+"""Settings of the cloud services: one party (:class:`PartySettings`), the coordinator
+(:class:`CoordinatorSettings`) and the triples provider (:class:`TriplesSettings`). Values come
+from CLI flags, ``IOMT_PARTY_*`` / ``IOMT_COORD_*`` / ``IOMT_TRIPLES_*`` environment variables,
+a ``--config`` TOML file (protocols.config), or keyword arguments in tests; unknown keys fail."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -121,3 +122,20 @@ class CoordinatorSettings(_TLS):
     #: Most samples one hospital may claim per round; published in each round config, enforced
     #: by the parties and again here (with the registry's per-hospital ``max_samples``).
     max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)
+
+
+class TriplesSettings(BaseSettings):
+    """The trusted third party that deals Beaver triples (``iomt cloud triples``)."""
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_TRIPLES_", extra="forbid")
+
+    #: Number of computing parties n (the provider joins as rank n).
+    parties: int = Field(ge=2)
+    #: host:port of party 0's MPC rendezvous.
+    mpc_master: str
+    mpc_address: str | None = None
+    mpc_interface: str | None = None
+    #: Development only: join over an unprotected MPC link (logged at WARNING).
+    mpc_insecure: bool = False
+    #: Stop after serving this many MPC groups (0: forever).
+    max_groups: int = Field(default=0, ge=0)

@@ -36,7 +36,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from protocols.errors import IomtError
+from device_agent.settings import BrokerSettings
+from protocols.config import load_settings
+from protocols.errors import ConfigError, IomtError
 from protocols.netaddr import is_loopback
 from protocols.topics import ID_PATTERN, PREFIX
 
@@ -62,9 +64,14 @@ def find_mosquitto() -> str | None:
 
 def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None:
     p = sub.add_parser(name, help=help_line, description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--embedded", action="store_true", help="use the embedded pure-Python broker even if Mosquitto is installed")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="FILE.toml: BrokerSettings keys (the flags below with _ for -; precedence flag > "
+                        "environment IOMT_BROKER_* > file > default; unknown keys are an error); any other "
+                        "FILE: a Mosquitto config file used as is (TLS, passwords, ACLs)")
+    p.add_argument("--port", type=int, help="default 1883")
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1, loopback only)")
+    p.add_argument("--embedded", action="store_true", default=None,
+                   help="use the embedded pure-Python broker even if Mosquitto is installed")
     p.add_argument("--data-dir", type=Path, help="Mosquitto persistence directory (sessions and queued messages survive restarts)")
     p.add_argument("--user", help="started as root, Mosquitto runs as this user, which gets the data directory "
                                   "(default: mosquitto if that user exists, else nobody)")
@@ -72,7 +79,6 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
                    help="save the store after every N changes (messages queued or taken off a queue, "
                         "sessions, subscriptions) instead of every second; 1 bounds what a SIGKILL loses "
                         "to one event-loop pass but makes a large backlog slow")
-    p.add_argument("--config", type=Path, help="use this Mosquitto config file as is (TLS, passwords, ACLs)")
     acc = p.add_argument_group("accounts", "who may connect and what each account may do")
     acc.add_argument("--hospital", help="the hospital this broker serves (its topics iomt/HOSPITAL/...)")
     acc.add_argument("--passwords", type=Path, metavar="FILE",
@@ -84,9 +90,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
     acc.add_argument("--client-ca", type=Path, metavar="PEM",
                      help="instead of --passwords: every client shows a certificate this CA signed, whose "
                           "common name is its account (device id, or the edge's)")
-    acc.add_argument("--allow-anonymous", action="store_true",
+    acc.add_argument("--allow-anonymous", action="store_true", default=None,
                      help="demo only: anyone who reaches the port may read and publish every topic")
-    acc.add_argument("--allow-plain", action="store_true",
+    acc.add_argument("--allow-plain", action="store_true", default=None,
                      help="listen without TLS on a non-loopback --host (passwords and data cross the network in clear)")
     p.set_defaults(func=run)
 
@@ -253,7 +259,24 @@ def prepare_data_dir(data_dir: Path, account: pwd.struct_passwd | None) -> None:
             "choose a data directory it can reach (e.g. under /var/lib) or another --user")
 
 
+def settle(args: argparse.Namespace) -> None:
+    """Fill ``args`` from :class:`BrokerSettings`: flag > ``IOMT_BROKER_*`` > ``--config X.toml`` > default.
+    A ``--config`` that is not ``.toml`` is a Mosquitto config file (``args.config`` afterwards)."""
+    toml = args.config if args.config is not None and args.config.suffix == ".toml" else None
+    flags = {name: getattr(args, name, None) for name in BrokerSettings.model_fields}
+    flags["mosquitto_config"] = None if toml is not None else args.config
+    settings = load_settings(BrokerSettings, toml, flags, flag_names={"mosquitto_config": "--config"})
+    for name, value in settings:
+        setattr(args, name, value)
+    args.config = settings.mosquitto_config
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        settle(args)
+    except ConfigError as err:
+        log.error("%s", err)
+        return EXIT_BAD_SETUP
     exe = None if args.embedded else find_mosquitto()
     if exe is not None and args.config is not None:
         if any(v not in (None, False) for v in (args.data_dir, args.user, args.autosave_changes, args.hospital,

@@ -5,16 +5,15 @@ import argparse
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from device_agent.agent import DeviceAgent
 from device_agent.settings import AgentSettings
 from device_agent.testpattern import test_pattern
+from protocols.config import add_config_argument, load_settings
+from protocols.errors import ConfigError
 from protocols.messages import SignalFrame
 from protocols.schema import SIGNAL_STREAMS
 
@@ -36,7 +35,7 @@ def _streams(text: str) -> dict[str, float]:
 
 def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None:
     p = sub.add_parser(name, help=help_line, description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, help="TOML file with AgentSettings keys (env IOMT_DEVICE_* too)")
+    add_config_argument(p, AgentSettings)
     p.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
     p.add_argument("--hospital")
     p.add_argument("--device-id")
@@ -60,13 +59,12 @@ def run(args: argparse.Namespace) -> int:
         "patient_id": args.patient_id, "streams": args.streams, "buffer_path": args.buffer,
         "mqtt_version": args.mqtt_version, "username": args.username, "ca_file": args.ca_file,
     }.items() if v is not None}
-    overrides.setdefault("device_class", "wearable")
     try:
         if args.password_file is not None:
             overrides["password"] = (args.password_file.read_text().splitlines() or [""])[0]
-        settings = AgentSettings.from_toml(args.config, **overrides)
-    except (ValidationError, OSError) as err:
-        print(f"iomt device: bad configuration: {err}", file=sys.stderr)
+        settings = load_settings(AgentSettings, args.config, overrides)
+    except (ConfigError, OSError) as err:
+        log.error("bad configuration: %s", err)
         return EXIT_CONFIG
     streams = settings.streams or {"ecg": SIGNAL_STREAMS["ecg"][1]}
     stop = threading.Event()

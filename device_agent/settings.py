@@ -1,4 +1,5 @@
-"""Configuration of one device agent: environment (``IOMT_DEVICE_*``), an optional TOML file, arguments."""
+"""Configuration of one device agent (``IOMT_DEVICE_*``) and of a hospital broker (``IOMT_BROKER_*``):
+environment, an optional TOML file, arguments."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocols.topics import DATA_STREAMS, DEVICE_CLASSES, ID_PATTERN
 
@@ -14,9 +15,10 @@ _ID = f"^{ID_PATTERN.pattern}$"
 
 
 class AgentSettings(BaseSettings):
-    """Everything a device agent needs to know. Unknown keys are an error (``extra="forbid"``)."""
+    """Everything a device agent needs to know. Unknown keys are an error (``extra="forbid"``); a TOML
+    file, the environment and arguments combine in :func:`protocols.config.load_settings`."""
 
-    model_config = SettingsConfigDict(env_prefix="IOMT_DEVICE_", extra="forbid", toml_file=None)
+    model_config = SettingsConfigDict(env_prefix="IOMT_DEVICE_", extra="forbid")
 
     broker: str = "mqtt://127.0.0.1:1883"
     hospital: str = Field(pattern=_ID)
@@ -94,16 +96,26 @@ class AgentSettings(BaseSettings):
     def port(self) -> int:
         return urlsplit(self.broker).port or (8883 if self.tls else 1883)
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,
-                                   dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
-        # arguments beat environment, which beats the TOML file named by from_toml()
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
-    @classmethod
-    def from_toml(cls, path: Path | None, **overrides) -> "AgentSettings":
-        """Settings from a TOML file (its keys are the field names), environment and ``overrides``."""
-        if path is None:
-            return cls(**overrides)
-        scoped = type("FileAgentSettings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}})
-        return scoped(**overrides)
+class BrokerSettings(BaseSettings):
+    """``iomt broker --config broker.toml``: the keys are the command's flags with ``_`` for ``-``,
+    and ``mosquitto_config`` for a Mosquitto config file used as is. Unknown keys are an error."""
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_BROKER_", extra="forbid")
+
+    port: int = Field(default=1883, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    embedded: bool = False
+    data_dir: Path | None = None
+    user: str | None = None
+    autosave_changes: int | None = None
+    #: A Mosquitto config file run as is (the ``--config FILE`` that is not ``.toml``).
+    mosquitto_config: Path | None = None
+    hospital: str | None = None
+    passwords: Path | None = None
+    edge_user: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    allow_anonymous: bool = False
+    allow_plain: bool = False

@@ -35,13 +35,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from protocols.config import add_config_argument
 from protocols.errors import ConfigError
 from protocols.topics import subscription
 
 from edge_server.background import BackgroundPreprocessor
 from edge_server.ingest import Ingestor
 from edge_server.metrics import EdgeMetrics, MetricsServer, create_app
-from edge_server.settings import EdgeSettings, InfluxSettings, load_settings
+from edge_server.settings import EdgeSettings, load_settings
 from edge_server.sqlite_store import SqliteStore
 from edge_server.store import Batch, Store
 
@@ -380,9 +381,10 @@ def session_client_id(settings: EdgeSettings, store: Store) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hospital", required=True, help="hospital id (topic prefix iomt/{hospital}/#)")
+    add_config_argument(parser, EdgeSettings)
+    parser.add_argument("--hospital", help="hospital id (topic prefix iomt/{hospital}/#)")
     parser.add_argument("--broker", default=None, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    parser.add_argument("--data-dir", required=True, type=Path, help="where the store lives")
+    parser.add_argument("--data-dir", type=Path, help="where the store lives")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve /healthz and /metrics on this loopback port")
     parser.add_argument("--metrics-host", default=None, help="address for the metrics endpoint")
@@ -400,7 +402,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-id", default=None, help="MQTT client id (default: random, kept in the data dir)")
     parser.add_argument("--mqtt-version", choices=["5", "3.1.1"], default=None,
                         help="MQTT protocol (default 5: session expiry and receive maximum)")
-    parser.add_argument("--influx-url", default=None, help="also write frame points to this InfluxDB 2 URL")
+    parser.add_argument("--influx-url", default=None, help="also write frame points to this InfluxDB 2 URL "
+                        "(the --influx-* flags replace the config file's [influx] table)")
     parser.add_argument("--influx-token", default=None, help="better: IOMT_EDGE_INFLUX_TOKEN")
     parser.add_argument("--influx-org", default=None)
     parser.add_argument("--influx-bucket", default=None)
@@ -408,11 +411,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        influx = InfluxSettings(**{k: v for k, v in {
+        influx = {k: v for k, v in {
             "url": args.influx_url, "token": args.influx_token, "org": args.influx_org,
-            "bucket": args.influx_bucket}.items() if v is not None})
+            "bucket": args.influx_bucket}.items() if v is not None}
         if args.influx_url:
-            influx = influx.model_copy(update={"enabled": True})
+            influx["enabled"] = True
         password = args.password
         if args.password_file is not None:
             try:
@@ -420,12 +423,13 @@ def run(args: argparse.Namespace) -> int:
             except OSError as err:
                 raise ConfigError(f"--password-file: {err}") from err
         settings = load_settings(
+            args.config,
             hospital=args.hospital, broker=args.broker, data_dir=args.data_dir, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, batch_max=args.batch_max, batch_ms=args.batch_ms,
             username=args.username, password=password, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             preprocess_interval_s=args.preprocess_interval_s, text_embedder=args.text_embedder,
-            client_id=args.client_id, mqtt_version=args.mqtt_version, influx=influx)
+            client_id=args.client_id, mqtt_version=args.mqtt_version, influx=influx or None)
         daemon = EdgeDaemon(settings)
     except (ConfigError, ValueError) as err:
         log.error("configuration: %s", err)

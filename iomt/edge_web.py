@@ -20,19 +20,23 @@ EXIT_OK, EXIT_CONFIG = 0, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", required=True, type=Path, help="this hospital's edge data dir (its store)")
-    parser.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT to serve on (hospital network only)")
-    parser.add_argument("--parties", default="", help="comma-separated cloud party URLs, in party-index order "
+    from edge_server.web.settings import WebSettings
+    from protocols.config import add_config_argument
+
+    add_config_argument(parser, WebSettings)
+    parser.add_argument("--data-dir", type=Path, help="this hospital's edge data dir (its store)")
+    parser.add_argument("--listen", help="HOST:PORT to serve on (hospital network only; default 127.0.0.1:8080)")
+    parser.add_argument("--parties", help="comma-separated cloud party URLs, in party-index order "
                         "(empty: the page works without \"Ask the cloud\")")
     parser.add_argument("--key-file", type=Path, help="this hospital's Ed25519 key file")
     parser.add_argument("--ca", type=Path, help="CA bundle to verify the parties' TLS certificates")
     parser.add_argument("--model-version", type=int, help="global model version to ask for (default: newest)")
     parser.add_argument("--tls-cert", type=Path, help="this page's TLS certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="this page's TLS key (PEM)")
-    parser.add_argument("--behind-proxy", action="store_true",
+    parser.add_argument("--behind-proxy", action="store_true", default=None,
                         help="a TLS-terminating gateway (single sign-on) is in front: cookies are Secure")
     parser.add_argument("--remote-user-header", help="header carrying the user signed in by the gateway")
-    parser.add_argument("--trusted-proxy", action="append", default=[], dest="trusted_proxies",
+    parser.add_argument("--trusted-proxy", action="append", dest="trusted_proxies",
                         help="address of the gateway allowed to set --remote-user-header (repeat)")
 
 
@@ -67,22 +71,23 @@ def build_app(settings):
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cloud_aggregator.party import split_listen
+    from cloud_aggregator.serve import listen_flags
     from edge_server.web import WebSettings
+    from protocols.config import load_settings
 
-    host, port = split_listen(args.listen)
     try:
-        settings = WebSettings(data_dir=args.data_dir, host=host, port=port,
-                               parties=[u for u in args.parties.split(",") if u], key_file=args.key_file,
-                               ca=args.ca, model_version=args.model_version, tls_cert=args.tls_cert,
-                               tls_key=args.tls_key, behind_proxy=args.behind_proxy,
-                               remote_user_header=args.remote_user_header, trusted_proxies=args.trusted_proxies)
+        settings = load_settings(WebSettings, args.config, {
+            "data_dir": args.data_dir, **listen_flags(args.listen),
+            "parties": None if args.parties is None else [u for u in args.parties.split(",") if u],
+            "key_file": args.key_file, "ca": args.ca, "model_version": args.model_version,
+            "tls_cert": args.tls_cert, "tls_key": args.tls_key, "behind_proxy": args.behind_proxy,
+            "remote_user_header": args.remote_user_header, "trusted_proxies": args.trusted_proxies})
         app = build_app(settings)
     except (ValueError, ConfigError, OSError) as err:
         log.error("bad clinician page settings: %s", err)
         print(f"error: {err}")
         return EXIT_CONFIG
-    uvicorn.run(app, host=host, port=port, log_level="warning",
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
                 ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
                 ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
     return EXIT_OK

@@ -261,6 +261,6 @@ def add_mpc_link_arguments(parser: Any) -> None:
                                                 "unless the link is loopback-only)")
     parser.add_argument("--mpc-address", help="this host's MPC address; the MPC listeners bind it only "
                                               "(default: the interface's first address)")
-    parser.add_argument("--mpc-insecure", action="store_true",
+    parser.add_argument("--mpc-insecure", action="store_true", default=None,
                         help="development only: join over an unprotected MPC link (logs a WARNING)")
 

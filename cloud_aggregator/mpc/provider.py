@@ -19,6 +19,9 @@ import time
 
 from cloud_aggregator.mpc.mpclink import MpcLink, MpcLinkError, add_mpc_link_arguments, resolve_link
 from cloud_aggregator.mpc.worker import RESTART_BACKOFF_S, configure_distributed
+from cloud_aggregator.settings import TriplesSettings
+from protocols.config import add_config_argument, load_settings
+from protocols.errors import ConfigError
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
@@ -36,25 +39,30 @@ def serve_once(parties: int, master: str, link: MpcLink | None = None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parties", type=int, required=True, help="number of computing parties n")
-    parser.add_argument("--mpc-master", required=True, help="HOST:PORT of party 0's MPC rendezvous")
+    add_config_argument(parser, TriplesSettings)
+    parser.add_argument("--parties", type=int, help="number of computing parties n")
+    parser.add_argument("--mpc-master", help="HOST:PORT of party 0's MPC rendezvous")
     add_mpc_link_arguments(parser)
-    parser.add_argument("--max-groups", type=int, default=0, help="stop after serving this many groups (0: forever)")
+    parser.add_argument("--max-groups", type=int, help="stop after serving this many groups (default 0: forever)")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:  # the provider is the last rank, after the parties
-        link = resolve_link(args.mpc_master, args.parties, args.mpc_address, args.mpc_interface, args.mpc_insecure)
-    except MpcLinkError as err:
+    try:
+        s = load_settings(TriplesSettings, args.config, {
+            "parties": args.parties, "mpc_master": args.mpc_master, "mpc_address": args.mpc_address,
+            "mpc_interface": args.mpc_interface, "mpc_insecure": args.mpc_insecure, "max_groups": args.max_groups})
+        # the provider is the last rank, after the parties
+        link = resolve_link(s.mpc_master, s.parties, s.mpc_address, s.mpc_interface, s.mpc_insecure)
+    except (ConfigError, MpcLinkError) as err:
         log.error("%s", err)
         return EXIT_CONFIG
     ctx = mp.get_context("spawn")
     served = 0
     try:
-        while not args.max_groups or served < args.max_groups:
-            proc = ctx.Process(target=serve_once, args=(args.parties, args.mpc_master, link), name="iomt-ttp")
+        while not s.max_groups or served < s.max_groups:
+            proc = ctx.Process(target=serve_once, args=(s.parties, s.mpc_master, link), name="iomt-ttp")
             proc.start()
-            log.info("triples provider pid %d waiting for %d parties at %s", proc.pid, args.parties, args.mpc_master)
+            log.info("triples provider pid %d waiting for %d parties at %s", proc.pid, s.parties, s.mpc_master)
             proc.join()
             served += 1
             log.warning("triples provider group ended (exit %s)", proc.exitcode)

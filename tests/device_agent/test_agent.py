@@ -11,6 +11,8 @@ import pytest
 import device_agent.agent as agent_mod
 from device_agent.agent import DeviceAgent, backoff_delay
 from device_agent.settings import AgentSettings
+from protocols.config import load_settings
+from protocols.errors import ConfigError
 from protocols.messages import ClinicalNote, Presence, SignalFrame
 from iomt.mqtt_collector import Collector
 from iomt.supervisor import spawn_iomt, stop
@@ -190,8 +192,8 @@ def test_settings_reject_typos_and_wrong_streams(tmp_path):
         AgentSettings(hospital="h", device_id="d", broker="http://x")
     toml = tmp_path / "agent.toml"
     toml.write_text('hospital = "h9"\ndevice_id = "d9"\nbroker = "mqtts://127.0.0.1:8884"\n')
-    s = AgentSettings.from_toml(toml, device_id="override")
+    s = load_settings(AgentSettings, toml, {"device_id": "override"})
     assert (s.hospital, s.device_id, s.tls, s.port) == ("h9", "override", True, 8884)
     toml.write_text('hospital = "h9"\ndevice_id = "d9"\nbufer_path = "x"\n')
-    with pytest.raises(ValueError):
-        AgentSettings.from_toml(toml)
+    with pytest.raises(ConfigError, match="unknown key 'bufer_path'"):
+        load_settings(AgentSettings, toml)

@@ -1,0 +1,46 @@
+"""A party and a coordinator started with `--config FILE` alone (no other flag) serve /health."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from iomt.supervisor import Supervisor, free_port, iomt_argv, wait_port
+from protocols.auth import make_credentials
+
+
+@pytest.mark.integration
+def test_party_and_coordinator_from_config_files(tmp_path):
+    registry = make_credentials(tmp_path / "creds", ["h1"], 2)
+    keys = tmp_path / "creds" / "keys"
+    (tmp_path / "model.json").write_text(json.dumps(
+        {"arch": "toy", "config": {}, "init_seed": 1, "spec": [["w", [4, 3]], ["b", [3]]]}))
+    party_port, coord_port = free_port(), free_port()
+    party_url, coord_url = f"http://127.0.0.1:{party_port}", f"http://127.0.0.1:{coord_port}"
+    (tmp_path / "party.toml").write_text(f"""
+index = 0
+parties = 2
+data_dir = "{tmp_path / 'party-0'}"
+port = {party_port}
+registry = "{registry}"
+key_file = "{keys / 'party-0.json'}"
+coordinator_url = "{coord_url}"
+""")
+    (tmp_path / "coordinator.toml").write_text(f"""
+data_dir = "{tmp_path / 'coordinator'}"
+port = {coord_port}
+registry = "{registry}"
+key_file = "{keys / 'coordinator.json'}"
+party_urls = ["{party_url}", "http://127.0.0.1:1"]
+model_file = "{tmp_path / 'model.json'}"
+round_timeout = 3600
+""")
+    with Supervisor(tmp_path / "logs", one_thread=True) as sup:
+        party = sup.start("party", iomt_argv("cloud", "party", "--config", str(tmp_path / "party.toml")))
+        coord = sup.start("coordinator", iomt_argv("cloud", "coordinator", "--config",
+                                                   str(tmp_path / "coordinator.toml")))
+        wait_port(party_port, proc=party.proc, name="party")
+        wait_port(coord_port, proc=coord.proc, name="coordinator")
+        assert httpx.get(f"{party_url}/health").json()["party_index"] == 0
+        assert httpx.get(f"{coord_url}/health").status_code == 200

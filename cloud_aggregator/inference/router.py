@@ -69,6 +69,8 @@ def build_router(settings: Any, group: WorkerSupervisor | None,
         counters["served"] += 1
         batch = next(iter(inputs.values())).shape[0]
         audit.record(client, body.request_id, info["version"], "ok", batch)
+        log.info("party %d answered inference %s from %s: version %s, batch %d, %.3f s, %d rounds", settings.index,
+                 body.request_id, client, info["version"], batch, info["seconds"], info["rounds"])
         return InferenceResponse(request_id=body.request_id, party=settings.index, model_version=info["version"],
                                  outputs={k: TensorShare.from_array(v) for k, v in shares.items()},
                                  seconds=info["seconds"], rounds=info["rounds"], bytes=info["bytes"])

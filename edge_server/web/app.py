@@ -327,6 +327,7 @@ def create_app(settings: WebSettings, ask_cloud: AskCloud | None = None) -> Fast
         from starlette.concurrency import run_in_threadpool
         result = await run_in_threadpool(_ask, pid)
         request.state.audit = {"patient": pid, "cloud": result.get("cloud_status")}
+        log.info("%s asked the cloud about a patient: %s", session.user, result.get("cloud_status"))
         return _patient_page(request, session, pid, status=200, result=result)
 
     def _ask(pid: str) -> dict:

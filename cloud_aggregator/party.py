@@ -199,7 +199,7 @@ class Party:
             return update_on_shares(self.mpc, self.settings.data_dir, kind, cfg, total, denominator)
         except InferenceError as err:
             self.counters["server_update_failed"] += 1
-            raise RoundRefused("mpc_failed", f"{err.code}: {err.message}") from err
+            raise RoundRefused("mpc_failed", f"{err.reason}: {err.detail}") from err
 
 
 def build_mpc_group(settings: PartySettings) -> WorkerSupervisor | None:

@@ -127,9 +127,9 @@ class EncryptedVisionModel:
                 try:
                     self._params = fold_shared_batchnorm(self._params, self._pairs)
                 except InferenceError as err:
-                    if err.code == "model_out_of_range":
-                        self._refusal = err.message
-                        log.warning("refusing model for encrypted serving: %s", err.message)
+                    if err.reason == "model_out_of_range":
+                        self._refusal = err.detail
+                        log.warning("refusing model for encrypted serving: %s", err.detail)
                     raise
             self._pairs = []
 

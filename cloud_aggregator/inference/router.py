@@ -64,8 +64,8 @@ def build_router(settings: Any, group: WorkerSupervisor | None,
             inputs = {name: share.to_array() for name, share in body.inputs.items()}
             shares, info = group.submit(Job(body.request_id, client, body.model_version, inputs))
         except InferenceError as err:
-            raise _refuse(client, body.request_id, body.model_version, err.code, err.message,
-                          http_status(err.code)) from err
+            raise _refuse(client, body.request_id, body.model_version, err.reason, err.detail,
+                          http_status(err.reason)) from err
         counters["served"] += 1
         batch = next(iter(inputs.values())).shape[0]
         audit.record(client, body.request_id, info["version"], "ok", batch)

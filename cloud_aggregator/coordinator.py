@@ -279,12 +279,12 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             return coord.registry.verify_header(request.headers.get("authorization"), settings.principal, roles).sub
         except AuthError as err:
             coord.counters[f"auth_rejected_{err.status}"] += 1
-            log.warning("coordinator refused %s %s: %s", request.method, request.url.path, err.reason)
+            log.warning("coordinator refused %s %s: %s", request.method, request.url.path, err)
             raise
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, err: AuthError):  # counted and logged by auth()
-        return error_response(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason)
+        return error_response(err.status, err.http_error, str(err))
 
     @app.get("/health")
     async def health():

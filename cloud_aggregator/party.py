@@ -73,7 +73,7 @@ class Party:
         except AuthError as err:
             self.counters[f"auth_rejected_{err.status}"] += 1
             log.warning("party %d refused %s %s: %s", self.settings.index, request.method,
-                        request.url.path, err.reason)
+                        request.url.path, err)
             raise
 
     # round configs come from the coordinator and are cached durably ---------------------
@@ -109,7 +109,7 @@ class Party:
         upload = upload_from_wire(raw)
         h = upload.header
         if h.hospital != hospital:
-            raise AuthError(f"token is for {hospital!r} but the upload says {h.hospital!r}", 403)
+            raise AuthError("wrong_hospital", f"token is for {hospital!r} but the upload says {h.hospital!r}", 403)
         check_id(h.hospital)
         if h.round != rnd:
             raise ShareError("wrong_round", f"upload says round {h.round}, URL says {rnd}")
@@ -239,7 +239,7 @@ def create_app(settings: PartySettings) -> FastAPI:
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, err: AuthError):  # counted and logged by Party.auth
-        return error_response(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason)
+        return error_response(err.status, err.http_error, str(err))
 
     @app.exception_handler(ShareError)
     async def _share(request: Request, err: ShareError):

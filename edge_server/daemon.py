@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, IomtError
 from protocols.topics import subscription
 
 from edge_server.background import BackgroundPreprocessor
@@ -54,7 +54,7 @@ EXIT_BROKER_REFUSED = 4
 EXIT_INTERNAL = 5
 
 
-class StoreFailed(RuntimeError):
+class StoreFailed(IomtError):
     """The store could not commit a batch (nothing of it was acknowledged)."""
 
 RECONNECT_MIN_S = 0.2

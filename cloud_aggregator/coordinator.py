@@ -33,11 +33,12 @@ from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
 from cloud_aggregator.web import bounded_route, error_response, install_error_handlers, read_body, refuse, responses
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult,
-                                            FederationStatus, ModelInfo, PrivacySpent, Receipts, RoundConfig,
+                                            FederationStatus, PrivacySpent, Receipts, RoundConfig,
                                             RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.errors import ConfigError
-from protocols.params import normalise_spec, spec_hash
+from protocols.model_files import CoordinatorModelFile
+from protocols.params import spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ class Coordinator:
                                           tau=settings.tau) if strategy.server_opt else None
         self.registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
         self.signer = Signer.from_file(settings.key_file)
-        model = json.loads(Path(settings.model_file).read_text())
-        self.spec = normalise_spec(model["spec"])
-        self.model = ModelInfo(arch=model.get("arch", "generic"), config=model.get("config", {}))
-        self.init_seed = int(model.get("init_seed", 0))
+        model = CoordinatorModelFile.read(settings.model_file)
+        self.spec = model.param_spec()
+        self.model = model.model
+        self.init_seed = model.init_seed
         self.counters: collections.Counter[str] = collections.Counter()
         self.state_path = Path(settings.data_dir) / "coordinator_state.json"
         self.hospitals: list[str] = []

@@ -32,6 +32,7 @@ from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateReques
                                             Receipts, RoundConfig, RoundStatus, UploadAck, upload_from_wire)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.errors import ConfigError, Refusal, ShareError
+from protocols.model_files import GlobalModelMeta
 from protocols.params import normalise_spec, spec_size, unflatten
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class Party:
             meta["denominator"] = 1  # the stored share is of theta itself
         elif strategy.server_opt:
             meta["server_opt"] = {"opt": strategy.server_opt, "warm_start": "S / N, no previous global model"}
-        digest = self.store.write_global(cfg.version, unflatten(total, spec), meta)
+        digest = self.store.write_global(cfg.version, unflatten(total, spec), GlobalModelMeta.model_validate(meta))
         self.counters["rounds_aggregated"] += 1
         log.info("party %d aggregated round %d (%d hospitals) into v%d in %.2fs", self.settings.index,
                  rnd, len(req.participants), cfg.version, time.perf_counter() - t0)

@@ -96,5 +96,5 @@ class InferenceHandler:
 
             meta, arrays = load_global_share(cfg.data_dir, version)
             self.models = {version: (meta, load_encrypted_model(meta, arrays, cfg.device))}
-            log.info("loaded shared model version %d (%s)", version, meta.get("model", {}).get("arch"))
+            log.info("loaded shared model version %d (%s)", version, meta.model.arch)
         return self.models[version][1]

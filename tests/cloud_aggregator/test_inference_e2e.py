@@ -17,6 +17,8 @@ from protocols.vision import fold_batchnorm, resnet18
 from iomt.local_cloud import LocalCloud
 from iomt.supervisor import run_iomt, wait_port
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 
 

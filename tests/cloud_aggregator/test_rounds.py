@@ -13,6 +13,8 @@ from protocols import fixedpoint as fp
 from protocols.params import flatten, spec_of
 from iomt.local_cloud import LocalCloud, toy_state
 
+pytestmark = pytest.mark.integration
+
 COUNTS = {"h1": 40, "h2": 125, "h3": 7}
 
 

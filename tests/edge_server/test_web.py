@@ -86,6 +86,7 @@ def test_csrf_and_unreachable_cloud(edge):
     assert 'data-testid="edge-prediction"' in resp.text  # the edge's own prediction is still there
 
 
+@pytest.mark.integration
 def test_users_command_and_password_rules(tmp_path):
     run_iomt("edge", "users", "add", "bob", "--data-dir", str(tmp_path), "--password-stdin", input="long enough pw\n")
     assert run_iomt("edge", "users", "list", "--data-dir", str(tmp_path)).stdout.split() == ["bob"]

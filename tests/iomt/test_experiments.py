@@ -128,6 +128,7 @@ def test_local_vs_global(quick):
     assert payload["global_beats_local"]["hospitals"] == quick.hospitals
 
 
+@pytest.mark.integration
 def test_cli_runs_an_experiment_with_cross_validation(tmp_path):
     proc = run_iomt("experiment", "table3", "--quick", "--folds", "3", "--rounds", "1", "--out", str(tmp_path))
 
@@ -136,6 +137,7 @@ def test_cli_runs_an_experiment_with_cross_validation(tmp_path):
     assert sorted({r["fold"] for r in runs}) == ["0", "1", "2"]
 
 
+@pytest.mark.integration
 def test_encrypted_inference_agrees_with_the_plaintext_model(tmp_path):
     run_iomt("experiment", "encrypted_inference", "--quick", "--out", str(tmp_path))
 
@@ -148,6 +150,7 @@ def test_encrypted_inference_agrees_with_the_plaintext_model(tmp_path):
     assert not list(tmp_path.glob("cloud-*"))  # the parties' shares do not land in the results
 
 
+@pytest.mark.integration
 def test_encrypted_fusion_compares_both_heads_on_a_trained_federation(tmp_path):
     """Both fusion heads, trained by FedAvg, answer every encrypted query as the plaintext model does."""
     run_iomt("experiment", "encrypted_fusion", "--quick", "--out", str(tmp_path))

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_server.federated import FederatedClient, FederationError  # noqa: E402
 from protocols import fixedpoint  # noqa: E402
 from protocols.aggregation_messages import upload_from_wire  # noqa: E402
-from protocols.params import normalise_spec, unflatten  # noqa: E402
+from protocols.model_files import CoordinatorModelFile  # noqa: E402
+from protocols.params import unflatten  # noqa: E402
 from protocols.sharing import add_seed_into  # noqa: E402
 from iomt.local_cloud import LocalCloud, toy_state  # noqa: E402
 from iomt.supervisor import run_iomt, spawn_iomt, stop  # noqa: E402
@@ -130,11 +131,10 @@ def _edge(root: Path) -> dict:
     hospitals = ["hospital-00", "hospital-01", "hospital-02"]
     run_iomt("edge", "federate", "--write-model", str(root / "model.json"),
              "--data-dir", str(root / "bc" / hospitals[0]))
-    model = json.loads((root / "model.json").read_text())
-    spec = normalise_spec(model["spec"])
-    dummy = {n: np.zeros(s, np.float32) for n, s in spec}
+    model = CoordinatorModelFile.read(root / "model.json")
+    dummy = {n: np.zeros(s, np.float32) for n, s in model.param_spec()}
     cluster = LocalCloud.secagg(root, 2, hospitals, round_timeout=600.0, state=dummy,
-                                model={k: model[k] for k in ("arch", "config", "init_seed")})
+                                model=model.model_dump(include={"arch", "config", "init_seed"}))
     cluster.start()
     edges = {}
     try:

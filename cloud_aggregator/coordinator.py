@@ -33,12 +33,13 @@ from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
 from cloud_aggregator.web import bounded_route, error_response, install_error_handlers, read_body, refuse, responses
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult,
-                                            FederationStatus, ModelInfo, PrivacySpent, Receipts, RoundConfig,
+                                            FederationStatus, PrivacySpent, Receipts, RoundConfig,
                                             RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError
-from protocols.params import normalise_spec, spec_hash
+from protocols.model_files import CoordinatorModelFile
+from protocols.params import spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,10 @@ class Coordinator:
                                                                  beta2=settings.beta2, tau=settings.tau))
         self.registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
         self.signer = Signer.from_file(settings.key_file)
-        model = json.loads(Path(settings.model_file).read_text())
-        self.spec = normalise_spec(model["spec"])
-        self.model = ModelInfo(arch=model.get("arch", "generic"), config=model.get("config", {}))
-        self.init_seed = int(model.get("init_seed", 0))
+        model = CoordinatorModelFile.read(settings.model_file)
+        self.spec = model.param_spec()
+        self.model = model.model
+        self.init_seed = model.init_seed
         self.counters: collections.Counter[str] = collections.Counter()
         self.state_path = Path(settings.data_dir) / "coordinator_state.json"
         self.hospitals: list[str] = []
@@ -281,12 +282,12 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             return coord.registry.verify_header(request.headers.get("authorization"), settings.principal, roles).sub
         except AuthError as err:
             coord.counters[f"auth_rejected_{err.status}"] += 1
-            log.warning("coordinator refused %s %s: %s", request.method, request.url.path, err.reason)
+            log.warning("coordinator refused %s %s: %s", request.method, request.url.path, err)
             raise
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, err: AuthError):  # counted and logged by auth()
-        return error_response(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason)
+        return error_response(err.status, err.http_error, str(err))
 
     @app.get("/health")
     async def health():

@@ -36,6 +36,8 @@ import torch
 from omegaconf import DictConfig
 from onnx import numpy_helper
 
+from protocols.errors import IomtError
+
 log = logging.getLogger(__name__)
 
 #: The CrypTen release this module was written and tested against.
@@ -52,7 +54,7 @@ _STANDIN = "torch.onnx._internal.registration"
 _crypten: types.ModuleType | None = None
 
 
-class CryptenCompatError(RuntimeError):
+class CryptenCompatError(IomtError):
     """CrypTen could not be loaded or a model could not be converted for it."""
 
 

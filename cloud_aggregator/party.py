@@ -33,6 +33,7 @@ from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateReques
 from protocols.auth import AuthError, Registry, Signer
 from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError, Refusal, ShareError
+from protocols.model_files import GlobalModelMeta
 from protocols.params import normalise_spec, spec_size, unflatten
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Party:
         except AuthError as err:
             self.counters[f"auth_rejected_{err.status}"] += 1
             log.warning("party %d refused %s %s: %s", self.settings.index, request.method,
-                        request.url.path, err.reason)
+                        request.url.path, err)
             raise
 
     # round configs come from the coordinator and are cached durably ---------------------
@@ -110,7 +111,7 @@ class Party:
         upload = upload_from_wire(raw)
         h = upload.header
         if h.hospital != hospital:
-            raise AuthError(f"token is for {hospital!r} but the upload says {h.hospital!r}", 403)
+            raise AuthError("wrong_hospital", f"token is for {hospital!r} but the upload says {h.hospital!r}", 403)
         check_id(h.hospital)
         if h.round != rnd:
             raise ShareError("wrong_round", f"upload says round {h.round}, URL says {rnd}")
@@ -176,7 +177,8 @@ class Party:
                 "model": cfg.model.model_dump(), "strategy": strategy.name}
         result = strategy.aggregate_shares(total, denominator, cfg, self._server_step)
         meta |= {"denominator": result.denominator, **result.meta}
-        digest = self.store.write_global(cfg.version, unflatten(result.total, spec), meta)
+        digest = self.store.write_global(cfg.version, unflatten(result.total, spec),
+                                         GlobalModelMeta.model_validate(meta))
         self.counters["rounds_aggregated"] += 1
         log.info("party %d aggregated round %d (%d hospitals) into v%d in %.2fs", self.settings.index,
                  rnd, len(req.participants), cfg.version, time.perf_counter() - t0)
@@ -197,7 +199,7 @@ class Party:
             return update_on_shares(self.mpc, self.settings.data_dir, kind, cfg, total, denominator)
         except InferenceError as err:
             self.counters["server_update_failed"] += 1
-            raise RoundRefused("mpc_failed", f"{err.code}: {err.message}") from err
+            raise RoundRefused("mpc_failed", f"{err.reason}: {err.detail}") from err
 
 
 def build_mpc_group(settings: PartySettings) -> WorkerSupervisor | None:
@@ -237,7 +239,7 @@ def create_app(settings: PartySettings) -> FastAPI:
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, err: AuthError):  # counted and logged by Party.auth
-        return error_response(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason)
+        return error_response(err.status, err.http_error, str(err))
 
     @app.exception_handler(ShareError)
     async def _share(request: Request, err: ShareError):

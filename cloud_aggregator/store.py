@@ -28,6 +28,7 @@ import numpy as np
 from protocols.aggregation_messages import Receipt, RoundConfig, Upload, upload_from_wire
 from protocols.auth import check_principal_id
 from protocols.errors import IomtError, Refusal
+from protocols.model_files import GlobalModelMeta
 
 #: Mode of the folders the store creates (files are 0600: mkstemp, or _create_private).
 DIR_MODE = 0o700
@@ -153,7 +154,7 @@ class PartyStore:
     def global_dir(self, version: int) -> Path:
         return self.root / "global" / f"v{version:06d}"
 
-    def write_global(self, version: int, arrays: dict[str, np.ndarray], meta: dict) -> str:
+    def write_global(self, version: int, arrays: dict[str, np.ndarray], meta: GlobalModelMeta) -> str:
         """Publish version ``version`` atomically; returns the sha256 of ``share.npz``."""
         final = self.global_dir(version)
         if final.exists():
@@ -165,7 +166,7 @@ class PartyStore:
                 f.flush()
                 os.fsync(f.fileno())
             with _create_private(tmp / "meta.json") as f:
-                f.write(json.dumps(meta, indent=1).encode())
+                f.write(meta.to_json().encode())
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)
@@ -193,18 +194,18 @@ def latest_version(data_dir: str | Path) -> int | None:
     return int(path.read_text().strip()) if path.exists() else None
 
 
-def load_global_share(data_dir: str | Path, version: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+def load_global_share(data_dir: str | Path, version: int | None = None) -> tuple[GlobalModelMeta, dict[str, np.ndarray]]:
     """``(meta, {name: int64 share})`` of a published global version (the newest by default).
 
     The share is this party's additive share in Z_2^64 (16 fractional bits) of
-    ``S = sum_k n_k theta_k``; the model is ``S / meta["denominator"]``.
+    ``S = sum_k n_k theta_k``; the model is ``S / meta.denominator``.
     """
     root = Path(data_dir)
     version = latest_version(root) if version is None else version
     if version is None:
         raise FileNotFoundError(f"no global model published under {root}")
     vdir = root / "global" / f"v{version:06d}"
-    meta = json.loads((vdir / "meta.json").read_text())
+    meta = GlobalModelMeta.from_json((vdir / "meta.json").read_bytes())
     with np.load(vdir / "share.npz") as z:
-        arrays = {name: z[name].astype(np.int64, copy=False) for name, _ in meta["spec"]}
+        arrays = {name: z[name].astype(np.int64, copy=False) for name, _ in meta.spec}
     return meta, arrays

@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocols.config import add_config_argument
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, IomtError
 from protocols.topics import subscription
 
 from edge_server.background import BackgroundPreprocessor
@@ -55,7 +55,7 @@ EXIT_BROKER_REFUSED = 4
 EXIT_INTERNAL = 5
 
 
-class StoreFailed(RuntimeError):
+class StoreFailed(IomtError):
     """The store could not commit a batch (nothing of it was acknowledged)."""
 
 RECONNECT_MIN_S = 0.2

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
 
 from protocols import fixedpoint, sharing
 from protocols.aggregation_messages import (FederationStatus, PrivacySpent, RoundConfig, RoundStatus, sharing_to_wire,
                                             upload_from_wire)
 from protocols.auth import Signer
 from protocols.errors import ConfigError, IomtError
+from protocols.model_files import CoordinatorModelFile, GlobalModelMeta
 from protocols.params import flatten, normalise_spec, spec_hash, spec_size, state_sha256, unflatten
 
 log = logging.getLogger(__name__)
@@ -291,10 +293,14 @@ class FederatedClient:
         if version in self._globals:
             return self._globals[version]
 
-        def get(i: int) -> tuple[dict, bytes]:
+        def get(i: int) -> tuple[GlobalModelMeta, bytes]:
             headers = self.signer.headers(f"party-{i}")
-            meta = self._check(self.http.get(f"{self.party_urls[i]}/global/{version}/meta", headers=headers),
-                               f"meta of v{version} from party {i}").json()
+            raw = self._check(self.http.get(f"{self.party_urls[i]}/global/{version}/meta", headers=headers),
+                              f"meta of v{version} from party {i}").content
+            try:
+                meta = GlobalModelMeta.from_json(raw)
+            except ValidationError as err:
+                raise FederationError(f"party {i} sent a malformed meta of v{version}: {err}") from err
             blob = self._check(self.http.get(f"{self.party_urls[i]}/global/{version}/share", headers=headers),
                                f"share of v{version} from party {i}").content
             return meta, blob
@@ -302,10 +308,10 @@ class FederatedClient:
         with ThreadPoolExecutor(len(self.party_urls)) as pool:
             got = list(pool.map(get, range(len(self.party_urls))))
         metas = [m for m, _ in got]
-        keys = ("version", "round", "parties", "denominator", "participants", "spec")
-        first = {k: metas[0][k] for k in keys}
+        keys = {"version", "round", "parties", "denominator", "participants", "spec"}
+        first = metas[0].model_dump(include=keys)
         for i, m in enumerate(metas):
-            if {k: m[k] for k in keys} != first or m["party_index"] != i:
+            if m.model_dump(include=keys) != first or m.party_index != i:
                 raise FederationError(f"party {i} describes global v{version} differently")
         if first["version"] != version:
             raise FederationError(f"asked for v{version}, parties hold v{first['version']}")
@@ -320,7 +326,7 @@ class FederatedClient:
                 vec = flatten({n: z[n] for n, _ in spec}, spec, dtype=np.int64)
             total = vec.copy() if total is None else np.add(total, vec, out=total)
         state = unflatten(fixedpoint.decode(total, first["denominator"], dtype=np.float32), spec)
-        meta = {**metas[0], "sha256": state_sha256(state)}
+        meta = {**json.loads(metas[0].to_json()), "sha256": state_sha256(state)}
         meta.pop("party_index", None)
         self._globals = {version: (meta, state)}  # keep only the newest
         return meta, state
@@ -407,8 +413,9 @@ class FederatedClient:
 def write_model_file(path: str | Path, arch: str, config: dict, state: dict[str, np.ndarray],
                      init_seed: int) -> None:
     """The coordinator's ``--model`` file: architecture, config, spec and initial seed."""
-    spec = [[n, list(np.shape(v))] for n, v in state.items()]
-    Path(path).write_text(json.dumps({"arch": arch, "config": config, "spec": spec, "init_seed": init_seed}))
+    spec = [(n, list(np.shape(v))) for n, v in state.items()]
+    model = CoordinatorModelFile(arch=arch, config=config, spec=spec, init_seed=init_seed)
+    Path(path).write_text(model.to_json())
 
 
 def _keep_global(client: FederatedClient, latest: int, default_cfg, val, data_dir: Path) -> tuple[list, dict]:

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from edge_server.training.data import records_to_tensors
+from protocols.errors import IomtError
 from protocols.model import ModelConfig, build_model, load_numpy_state
 from protocols.schema import PatientRecord
 
 
-class QueryError(ValueError):
+class QueryError(IomtError, ValueError):
     """The patient's data cannot form a query (no usable modality, wrong shapes)."""
 
 

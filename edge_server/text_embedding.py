@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protocols.errors import IomtError
 from protocols.model import MINILM_DIM
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ _memo: OrderedDict[str, np.ndarray] = OrderedDict()
 _lock = threading.Lock()
 
 
-class TextEmbeddingUnavailable(RuntimeError):
+class TextEmbeddingUnavailable(IomtError):
     """The MiniLM encoder is not installed (the optional ``text`` extra)."""
 
 

@@ -54,7 +54,7 @@ def make_ask_cloud(parties: list[str], key_file: Path, ca: Path | None, model_ve
         try:
             return ask_cloud(data_dir, patient, parties, signer, model_version=model_version, verify=verify)
         except InferenceError as err:
-            raise CloudError(err.code, err.message) from err
+            raise CloudError(err.reason, err.detail) from err
 
     return ask
 

@@ -129,22 +129,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except InferenceError as err:
-        print(f"error: {err.code}: {err.message}", file=sys.stderr)
+        print(f"error: {err.reason}: {err.detail}", file=sys.stderr)
         return EXIT_USAGE
     try:
         pred = predict(args.parties.split(","), Signer.from_file(args.key_file), inputs,
                        model_version=args.model_version, verify=args.ca or True)
     except InferenceError as err:
-        if err.code in OUT_OF_RANGE:
-            print(f"error: {err.code}: no answer, since it could be wrong: {err.message}", file=sys.stderr)
+        if err.reason in OUT_OF_RANGE:
+            print(f"error: {err.reason}: no answer, since it could be wrong: {err.detail}", file=sys.stderr)
             return EXIT_OUT_OF_RANGE
-        print(f"error: {err.code}: {err.message}", file=sys.stderr)
+        print(f"error: {err.reason}: {err.detail}", file=sys.stderr)
         return EXIT_FAILED
     result = to_result(args.patient, pred, average)
     try:
         check_result(result)
     except InferenceError as err:
-        print(f"error: {err.code}: no answer, since it could be wrong: {err.message}", file=sys.stderr)
+        print(f"error: {err.reason}: no answer, since it could be wrong: {err.detail}", file=sys.stderr)
         return EXIT_OUT_OF_RANGE
     if args.json:
         print(json.dumps(result))

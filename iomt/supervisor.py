@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocols.errors import IomtError
+
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 15.0
@@ -25,7 +27,7 @@ PORT_TIMEOUT_S = 60.0
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class ChildFailed(RuntimeError):
+class ChildFailed(IomtError):
     """A supervised process exited while it was expected to keep running (or failed)."""
 
 

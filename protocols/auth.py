@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from protocols.errors import ConfigError, IomtError
+from protocols.errors import ConfigError, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,22 @@ def check_principal_id(pid: object) -> str:
     return pid
 
 
-class AuthError(IomtError):
-    """A credential was refused. ``status`` is 401 (who are you?) or 403 (not allowed)."""
+class AuthError(Refusal):
+    """A credential was refused. ``reason`` is a slug (``malformed_token``, ``unknown_principal``,
+    ``bad_signature``, ``revoked``, ``wrong_role``, ``wrong_audience``, ``bad_lifetime``,
+    ``expired``, ``missing_token``, ``token_too_long``, ``wrong_hospital``), ``detail`` the text
+    for people and ``status`` 401 (who are you?) or 403 (not allowed). An HTTP refusal's
+    ``error`` stays ``unauthorized``/``forbidden`` (by ``status``), its ``detail`` is ``str(err)``.
+    """
 
-    def __init__(self, reason: str, status: int = 401) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, reason: str, detail: str = "", status: int = 401) -> None:
+        super().__init__(reason, detail)
         self.status = status
+
+    @property
+    def http_error(self) -> str:
+        """The ``error`` of the HTTP error body: ``unauthorized`` (401) or ``forbidden`` (403)."""
+        return "unauthorized" if self.status == 401 else "forbidden"
 
 
 def _b64e(data: bytes) -> str:
@@ -202,40 +211,40 @@ class Registry:
             self._reload()
             keys, revoked = self._keys, self._revoked
         if len(token) > MAX_TOKEN_CHARS:
-            raise AuthError(f"token longer than {MAX_TOKEN_CHARS} characters")
+            raise AuthError("token_too_long", f"token longer than {MAX_TOKEN_CHARS} characters")
         try:
             body, sig = token.split(".")
             claims = Claims.model_validate_json(_b64d(body))
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "claims"
-            raise AuthError(f"malformed token: {where}: {first['msg']}") from err
+            raise AuthError("malformed_token", f"malformed token: {where}: {first['msg']}") from err
         except ValueError as err:
-            raise AuthError("malformed token") from err
+            raise AuthError("malformed_token", "malformed token") from err
         entry = keys.get(claims.sub)
         if entry is None:
-            raise AuthError(f"unknown principal {claims.sub!r}")
+            raise AuthError("unknown_principal", f"unknown principal {claims.sub!r}")
         role, pub = entry
         try:
             pub.verify(_b64d(sig), body.encode())
         except (InvalidSignature, ValueError) as err:
-            raise AuthError("bad signature") from err
+            raise AuthError("bad_signature", "bad signature") from err
         if claims.sub in revoked:
-            raise AuthError(f"{claims.sub!r} is revoked", 403)
+            raise AuthError("revoked", f"{claims.sub!r} is revoked", 403)
         if claims.role != role or role not in roles:
-            raise AuthError(f"role {role!r} may not do this", 403)
+            raise AuthError("wrong_role", f"role {role!r} may not do this", 403)
         if claims.aud != audience:
-            raise AuthError(f"token is for {claims.aud!r}, not {audience!r}")
+            raise AuthError("wrong_audience", f"token is for {claims.aud!r}, not {audience!r}")
         if not 0 < claims.exp - claims.iat <= self.max_ttl + CLOCK_SKEW_S:
-            raise AuthError(f"token lifetime {claims.exp - claims.iat:.0f}s is not in (0, {self.max_ttl:.0f}s]")
+            raise AuthError("bad_lifetime", f"token lifetime {claims.exp - claims.iat:.0f}s is not in (0, {self.max_ttl:.0f}s]")
         now = time.time()
         if claims.exp < now - CLOCK_SKEW_S or claims.iat > now + CLOCK_SKEW_S:
-            raise AuthError("token expired or not yet valid")
+            raise AuthError("expired", "token expired or not yet valid")
         return claims
 
     def verify_header(self, header: str | None, audience: str, roles: tuple[str, ...]) -> Claims:
         if not header or not header.startswith("Bearer "):
-            raise AuthError("missing bearer token")
+            raise AuthError("missing_token", "missing bearer token")
         return self.verify(header[len("Bearer "):], audience, roles)
 
 

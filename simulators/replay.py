@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import signal
 
+from protocols.errors import IomtError
 from protocols.schema import SIGNAL_STREAMS
 from simulators.cohort import device_ids
 from simulators.profiles import HospitalProfile, hospital_profile
@@ -56,7 +57,7 @@ PYPHYSIO_LICENCE = (f"GPL-3.0 (test data of pyphysio {PYPHYSIO_VERSION}, Bizzego
 NPZ_LICENCE = "supplied by the user"
 
 
-class ReplayError(ValueError):
+class ReplayError(IomtError):
     """A recording that cannot be replayed (bad file, bad shape, unknown stream ...)."""
 
 

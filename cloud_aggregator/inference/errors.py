@@ -1,13 +1,9 @@
-"""Errors of encrypted inference, each with a stable machine-readable code."""
+"""Errors of encrypted inference, each with a stable machine-readable reason."""
 from __future__ import annotations
 
-from protocols.errors import IomtError
+from protocols.errors import Refusal
 
 
-class InferenceError(IomtError):
-    """An inference request failed; ``code`` says why (e.g. ``bad_shape``, ``party_unreachable``)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class InferenceError(Refusal):
+    """An inference request was refused or failed; ``reason`` says why (e.g. ``bad_shape``,
+    ``party_unreachable``), ``detail`` is for people."""

@@ -47,8 +47,8 @@ class InferenceHandler:
                 try:
                     model.prepare()
                 except InferenceError as err:  # e.g. model_out_of_range: every party opened the same bits
-                    log.warning("request %s refused: %s: %s", rid, err.code, err.message)
-                    loop.fail(rid, err.code, err.message)
+                    log.warning("request %s refused: %s: %s", rid, err.reason, err.detail)
+                    loop.fail(rid, err.reason, err.detail)
                     return
             if getattr(model, "prefetch_triples", False):  # small circuits only: the cache holds a request's worth
                 out = loop.prefetch.run(signature, lambda: model.forward(enc))
@@ -96,5 +96,5 @@ class InferenceHandler:
 
             meta, arrays = load_global_share(cfg.data_dir, version)
             self.models = {version: (meta, load_encrypted_model(meta, arrays, cfg.device))}
-            log.info("loaded shared model version %d (%s)", version, meta.get("model", {}).get("arch"))
+            log.info("loaded shared model version %d (%s)", version, meta.model.arch)
         return self.models[version][1]

@@ -30,6 +30,7 @@ from cloud_aggregator.crypten_compat import export_onnx, from_onnx, load_crypten
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.mpc.functions import inv_sqrt
 from cloud_aggregator.inference.ranges import BN_VAR_RANGE, SCALED_MAX, shared_any_outside, shared_weight_violations
+from protocols.model_files import GlobalModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,9 @@ class EncryptedVisionModel:
                 try:
                     self._params = fold_shared_batchnorm(self._params, self._pairs)
                 except InferenceError as err:
-                    if err.code == "model_out_of_range":
-                        self._refusal = err.message
-                        log.warning("refusing model for encrypted serving: %s", err.message)
+                    if err.reason == "model_out_of_range":
+                        self._refusal = err.detail
+                        log.warning("refusing model for encrypted serving: %s", err.detail)
                     raise
             self._pairs = []
 
@@ -546,11 +547,10 @@ def _tanh(x: Any) -> Any:
     return keep - flip + above - below
 
 
-def load_encrypted_model(meta: dict, shares: dict[str, np.ndarray], device: str = "cpu") -> Any:
+def load_encrypted_model(meta: GlobalModelMeta, shares: dict[str, np.ndarray], device: str = "cpu") -> Any:
     """The encrypted model described by a global-model ``meta.json`` and this party's shares."""
-    model = meta.get("model") or {}
-    arch, config = model.get("arch"), dict(model.get("config") or {})
-    denominator = int(meta.get("denominator", 1))
+    arch, config = meta.model.arch, dict(meta.model.config)
+    denominator = meta.denominator
     if denominator < 1:
         raise InferenceError("bad_model", f"denominator must be >= 1, got {denominator}")
     if arch in VISION_ARCHS:

@@ -14,6 +14,7 @@ import numpy as np
 
 from cloud_aggregator.store import PartyStore
 from protocols.fixedpoint import encode
+from protocols.model_files import GlobalModelMeta
 from protocols.sharing import expand_seed, share
 
 
@@ -38,5 +39,6 @@ def publish_shared_model(data_dirs: list[str | Path], states: list[dict[str, np.
             "spec": [[name, list(np.shape(states[0][name]))] for name in names],
             "model": {"arch": arch, "config": config}, "strategy": "fedavg"}
     for i, d in enumerate(data_dirs):
-        PartyStore(d).write_global(version, {name: acc[name][i] for name in names}, dict(meta, party_index=i))
+        PartyStore(d).write_global(version, {name: acc[name][i] for name in names},
+                                   GlobalModelMeta(**meta, party_index=i))
     return meta

@@ -54,8 +54,8 @@ def build_router(settings: Any, group: WorkerSupervisor | None,
             client = registry.verify_header(request.headers.get("authorization"), audience, ("hospital",)).sub
         except AuthError as err:
             counters[f"auth_rejected_{err.status}"] += 1
-            log.warning("party %d refused inference: %s", settings.index, err.reason)
-            raise Refused(err.status, "unauthorized" if err.status == 401 else "forbidden", err.reason,
+            log.warning("party %d refused inference: %s", settings.index, err)
+            raise Refused(err.status, err.http_error, str(err),
                           noted=True) from err
         if group is None:  # not a passing outage (503) but how this party was set up
             raise _refuse(client, body.request_id, body.model_version, "not_configured",
@@ -64,8 +64,8 @@ def build_router(settings: Any, group: WorkerSupervisor | None,
             inputs = {name: share.to_array() for name, share in body.inputs.items()}
             shares, info = group.submit(Job(body.request_id, client, body.model_version, inputs))
         except InferenceError as err:
-            raise _refuse(client, body.request_id, body.model_version, err.code, err.message,
-                          http_status(err.code)) from err
+            raise _refuse(client, body.request_id, body.model_version, err.reason, err.detail,
+                          http_status(err.reason)) from err
         counters["served"] += 1
         batch = next(iter(inputs.values())).shape[0]
         audit.record(client, body.request_id, info["version"], "ok", batch)

@@ -23,7 +23,7 @@ class JobKind(str, enum.Enum):
 
 
 class JobStatus(str, enum.Enum):
-    """Why a job ended: the reason (the enum's value, the ``code`` of ``InferenceError`` and of
+    """Why a job ended: the reason (the enum's value, the ``reason`` of ``InferenceError`` and of
     the HTTP error body), the integer every party contributes to the status agreement before
     computing (``wire``; None for reasons found outside that agreement) and the HTTP status
     a party's router answers with."""

@@ -79,9 +79,9 @@ def load_state(data_dir: str | Path, public: dict, spec: list) -> tuple[np.ndarr
     theta = flatten(arrays, normalise_spec(spec), dtype=np.int64)
     path = opt_state_path(data_dir, public["base_version"])
     if not path.exists():
-        return theta, int(meta["denominator"]), None, None
+        return theta, meta.denominator, None, None
     with np.load(path) as z:
-        return theta, int(meta["denominator"]), z["m"].astype(np.int64), z["v"].astype(np.int64)
+        return theta, meta.denominator, z["m"].astype(np.int64), z["v"].astype(np.int64)
 
 
 def compute(public: dict, total: np.ndarray, theta_prev: np.ndarray, den_prev: int,

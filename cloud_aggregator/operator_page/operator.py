@@ -107,7 +107,7 @@ def install_operator_page(app: FastAPI, coord) -> None:
                 return coord.registry.verify_header(header, settings.principal, ROLES).sub
             except AuthError as err:
                 coord.counters["operator_auth_rejected"] += 1
-                log.warning("operator page refused %s: %s", request.url.path, err.reason)
+                log.warning("operator page refused %s: %s", request.url.path, err)
                 return None
         sid = request.cookies.get(COOKIE, "")
         session = sessions.get(sid)
@@ -153,8 +153,8 @@ def install_operator_page(app: FastAPI, coord) -> None:
             who = coord.registry.verify(token, settings.principal, ROLES).sub
         except AuthError as err:
             coord.counters["operator_auth_rejected"] += 1
-            log.warning("operator sign-in refused: %s", err.reason)
-            return login_page(request, f"Token refused: {err.reason}.", 401)
+            log.warning("operator sign-in refused: %s", err)
+            return login_page(request, f"Token refused: {err.detail}.", 401)
         sid = secrets.token_urlsafe(32)
         now = time.time()
         for k in [k for k, s in sessions.items() if s["exp"] < now]:

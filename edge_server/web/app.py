@@ -31,7 +31,7 @@ from edge_server.web.accounts import Accounts
 from edge_server.web.patients import NoStore, image_png, patient_view, search
 from edge_server.web.settings import WebSettings
 from protocols import webui
-from protocols.errors import IomtError
+from protocols.errors import Refusal
 from protocols.schema import MODALITIES
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,15 @@ CODE_KIND = {"party_unreachable": "unreachable", "mpc_unavailable": "unreachable
 AskCloud = Callable[[Path, str], dict]
 
 
-class CloudError(IomtError):
-    """The encrypted prediction failed; ``code`` is the client's error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+class CloudError(Refusal):
+    """The encrypted prediction failed; ``reason`` is the inference client's reason."""
 
     @property
     def kind(self) -> str:
-        return CODE_KIND.get(self.code, "refused")
+        return CODE_KIND.get(self.reason, "refused")
 
     def for_clinician(self) -> str:
-        return CLOUD_MESSAGES[self.kind].format(detail=self.message)
+        return CLOUD_MESSAGES[self.kind].format(detail=self.detail)
 
 
 @dataclass

@@ -36,13 +36,13 @@ def test_a_plausible_answer_passes():
 def test_answers_that_cannot_be_the_models_are_refused(bad):
     with pytest.raises(InferenceError) as err:
         check_answer(_query(), {**_answer(), **bad}, layernorm=True)
-    assert err.value.code == "answer_out_of_range"
+    assert err.value.reason == "answer_out_of_range"
 
 
 def test_layernorm_input_outside_its_encrypted_range_is_refused():
     with pytest.raises(InferenceError, match="LayerNorm") as err:  # fused variance ~ 3e2 > 200
         check_answer(_query(30.0), _answer(), layernorm=True)
-    assert err.value.code == "answer_out_of_range"
+    assert err.value.reason == "answer_out_of_range"
     with pytest.raises(InferenceError, match="LayerNorm"):  # ~ 4e-5 < 2e-4
         check_answer(_query(0.01), _answer(), layernorm=True)
     check_answer(_query(30.0), _answer(), layernorm=False)  # the quadratic head has no LayerNorm
@@ -51,7 +51,7 @@ def test_layernorm_input_outside_its_encrypted_range_is_refused():
 def test_queries_beyond_the_fixed_point_range_never_leave_the_client():
     with pytest.raises(InferenceError) as err:
         prepare_inputs(_query(1e4))
-    assert err.value.code == "input_out_of_range"
+    assert err.value.reason == "input_out_of_range"
     bad = _query()
     bad["features"][0, 0, 0] = np.inf
     with pytest.raises(InferenceError, match="infinite"):
@@ -64,7 +64,7 @@ def test_quadratic_heads_wrapped_answers_are_refused():
     for bad in ({"range_violations": np.ones((1, 1))}, {"scaled_logits": np.full((1, 3), 2.0 ** 32)}):
         with pytest.raises(InferenceError) as err:
             unscale_outputs({**raw, **bad})
-        assert err.value.code == "answer_out_of_range"
+        assert err.value.reason == "answer_out_of_range"
 
 
 def test_score_norm_limit_keeps_the_softmax_in_range():

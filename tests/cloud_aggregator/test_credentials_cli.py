@@ -1,7 +1,11 @@
 import json
 
+import pytest
+
 from protocols.auth import Registry, Signer
 from iomt.supervisor import run_iomt
+
+pytestmark = pytest.mark.integration
 
 
 def test_credentials_make_working_keys_and_revoke(tmp_path):

@@ -17,6 +17,8 @@ from protocols.vision import fold_batchnorm, resnet18
 from iomt.local_cloud import LocalCloud
 from iomt.supervisor import run_iomt, wait_port
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 
 
@@ -92,15 +94,15 @@ def test_bad_inputs_get_clear_errors_and_service_survives(fusion_cloud, tmp_path
     feats, mask = _features(model, 2, torch.Generator().manual_seed(3))
     with pytest.raises(InferenceError) as err:  # wrong shape
         predict(cloud.party_urls, cloud.signer(), {"features": feats[:, :3].numpy(), "mask": mask.numpy()})
-    assert err.value.code == "bad_shape"
+    assert err.value.reason == "bad_shape"
     with pytest.raises(InferenceError) as err:  # missing input
         predict(cloud.party_urls, cloud.signer(), {"features": feats.numpy()})
-    assert err.value.code == "bad_input"
+    assert err.value.reason == "bad_input"
     make_credentials(tmp_path / "other", ["intruder"], 2)  # a key the parties do not know
     intruder = Signer.from_file(tmp_path / "other" / "keys" / "intruder.json")
     with pytest.raises(InferenceError) as err:
         predict(cloud.party_urls, intruder, {"features": feats.numpy(), "mask": mask.numpy()})
-    assert err.value.code == "unauthorized"
+    assert err.value.reason == "unauthorized"
     truncated = {"request_id": "abcdefgh12", "inputs": {"mask": {"shape": [2, 4], "data": "AAAA"}}}
     resp = httpx.post(f"{cloud.party_urls[0]}/inference/v1/predict", json=truncated,
                       headers=cloud.signer().headers("party-0"), timeout=30)
@@ -126,7 +128,7 @@ def test_party_disappearing_mid_request_is_an_error_then_recovers(fusion_cloud):
     cloud.stop_party(1)
     with pytest.raises(InferenceError) as err:
         predict(cloud.party_urls, cloud.signer(), {"features": feats.numpy(), "mask": mask.numpy()}, timeout=60)
-    assert err.value.code in {"party_unreachable", "missing_share", "mpc_unavailable"}
+    assert err.value.reason in {"party_unreachable", "missing_share", "mpc_unavailable"}
     status = httpx.get(f"{cloud.party_urls[0]}/inference/v1/status", timeout=5).json()
     assert status["party"] == 0  # party 0's service is still up
     cloud.start_party(1)

@@ -98,7 +98,7 @@ def test_model_beyond_the_softmax_range_is_refused_with_a_reason(cloud):
     feats, mask = _features(models[2], 4)
     with pytest.raises(InferenceError) as err:
         predict(cloud.party_urls, cloud.signer(), {"features": feats, "mask": mask}, model_version=2)
-    assert err.value.code == "model_out_of_range"
+    assert err.value.reason == "model_out_of_range"
     out = _infer(cloud, tmp, feats, mask, 2)
     assert out.returncode == 3 and "model_out_of_range" in out.stderr and "||v||_1" in out.stderr
     assert out.stdout == ""  # no class printed
@@ -129,7 +129,7 @@ def test_answers_outside_the_approximations_are_refused_at_the_client(cloud):
     feats, mask = _features(models[4], 2)
     with pytest.raises(InferenceError) as err:
         predict(cloud.party_urls, cloud.signer(), {"features": feats, "mask": mask}, model_version=4)
-    assert err.value.code in {"answer_out_of_range", "bad_answer"}
+    assert err.value.reason in {"answer_out_of_range", "bad_answer"}
     # features beyond +-1024 never leave the client: exit 2, no party saw a request
     before = _audit_lines(cloud)
     out = _infer(cloud, tmp, feats * 1e4, mask, 3)

@@ -67,7 +67,7 @@ def _fold(variances: list[float]) -> str:
     try:
         folded = models.fold_shared_batchnorm(params, [("conv", "bn", 1e-5)])
     except models.InferenceError as err:
-        return err.code
+        return err.reason
     return f"{folded['conv.weight'].get_plain_text().flatten()[0].item():.4f}"
 
 

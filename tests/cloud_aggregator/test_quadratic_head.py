@@ -113,7 +113,7 @@ def test_client_prepares_fusion_queries_and_refuses_bad_masks():
     with pytest.raises(InferenceError) as err:
         unscale_outputs({"scaled_logits": np.ones((1, 3)), "logit_scale": np.zeros((1, 1)),
                          "scaled_weights": np.zeros((1, 4))})
-    assert err.value.code == "bad_answer"
+    assert err.value.reason == "bad_answer"
 
 
 def test_client_keeps_one_http_client_per_tls_setting():

@@ -13,6 +13,8 @@ from protocols import fixedpoint as fp
 from protocols.params import flatten, spec_of
 from iomt.local_cloud import LocalCloud, toy_state
 
+pytestmark = pytest.mark.integration
+
 COUNTS = {"h1": 40, "h2": 125, "h3": 7}
 
 
@@ -49,8 +51,8 @@ def test_secure_aggregate_equals_plaintext_fedavg_and_parties_hold_only_noise(tm
         encoded = {h: fp.encode(flatten(s, spec), scale_by=COUNTS[h]) for h, s in states.items()}
         for i in range(parties):
             pmeta, share = load_global_share(cluster.party_dir(i))
-            assert pmeta["party_index"] == i and pmeta["participants"] == sorted(COUNTS)
-            assert pmeta["model"]["arch"] == "toy" and pmeta["denominator"] == sum(COUNTS.values())
+            assert pmeta.party_index == i and pmeta.participants == sorted(COUNTS)
+            assert pmeta.model.arch == "toy" and pmeta.denominator == sum(COUNTS.values())
             vec = flatten(share, spec, dtype=np.int64)
             held = [vec]
             for h in COUNTS:
@@ -79,7 +81,7 @@ def test_dropout_hospital_excluded_consistently(tmp_path):
         assert st.state == "done", cluster.logs()
         assert st.participants == ["h1", "h3"]
         metas = [load_global_share(cluster.party_dir(i))[0] for i in range(3)]
-        assert all(m["participants"] == ["h1", "h3"] for m in metas)
+        assert all(m.participants == ["h1", "h3"] for m in metas)
         counts = {h: COUNTS[h] for h in states}
         _, model = client.fetch_global(1)
         plain = _plain_fedavg(states, counts)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
+import pytest
 import torch
 
 from edge_server.training import ModelConfig, TrainConfig, evaluate, initial_state, train_local
 from simulators.records import make_records
+
+pytestmark = pytest.mark.integration
 
 HOSPITALS = {"h1": 1, "h2": 2, "h3": 3}
 ROUNDS = 3

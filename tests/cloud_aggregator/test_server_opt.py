@@ -13,6 +13,8 @@ from protocols.aggregation_messages import ServerOptConfig
 from protocols.params import flatten, spec_of
 from iomt.local_cloud import LocalCloud, toy_state
 
+pytestmark = pytest.mark.integration
+
 COUNTS = {"h1": 30, "h2": 50}
 ROUNDS = 3
 LR, B1, B2, TAU, K = 0.02, 0.9, 0.99, 1e-3, 256

@@ -10,6 +10,7 @@ import pytest
 
 from cloud_aggregator.inference.publish import publish_shared_model
 from cloud_aggregator.store import PartyStore, UploadRefused, check_id
+from protocols.model_files import GlobalModelMeta
 
 
 def _mode(path) -> int:
@@ -25,7 +26,9 @@ def loose_umask():
 
 def test_published_global_share_is_private(tmp_path, loose_umask):
     store = PartyStore(tmp_path / "p0")
-    store.write_global(1, {"w": np.arange(6, dtype=np.int64)}, {"version": 1})
+    meta = GlobalModelMeta(version=1, round=1, parties=2, party_index=0, denominator=1, participants=["h1"],
+                           spec=[("w", [6])])
+    store.write_global(1, {"w": np.arange(6, dtype=np.int64)}, meta)
     vdir = store.global_dir(1)
     assert _mode(vdir / "share.npz") == 0o600 and _mode(vdir / "meta.json") == 0o600
     assert _mode(vdir) == 0o700 and _mode(tmp_path / "p0") == 0o700

@@ -38,6 +38,7 @@ def seqs(collector):
     return [m.seq for _, m in collector.decoded("ecg")]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("version", ["3.1.1", "5"])
 def test_publishes_registration_birth_and_frames(mosquitto, tmp_path, version):
     sub = Collector(mosquitto.port)
@@ -60,6 +61,7 @@ def test_publishes_registration_birth_and_frames(mosquitto, tmp_path, version):
     sub.close()
 
 
+@pytest.mark.integration
 def test_registration_is_retained(mosquitto, tmp_path):
     with DeviceAgent(settings(mosquitto, tmp_path)) as agent:
         assert agent.wait_connected(10)
@@ -71,6 +73,7 @@ def test_registration_is_retained(mosquitto, tmp_path):
     late.close()
 
 
+@pytest.mark.integration
 def test_broker_outage_buffers_on_disk_and_drains_everything_once(durable_broker, tmp_path):
     mosquitto = durable_broker
     sub = Collector(mosquitto.port, durable=True)
@@ -97,6 +100,7 @@ def test_broker_outage_buffers_on_disk_and_drains_everything_once(durable_broker
     sub.close()
 
 
+@pytest.mark.integration
 def test_buffer_survives_agent_restart(mosquitto, tmp_path):
     mosquitto.stop()
     first = DeviceAgent(settings(mosquitto, tmp_path)).start()
@@ -114,6 +118,7 @@ def test_buffer_survives_agent_restart(mosquitto, tmp_path):
     sub.close()
 
 
+@pytest.mark.integration
 def test_full_memory_queue_drops_with_a_counter(mosquitto, tmp_path, caplog):
     agent = DeviceAgent(settings(mosquitto, tmp_path, queue_max=5))   # not started: nothing drains
     results = [agent.publish(frame(i), block=False) for i in range(8)]
@@ -125,6 +130,7 @@ def test_full_memory_queue_drops_with_a_counter(mosquitto, tmp_path, caplog):
     agent.close()
 
 
+@pytest.mark.integration
 def test_full_disk_buffer_drops_newest_with_a_counter(durable_broker, tmp_path):
     mosquitto = durable_broker
     sub = Collector(mosquitto.port, durable=True)
@@ -143,6 +149,7 @@ def test_full_disk_buffer_drops_newest_with_a_counter(durable_broker, tmp_path):
     sub.close()
 
 
+@pytest.mark.integration
 def test_last_will_arrives_when_the_device_is_killed(mosquitto, tmp_path):
     sub = Collector(mosquitto.port)
     proc = spawn_iomt("device", "--broker", mosquitto.url, "--hospital", "h1", "--device-id", "w-9",
@@ -162,6 +169,7 @@ def test_last_will_arrives_when_the_device_is_killed(mosquitto, tmp_path):
     sub.close()
 
 
+@pytest.mark.integration
 def test_cli_publishes_a_fixed_duration_and_reports(mosquitto, tmp_path):
     from iomt.supervisor import run_iomt
     sub = Collector(mosquitto.port)

@@ -42,8 +42,9 @@ def test_broker_command_carries_agent_traffic(tmp_path, embedded):
         sub.close()
         log = (tmp_path / "broker.log").read_text()
         assert ("embedded amqtt broker" in log) == embedded
-    finally:
-        assert stop(proc) is not None
+    finally:  # no assert here: it would hide the failure that brought us here
+        rc = stop(proc)
+    assert rc is not None, "the broker did not exit on SIGTERM"
 
 
 def test_mosquitto_config_listens_where_asked(tmp_path):

@@ -21,6 +21,8 @@ from iomt.mqtt_collector import Collector
 from tests.device_agent.secure_broker import SecureMosquitto
 from iomt.supervisor import run_iomt
 
+pytestmark = pytest.mark.integration
+
 USERS = {"w-1": "device-secret", "w-5": "cli-secret", "collector": "collector-secret"}
 
 

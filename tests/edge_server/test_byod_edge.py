@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edge_server.byod import load_federation_folder
 from edge_server.training.data import split_records
 from iomt.experiments import baselines
 from protocols.model import ModelConfig
 from protocols.schema import EHR_FEATURES
 from iomt.supervisor import run_iomt
+
+pytestmark = pytest.mark.integration
 
 
 def test_edge_trains_and_predicts_from_a_byod_folder(tmp_path):

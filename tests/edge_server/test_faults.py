@@ -23,6 +23,8 @@ from tests.edge_server.harness import Publisher, health, metrics_text, spawn_edg
 from iomt.local_broker import Mosquitto
 from iomt.supervisor import stop
 
+pytestmark = pytest.mark.integration
+
 
 def _forged_frames() -> dict[str, list[tuple[str, bytes]]]:
     """Bad payloads on a registered device's topics, keyed by the reason the edge must give."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from edge_server.ingest import REJECTED_HEAD, Ingestor
 from edge_server.store import Batch
 from simulators import payloads as b
@@ -86,6 +88,7 @@ def test_every_bad_payload_is_a_rejection_with_its_reason(caplog):
     assert _handle(ing, batch, (topic, good)).accepted  # and the ingestor carries on
 
 
+@pytest.mark.integration
 def test_daemon_refuses_bad_config_with_exit_code_2(tmp_path):
     from edge_server.sqlite_store import SqliteStore
     from iomt.supervisor import run_iomt

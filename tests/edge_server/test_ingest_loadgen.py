@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.mqtt_loadgen import frame_plan, publish
@@ -17,6 +18,8 @@ from edge_server.ingest import Ingestor
 from edge_server.store import Batch
 from protocols.schema import SIGNAL_STREAMS
 from simulators import payloads as b
+
+pytestmark = pytest.mark.integration
 
 
 def _subscriber(broker, got: list):

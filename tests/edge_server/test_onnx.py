@@ -94,6 +94,7 @@ def test_predictor_on_records_matches_pytorch_window_averaged(trained):
     assert read_metadata(path) == (cfg, list(CONDITIONS))
 
 
+@pytest.mark.integration
 def test_train_then_predict_cli_on_a_real_edge_store(tmp_path):
     # Prepare: an edge store with 30 patients' EHR bundles and notes
     ids = write_store(tmp_path, 30, seed=0)
@@ -116,6 +117,7 @@ def test_train_then_predict_cli_on_a_real_edge_store(tmp_path):
     assert pred["modalities_present"] == ["ehr", "text"]
 
 
+@pytest.mark.integration
 def test_cli_errors_are_clear(tmp_path):
     write_store(tmp_path, 3, seed=0)
     proc = run_iomt("edge", "predict", "--data-dir", str(tmp_path), "--patient", "nobody", check=False)

@@ -5,6 +5,8 @@ import json
 import urllib.error
 import urllib.request
 
+import pytest
+
 from edge_server.ingest import Ingestor
 from edge_server.metrics import EdgeMetrics, MetricsServer, create_app
 from edge_server.sqlite_store import SqliteStore
@@ -26,6 +28,7 @@ def _filled(path):
     return batch, result
 
 
+@pytest.mark.integration
 def test_status_json_reports_stored_rejected_and_last_seen(tmp_path):
     _filled(tmp_path)
 
@@ -39,6 +42,7 @@ def test_status_json_reports_stored_rejected_and_last_seen(tmp_path):
     assert out["hospital"] == "h1" and out["received"] == 13
 
 
+@pytest.mark.integration
 def test_status_human_form_and_missing_store(tmp_path):
     _filled(tmp_path)
 

@@ -86,6 +86,7 @@ def test_csrf_and_unreachable_cloud(edge):
     assert 'data-testid="edge-prediction"' in resp.text  # the edge's own prediction is still there
 
 
+@pytest.mark.integration
 def test_users_command_and_password_rules(tmp_path):
     run_iomt("edge", "users", "add", "bob", "--data-dir", str(tmp_path), "--password-stdin", input="long enough pw\n")
     assert run_iomt("edge", "users", "list", "--data-dir", str(tmp_path)).stdout.split() == ["bob"]
@@ -129,7 +130,7 @@ def test_an_answer_that_fails_its_checks_is_refused_with_a_clear_message():
                 {**good, "probabilities": [{"normal": float("nan"), "cardiac": 0.5, "respiratory": 0.5}]}):
         with pytest.raises(InferenceError) as err:
             check_result(bad)
-        msg = CloudError(err.value.code, err.value.message)
+        msg = CloudError(err.value.reason, err.value.detail)
         assert msg.kind == "checks" and msg.for_clinician().startswith("The cloud's answer failed its checks")
     assert CloudError("inconsistent_parties", "x").kind == "checks"
     assert CloudError("no_model", "x").for_clinician().startswith("The cloud refused the model version")

@@ -1,18 +1,23 @@
+import pytest
+
 from iomt.supervisor import run_iomt
 
 
+@pytest.mark.integration
 def test_help_lists_every_role():
     out = run_iomt("--help").stdout
     for command in ("broker", "device", "simulate", "edge", "cloud", "infer", "demo", "experiment"):
         assert command in out
 
 
+@pytest.mark.integration
 def test_unknown_command_fails():
     proc = run_iomt("no-such-command", check=False)
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
 
 
+@pytest.mark.integration
 def test_infer_refuses_a_bad_mask_before_sending_anything(tmp_path):
     """No party runs here: a refusal before sending is the only way this can answer."""
     import numpy as np

@@ -10,6 +10,7 @@ import pytest
 from iomt.supervisor import REPO_ROOT, child_env, iomt_argv
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["attention", "quadratic"])
 def test_small_demo_runs_every_role_and_reports(tmp_path, fusion):
@@ -36,6 +37,7 @@ def test_small_demo_runs_every_role_and_reports(tmp_path, fusion):
     assert left == []
 
 
+@pytest.mark.integration
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     proc = subprocess.run(iomt_argv("demo", "--out", str(tmp_path)), env=child_env(one_thread=True), cwd=REPO_ROOT,

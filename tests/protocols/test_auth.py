@@ -7,7 +7,7 @@ import pytest
 
 from protocols.auth import (CLOCK_SKEW_S, AuthError, Registry, Signer, _b64e, check_principal_id,
                             make_credentials)
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, Refusal
 
 
 @pytest.fixture
@@ -44,6 +44,23 @@ def test_garbage_tokens_are_401(fed, token):
     with pytest.raises(AuthError) as err:
         registry.verify(token, "party-0", ("hospital",))
     assert err.value.status == 401
+
+
+def test_refusals_name_a_slug_reason_and_keep_the_text_apart(fed):
+    registry, h1 = fed
+    token = h1.token("party-0")
+    cases = [(lambda: registry.verify_header(None, "party-0", ("hospital",)), "missing_token", 401),
+             (lambda: registry.verify(token, "party-1", ("hospital",)), "wrong_audience", 401),
+             (lambda: registry.verify(token, "party-0", ("party",)), "wrong_role", 403),
+             (lambda: registry.verify(token[:-4] + "AAAA", "party-0", ("hospital",)), "bad_signature", 401),
+             (lambda: registry.verify("x.AA", "party-0", ("hospital",)), "malformed_token", 401)]
+    for call, reason, status in cases:
+        with pytest.raises(AuthError) as err:
+            call()
+        assert isinstance(err.value, Refusal)
+        assert (err.value.reason, err.value.status) == (reason, status)
+        assert err.value.detail and " " in err.value.detail  # the text for people
+        assert err.value.http_error == ("unauthorized" if status == 401 else "forbidden")
 
 
 def test_principal_ids_are_plain():

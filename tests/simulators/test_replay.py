@@ -142,6 +142,7 @@ def test_unreadable_npz_is_refused(tmp_path):
         load_npz(tmp_path / "obj.npz")
 
 
+@pytest.mark.integration
 def test_cli_exits_2_on_a_bad_npz(tmp_path):
     bad = _bad(tmp_path, fs=100.0, ecg=np.r_[np.zeros(499), np.inf])
     proc = run_iomt("simulate", "--hospital", "hB", "--broker", "mqtt://127.0.0.1:9", "--replay", str(bad),
@@ -166,6 +167,7 @@ def test_missing_pyphysio_names_the_install_command(monkeypatch, capsys):
     assert "pip install --no-deps pyphysio==4.10.0" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @needs_pyphysio
 def test_replay_reaches_the_edge_sample_for_sample(mosquitto, tmp_path, recording):
     data, report_path = tmp_path / "data", tmp_path / "report.json"

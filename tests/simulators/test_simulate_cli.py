@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
+
 from protocols.messages import ClinicalNote, EhrRecord, ImagingStudy, SignalFrame
 from protocols.schema import SIGNAL_STREAMS
 from iomt.mqtt_collector import Collector
 from iomt.supervisor import run_iomt
+
+pytestmark = pytest.mark.integration
 
 
 def test_simulate_publishes_every_modality_and_reports(mosquitto, tmp_path):

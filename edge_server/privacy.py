@@ -327,8 +327,3 @@ def read_ledger(data_dir: str | Path) -> dict | None:
         raise IomtError(f"privacy accountant state {path} is unreadable: {err}") from err
     return PrivacyAccountant(delta=delta, path=path).summary()
 
-
-def numpy_update(state: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """``state - reference`` as tensors (convenience for callers holding numpy states)."""
-    return {k: torch.from_numpy(np.asarray(state[k], np.float32) - np.asarray(reference[k], np.float32))
-            for k in reference}

@@ -132,7 +132,8 @@ def _edge(root: Path) -> dict:
     run_iomt("edge", "federate", "--write-model", str(root / "model.json"),
              "--data-dir", str(root / "bc" / hospitals[0]))
     model = CoordinatorModelFile.read(root / "model.json")
-    dummy = {n: np.zeros(s, np.float32) for n, s in model.param_spec()}
+    spec = model.param_spec()
+    dummy = {n: np.zeros(s, np.float32) for n, s in spec}
     cluster = LocalCloud.secagg(root, 2, hospitals, round_timeout=600.0, state=dummy,
                                 model=model.model_dump(include={"arch", "config", "init_seed"}))
     cluster.start()

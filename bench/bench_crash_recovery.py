@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edge_server.federated import FederatedClient, FederationError  # noqa: E402
+from edge_server.federation.client import FederatedClient, FederationError  # noqa: E402
 from protocols import fixedpoint  # noqa: E402
 from protocols.aggregation_messages import upload_from_wire  # noqa: E402
 from protocols.model_files import CoordinatorModelFile  # noqa: E402

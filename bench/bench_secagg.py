@@ -88,7 +88,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cloud_aggregator.accumulator import RoundAccumulator
-    from edge_server.federated import FederatedClient
+    from edge_server.federation.client import FederatedClient
     rows = []
     for parties in (2, 3):
         cfg = RoundConfig(round=1, version=1, deadline=0, parties=parties,

@@ -1,2 +1,5 @@
-"""One daemon per hospital: ingest from the hospital broker, validate, preprocess, store
-durably, train the multimodal model with differential privacy, run the global model."""
+"""One edge server per hospital, grouped by what it does: :mod:`.ingest` (broker to durable
+store), :mod:`.dataset` (patient records), :mod:`.training` (the multimodal model with
+patient-level DP-SGD and its privacy ledger), :mod:`.federation` (secret-shared rounds),
+:mod:`.inference` (ONNX Runtime and encrypted-query features) and :mod:`.web` (the
+clinician's page)."""

@@ -84,7 +84,7 @@ def _prepare_out(out: Path, force: bool) -> None:
 def _wait_ingested(edges: dict[str, Path], reports: dict[str, dict], sup: Supervisor,
                    timeout: float = 300.0) -> dict[str, dict]:
     """Block until each edge stored as many messages as its simulator published."""
-    from edge_server.sqlite_store import SqliteStore
+    from edge_server.ingest.sqlite_store import SqliteStore
 
     want = {h: sum(r["published"].values()) for h, r in reports.items()}
     deadline = time.monotonic() + timeout

@@ -66,7 +66,7 @@ def _dp_argv(args) -> list[str]:
 def _watch_rounds(sup: Supervisor, fed: dict, key_file: Path, coord_url: str, ca: Path, rounds: int,
                   say: Callable[[str], None]) -> None:
     """Print each round's state changes until every federated client has exited."""
-    from edge_server.federated import FederatedClient
+    from edge_server.federation.client import FederatedClient
     from protocols.auth import Signer
 
     client = FederatedClient(Signer.from_file(key_file), coord_url, ca=ca)

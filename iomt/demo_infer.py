@@ -23,7 +23,7 @@ def _json(name: str, stdout: str) -> dict:
 
 def _pick_patient(edge_dir: Path, seed: int) -> tuple[str, tuple[str, ...]]:
     """A held-out (test split) patient, preferring one with every modality."""
-    from edge_server.dataset import load_records
+    from edge_server.dataset.records import load_records
     from edge_server.training import split_records
 
     _, _, test = split_records(load_records(edge_dir), seed=seed)

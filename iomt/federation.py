@@ -6,7 +6,7 @@ optional DP) and the server combines the results with the cloud's own code, with
 processes and the network:
 
 - every hospital encodes ``n_k * theta_k`` in fixed point (:mod:`protocols.fixedpoint`, as
-  :class:`edge_server.federated.FederatedClient` does), splits it into additive shares with
+  :class:`edge_server.federation.client.FederatedClient` does), splits it into additive shares with
   :func:`protocols.sharing.share` and :func:`protocols.aggregation_messages.sharing_to_wire`;
 - each simulated party decodes its upload bodies and sums them in its own
   :class:`cloud_aggregator.accumulator.RoundAccumulator`; only the parties' totals together
@@ -24,7 +24,7 @@ experiments, is FedAvg with ``dp=True`` on the multimodal attention model):
 ``dp_mode="local"`` (default) clips each update to ``C`` and adds Gaussian noise
 ``sigma*C`` (paper eq. 3); ``"distributed"`` lets each of the K hospitals add only ``1/K`` of
 the noise variance, which the secure sum makes as private as one full draw
-(:mod:`edge_server.privacy`); ``"sgd"`` is patient-level DP-SGD at every hospital (the edge's
+(:mod:`edge_server.training.privacy`); ``"sgd"`` is patient-level DP-SGD at every hospital (the edge's
 default), its noise calibrated so that all ``rounds`` spend ``target_epsilon`` at ``delta``;
 each hospital keeps its own ledger and the run reports the largest ε among them.
 
@@ -218,14 +218,14 @@ def _accountant(spec: FederationSpec):
     """One accountant (the edge's, per-patient unit, RDP via dp-accounting) gives every
     hospital's epsilon: with local DP each releases its update with the same sigma; with
     distributed DP the round's guarantee is that of the least protected hospital."""
-    from edge_server.privacy import PrivacyAccountant
+    from edge_server.training.privacy import PrivacyAccountant
     return PrivacyAccountant(delta=spec.delta)
 
 
 def _step_accountant(accountant, spec: FederationSpec, weights: list[int]) -> float:
     sigma = spec.noise_multiplier
     if spec.dp_mode == "distributed":
-        from edge_server.privacy import distributed_noise_multiplier
+        from edge_server.training.privacy import distributed_noise_multiplier
         sigma = distributed_noise_multiplier(sigma, weights)
     return float(accountant.record_round(sigma, spec.clip_norm))
 

@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
 
 
 def _inputs_from_store(data_dir: Path, patient: str) -> dict[str, np.ndarray]:
-    from edge_server.dataset import load_records
-    from edge_server.query import fusion_query
+    from edge_server.dataset.records import load_records
+    from edge_server.inference.query import fusion_query
     from edge_server.training import load_saved_model
 
     try:

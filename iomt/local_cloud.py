@@ -248,7 +248,7 @@ class LocalCloud:
         return Signer.from_file(self.key_file(principal))
 
     def client(self, hospital: str):
-        from edge_server.federated import FederatedClient
+        from edge_server.federation.client import FederatedClient
 
         return FederatedClient(self.signer(hospital), self.coord_url, ca=self.tls["ca"] if self.tls else None)
 

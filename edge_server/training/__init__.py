@@ -15,14 +15,14 @@ Library API used by ``iomt edge train`` and by the federated rounds:
   it is already ``global + clip(Δ, C) + N(0, (σC)²)``.
 - :func:`evaluate` ``(model_cfg, state, records) -> dict``: accuracy, precision, recall,
   f1 (macro), roc_auc (macro one-vs-rest), majority_accuracy, n.
-- :class:`~edge_server.privacy.PrivacyAccountant`: ε at δ (RDP, dp-accounting) over every
+- :class:`~edge_server.training.privacy.PrivacyAccountant`: ε at δ (RDP, dp-accounting) over every
   step of every round, persisted under the data dir (``PrivacyAccountant.for_data_dir(d, ...)``);
-  ``check_budget(σ, q, steps, mechanism)`` raises :class:`~edge_server.privacy.PrivacyBudgetExceeded`.
+  ``check_budget(σ, q, steps, mechanism)`` raises :class:`~edge_server.training.privacy.PrivacyBudgetExceeded`.
 - :func:`~protocols.model.state_to_numpy` / :func:`~protocols.model.load_numpy_state`:
   float parameters and buffers only, stable names.
 - :func:`save_model` / :func:`load_saved_model`: a model directory (state, config, ONNX).
 """
-from edge_server.privacy import PrivacyAccountant, PrivacyBudgetExceeded
+from edge_server.training.privacy import PrivacyAccountant, PrivacyBudgetExceeded
 from edge_server.training.data import RecordTensors, records_to_tensors, split_records
 from edge_server.training.loop import (
     LocalResult,

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "inference in 12 rounds instead of 92, see README)")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal coefficient")
     parser.add_argument("--privacy-unit", choices=("patient", "hospital"), default="patient",
-                        help="--dp update: what neighbouring datasets differ in (see edge_server.privacy); "
+                        help="--dp update: what neighbouring datasets differ in (see edge_server.training.privacy); "
                              "DP-SGD is always patient level")
     add_dp_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="model directory (default: DATA_DIR/models)")
@@ -52,11 +52,11 @@ def _fmt(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_server.privacy import PrivacyAccountant, PrivacyBudgetExceeded
+    from edge_server.training.privacy import PrivacyAccountant, PrivacyBudgetExceeded
     from edge_server.training import (
         TrainConfig, TrainingError, evaluate, save_model, split_records, train_local)
-    from edge_server.byod import ByodError
-    from edge_server.text_embedding import TextEmbeddingUnavailable
+    from edge_server.dataset.byod import ByodError
+    from edge_server.dataset.text_embedding import TextEmbeddingUnavailable
     from edge_server.training.inputs import labelled_records, model_config_for, prepare_text
     from edge_server.training.store import MODELS_DIR
 

@@ -92,7 +92,7 @@ def records_to_tensors(records: list[PatientRecord], cfg: ModelConfig, need_labe
 
     For a ``text_encoder="minilm"`` model the notes' embeddings come from
     ``rec.extra["text_embedding"]`` when present (the edge's text hook, or
-    :func:`~edge_server.text_embedding.attach_note_embeddings` with an on-disk cache), and
+    :func:`~edge_server.dataset.text_embedding.attach_note_embeddings` with an on-disk cache), and
     are computed by the frozen encoder otherwise (once per note and process).
     """
     skipped: Counter = Counter()
@@ -140,7 +140,7 @@ def records_to_tensors(records: list[PatientRecord], cfg: ModelConfig, need_labe
 
 def _note_embeddings(records: list[PatientRecord]) -> np.ndarray:
     """``(N, MINILM_DIM)`` embeddings; zeros where there is no note (the text mask is 0 there)."""
-    from edge_server.text_embedding import embed_notes, precomputed
+    from edge_server.dataset.text_embedding import embed_notes, precomputed
 
     out = np.zeros((len(records), MINILM_DIM), np.float32)
     todo: list[int] = []

@@ -6,7 +6,7 @@ window per sampled patient (never several windows of one patient as separate exa
 computes each patient's gradient, clips it to L2 norm ``C``, sums, adds ``N(0, (σC)²)`` and
 divides by the expected batch size (Opacus' :class:`~opacus.optimizers.DPOptimizer`).
 One step is then a Poisson-subsampled Gaussian mechanism on add/remove-one-patient
-neighbours, and :class:`~edge_server.privacy.PrivacyAccountant` composes every step.
+neighbours, and :class:`~edge_server.training.privacy.PrivacyAccountant` composes every step.
 
 Per-patient gradients come from ``torch.func`` (``vmap`` of ``grad`` over the whole model,
 as Opacus' functorch grad sampler does per layer), so every module is covered exactly:
@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from edge_server.privacy import calibrate_noise
+from edge_server.training.privacy import calibrate_noise
 from edge_server.training.data import RecordTensors
 
 log = logging.getLogger(__name__)

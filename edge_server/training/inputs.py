@@ -22,10 +22,10 @@ def model_config_for(data_dir: str | Path | None, **fields) -> ModelConfig:
 
     Raises
     ------
-    edge_server.byod.ByodError
+    edge_server.dataset.byod.ByodError
         when ``data_dir`` is a BYOD folder whose ``dataset.json`` is invalid.
     """
-    from edge_server.byod import is_hospital_folder, model_overrides
+    from edge_server.dataset.byod import is_hospital_folder, model_overrides
     if data_dir is not None and is_hospital_folder(data_dir):
         fields = {**fields, **model_overrides(data_dir)}
     return ModelConfig(**fields)
@@ -36,10 +36,10 @@ def labelled_records(data_dir: str | Path) -> list[PatientRecord]:
 
     Raises
     ------
-    edge_server.byod.ByodError
+    edge_server.dataset.byod.ByodError
         naming the offending file and row of a BYOD folder.
     """
-    from edge_server.dataset import load_records
+    from edge_server.dataset.records import load_records
     records = load_records(data_dir)
     labelled = [r for r in records if r.label is not None]
     if len(labelled) < len(records):
@@ -54,10 +54,10 @@ def prepare_text(records: list[PatientRecord], model_cfg: ModelConfig, data_dir:
 
     Raises
     ------
-    edge_server.text_embedding.TextEmbeddingUnavailable
+    edge_server.dataset.text_embedding.TextEmbeddingUnavailable
         when the optional MiniLM package is not installed.
     """
     if model_cfg.text_encoder != "minilm":
         return
-    from edge_server.text_embedding import CACHE_DIR, attach_note_embeddings
+    from edge_server.dataset.text_embedding import CACHE_DIR, attach_note_embeddings
     attach_note_embeddings(records, cache_dir=Path(data_dir) / CACHE_DIR)

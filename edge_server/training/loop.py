@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from edge_server.privacy import PrivacyAccountant, privatize_update
+from edge_server.training.privacy import PrivacyAccountant, privatize_update
 from edge_server.training.data import RecordTensors, records_to_tensors
 from edge_server.training.metrics import classification_metrics
 from protocols.errors import IomtError
@@ -53,7 +53,7 @@ class TrainConfig(BaseModel):
     planned_rounds: int = Field(1, ge=1, description="sgd: rounds the calibration covers (the whole federation)")
     noise_fraction: float = Field(1.0, gt=0, le=1, description=(
         "share of the noise variance this hospital adds: 1 = local DP (paper eq. 3); 1/K = distributed DP "
-        "across the K hospitals of a securely aggregated round (edge_server.privacy)"))
+        "across the K hospitals of a securely aggregated round (edge_server.training.privacy)"))
     delta: float = Field(1e-5, gt=0, lt=1)
     epsilon_budget: float | None = Field(None, gt=0)
     dp_seed: int | None = Field(None, description="seed of the DP noise; None: OS entropy (production)")
@@ -174,7 +174,7 @@ def train_local(model_cfg: ModelConfig, global_state: dict[str, np.ndarray] | No
         initialisation, which is then the reference of the update.
     accountant:
         When given (and DP is on), the round is refused up front with
-        :class:`~edge_server.privacy.PrivacyBudgetExceeded` if it would exceed
+        :class:`~edge_server.training.privacy.PrivacyBudgetExceeded` if it would exceed
         ``accountant.epsilon_budget``, before any training, and is recorded once released.
 
     Returns

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_server.onnx_export import export_onnx
+from edge_server.inference.onnx_export import export_onnx
 from protocols.model import ModelConfig
 
 log = logging.getLogger(__name__)

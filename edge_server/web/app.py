@@ -137,7 +137,7 @@ def _pct(p: float) -> str:
 
 def create_app(settings: WebSettings, ask_cloud: AskCloud | None = None) -> FastAPI:
     """The clinician's page for the store in ``settings.data_dir``."""
-    from edge_server.onnx_predict import predict_patient
+    from edge_server.inference.onnx_predict import predict_patient
 
     accounts = Accounts(settings.data_dir)
     sessions = Sessions(settings.session_minutes * 60)

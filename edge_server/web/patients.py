@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_server.dataset import refresh_records
-from edge_server.preprocess import stream_from_frames
-from edge_server.sqlite_store import DB_NAME, SqliteStore
+from edge_server.dataset.records import refresh_records
+from edge_server.dataset.preprocess import stream_from_frames
+from edge_server.ingest.sqlite_store import DB_NAME, SqliteStore
 from protocols.frames import decode_frame
 from protocols.imaging import decode_study
 from protocols.schema import EHR_FEATURES, LOINC_TO_FEATURE, MODALITIES, SIGNAL_STREAMS

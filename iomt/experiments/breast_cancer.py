@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_server.byod import LABELS_FILE, ByodSchema, write_schema
+from edge_server.dataset.byod import LABELS_FILE, ByodSchema, write_schema
 
 log = logging.getLogger(__name__)
 

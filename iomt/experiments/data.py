@@ -52,7 +52,7 @@ def hospital_names(n: int) -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _simulated(n_hospitals: int, n_patients: int, duration_s: float, seed: int) -> dict[str, tuple[PatientRecord, ...]]:
-    from edge_server.preprocess import patient_record_from_raw
+    from edge_server.dataset.preprocess import patient_record_from_raw
     from simulators.cohort import generate_cohort
 
     out: dict[str, tuple[PatientRecord, ...]] = {}
@@ -73,7 +73,7 @@ def simulated_federation(n_hospitals: int, n_patients: int, duration_s: float, s
 
 def byod_federation(folder: Path | str, n_hospitals: int | None = None) -> Federation:
     """A bring-your-own-data folder of hospital folders (``docs/byod.md``)."""
-    from edge_server.byod import load_federation_folder
+    from edge_server.dataset.byod import load_federation_folder
     schema, hospitals = load_federation_folder(folder)
     if n_hospitals:
         hospitals = dict(list(hospitals.items())[:n_hospitals])

@@ -53,7 +53,7 @@ def table2(settings: Settings, methods: tuple[str, ...] = TABLE2_METHODS) -> dic
     """Centralized, FedAvg, FedProx, best unimodal federated and ours on held-out patients.
 
     ``ours`` adds the paper's local DP noise to every update; ``ours_distributed`` splits the
-    same noise among the hospitals under secure aggregation (same ε, see edge_server.privacy).
+    same noise among the hospitals under secure aggregation (same ε, see edge_server.training.privacy).
     ``baselines`` adds logistic regressions (:mod:`iomt.experiments.baselines`) on the same
     split: pooled and per hospital alone, on the standardised EHR, the notes' TF-IDF and both
     (those whose modalities the data has), as rows ``lr_pooled:FEATURES`` and

@@ -26,7 +26,7 @@ CFG = ModelConfig(dim=16, ehr_hidden=16, lstm_hidden=16, lstm_layers=1, text_lay
 def _hospital(h: str, key_file: str, coord_url: str, ca: str):
     """One hospital's whole federation, in its own process."""
     torch.set_num_threads(1)
-    from edge_server.federated import FederatedClient
+    from edge_server.federation.client import FederatedClient
     from protocols.auth import Signer
     data = make_records(45, seed=HOSPITALS[h], hospital=h, p_missing=0.3)
 

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from edge_server.federated import FederatedClient, FederationError
+from edge_server.federation.client import FederatedClient, FederationError
 from protocols.aggregation_messages import RoundConfig, upload_from_wire, upload_to_wire
 from protocols.auth import Signer, make_credentials
 from protocols.params import spec_hash, spec_of

@@ -8,7 +8,7 @@ import pytest
 
 from cloud_aggregator.settings import CoordinatorSettings, PartySettings, TriplesSettings
 from device_agent.settings import AgentSettings, BrokerSettings
-from edge_server.settings import EdgeSettings, FederateSettings
+from edge_server.ingest.settings import EdgeSettings, FederateSettings
 from edge_server.web.settings import WebSettings
 from protocols.config import load_settings
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_server.sqlite_store import SqliteStore
+from edge_server.ingest.sqlite_store import SqliteStore
 from iomt.supervisor import free_port, spawn_iomt
 
 

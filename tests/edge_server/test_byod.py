@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_server.byod import ByodError, load_federation_folder, load_hospital_folder, read_schema
+from edge_server.dataset.byod import ByodError, load_federation_folder, load_hospital_folder, read_schema
 from protocols.schema import CONDITIONS, EHR_DIM, EHR_FEATURES, IMAGE_SIZE, SIGNAL_CHANNELS, WINDOW_SAMPLES
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edge_server.byod import load_federation_folder
+from edge_server.dataset.byod import load_federation_folder
 from edge_server.training.data import split_records
 from iomt.experiments import baselines
 from protocols.model import ModelConfig

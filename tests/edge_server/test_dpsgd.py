@@ -10,7 +10,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
-from edge_server.privacy import (
+from edge_server.training.privacy import (
     ACCOUNTANT_FILE, PrivacyAccountant, PrivacyBudgetExceeded, calibrate_noise, dpsgd_epsilon)
 from edge_server.training import ModelConfig, TrainConfig, records_to_tensors, train_local
 from edge_server.training.dpsgd import DpSgdUnsupported, make_private_trainable, per_example_grads, plan
@@ -212,7 +212,7 @@ def test_a_dp_sgd_model_exports_to_onnx_and_answers_encrypted_like_any_other(tmp
     from cloud_aggregator.crypten_compat import load_crypten
     from cloud_aggregator.inference.client import prepare_inputs, unscale_outputs
     from cloud_aggregator.inference.publish import publish_shared_model, split_shares
-    from edge_server.onnx_export import export_onnx
+    from edge_server.inference.onnx_export import export_onnx
     from protocols.fixedpoint import decode, encode
     from protocols.model import INPUT_NAMES
     from protocols.sharing import reconstruct

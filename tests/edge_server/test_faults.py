@@ -87,13 +87,13 @@ def test_every_bad_input_is_rejected_with_reason_and_valid_neighbours_are_stored
         pub.close()
         assert stop(edge) == 0
     log = (tmp_path / "edge.log").read_text()
-    assert log.count("WARNING edge_server.ingest: rejected") == n_bad
+    assert log.count("WARNING edge_server.ingest.ingestor: rejected") == n_bad
     assert max(len(line) for line in log.splitlines()) < 1000  # payloads clipped, even the 4 MiB one
     assert "Traceback" not in log
 
 
 def _stored_seqs(data, stream="ecg") -> list[int]:
-    from edge_server.sqlite_store import SqliteStore
+    from edge_server.ingest.sqlite_store import SqliteStore
     with SqliteStore(data) as store:
         return [f.seq for f in store.frames("p1") if f.stream == stream]
 
@@ -185,8 +185,8 @@ def test_a_loop_failure_outside_the_store_exits_5_and_is_not_called_a_store_fail
     """
     import logging
 
-    from edge_server.daemon import EXIT_INTERNAL, EdgeDaemon
-    from edge_server.settings import EdgeSettings
+    from edge_server.ingest.daemon import EXIT_INTERNAL, EdgeDaemon
+    from edge_server.ingest.settings import EdgeSettings
 
     daemon = EdgeDaemon(EdgeSettings(hospital="h1", broker=mosquitto.url, data_dir=tmp_path / "data",
                                      preprocess_interval_s=0))
@@ -201,7 +201,7 @@ def test_a_loop_failure_outside_the_store_exits_5_and_is_not_called_a_store_fail
         return client
 
     daemon._make_client = failing_client
-    with caplog.at_level(logging.ERROR, logger="edge_server.daemon"):
+    with caplog.at_level(logging.ERROR, logger="edge_server.ingest.daemon"):
         assert daemon.run() == EXIT_INTERNAL == 5
     assert "paho bookkeeping broke" in caplog.text and "store failed" not in caplog.text
 

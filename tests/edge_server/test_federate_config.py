@@ -1,7 +1,7 @@
 """`iomt edge federate --config`: the file fills what no flag or IOMT_FEDERATE_* gives."""
 from __future__ import annotations
 
-from edge_server.federated import _settle
+from edge_server.federation.client import _settle
 from iomt.cli import _build_parser
 
 

@@ -5,8 +5,8 @@ import logging
 
 import pytest
 
-from edge_server.ingest import REJECTED_HEAD, Ingestor
-from edge_server.store import Batch
+from edge_server.ingest.ingestor import REJECTED_HEAD, Ingestor
+from edge_server.ingest.store import Batch
 from simulators import payloads as b
 
 
@@ -45,7 +45,7 @@ def test_documents_get_their_natural_ids():
 def test_unknown_device_and_known_devices_from_store(caplog):
     ing, batch = Ingestor("h1"), Batch()
 
-    with caplog.at_level(logging.WARNING, logger="edge_server.ingest"):
+    with caplog.at_level(logging.WARNING, logger="edge_server.ingest.ingestor"):
         out = _handle(ing, batch, b.frame("w-2", "ecg", 0))
 
     assert not out.accepted and out.reason == "unknown_device"
@@ -78,7 +78,7 @@ def test_every_bad_payload_is_a_rejection_with_its_reason(caplog):
         "topic_mismatch": (b.topic("w-1", "ppg"), good),
     }
 
-    with caplog.at_level(logging.WARNING, logger="edge_server.ingest"):
+    with caplog.at_level(logging.WARNING, logger="edge_server.ingest.ingestor"):
         reasons = {name: _handle(ing, batch, msg).reason for name, msg in bad.items()}
 
     assert reasons == {name: name for name in bad}
@@ -90,7 +90,7 @@ def test_every_bad_payload_is_a_rejection_with_its_reason(caplog):
 
 @pytest.mark.integration
 def test_daemon_refuses_bad_config_with_exit_code_2(tmp_path):
-    from edge_server.sqlite_store import SqliteStore
+    from edge_server.ingest.sqlite_store import SqliteStore
     from iomt.supervisor import run_iomt
 
     with SqliteStore(tmp_path / "other") as store:
@@ -109,7 +109,7 @@ def test_frame_on_a_stream_its_device_did_not_register_is_rejected(caplog):
     ing, batch = Ingestor("h1"), Batch()
     _handle(ing, batch, b.registration("w-1", "p1", streams={"ecg": 250.0}))
 
-    with caplog.at_level(logging.WARNING, logger="edge_server.ingest"):
+    with caplog.at_level(logging.WARNING, logger="edge_server.ingest.ingestor"):
         ppg = _handle(ing, batch, b.frame("w-1", "ppg", 0))
     ecg = _handle(ing, batch, b.frame("w-1", "ecg", 0))
 

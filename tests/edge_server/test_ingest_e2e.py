@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from edge_server.dataset import load_records
-from edge_server.preprocess import patient_record_from_raw
-from edge_server.sqlite_store import SqliteStore
+from edge_server.dataset.records import load_records
+from edge_server.dataset.preprocess import patient_record_from_raw
+from edge_server.ingest.sqlite_store import SqliteStore
 from protocols.schema import CONDITIONS, WINDOW_SAMPLES, SIGNAL_CHANNELS
 from tests.edge_server.harness import metrics_text, spawn_edge, wait_status
 from iomt.supervisor import run_iomt, stop

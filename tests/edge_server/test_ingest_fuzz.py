@@ -27,10 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
-from edge_server.daemon import EdgeDaemon
-from edge_server.settings import EdgeSettings
-from edge_server.sqlite_store import SqliteStore
-from edge_server.store import Batch, FrameRow
+from edge_server.ingest.daemon import EdgeDaemon
+from edge_server.ingest.settings import EdgeSettings
+from edge_server.ingest.sqlite_store import SqliteStore
+from edge_server.ingest.store import Batch, FrameRow
 from protocols.fhir import build_bundle
 from protocols.frames import DTYPES, pack_raw
 from protocols.messages import Presence, from_wire, to_wire
@@ -194,7 +194,7 @@ def test_every_delivery_becomes_one_row_or_one_reasoned_rejection(tmp_path, item
 def test_a_row_the_store_refuses_is_rejected_and_its_batch_committed(tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.WARNING, logger="edge_server.sqlite_store")
+    caplog.set_level(logging.WARNING, logger="edge_server.ingest.sqlite_store")
     """Past validation (here: rows put in the batch directly), the store still isolates the culprit."""
     daemon = _daemon(tmp_path)
     for mid, (topic, payload) in enumerate([*REGISTRATIONS, b.frame("w-1", "ecg", 0)], 1):

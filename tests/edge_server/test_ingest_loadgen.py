@@ -14,8 +14,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.mqtt_loadgen import frame_plan, publish
-from edge_server.ingest import Ingestor
-from edge_server.store import Batch
+from edge_server.ingest.ingestor import Ingestor
+from edge_server.ingest.store import Batch
 from protocols.schema import SIGNAL_STREAMS
 from simulators import payloads as b
 

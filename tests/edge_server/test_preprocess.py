@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_server import preprocess as pp
-from edge_server.dataset import build_record, load_records, record_from_bytes, record_to_bytes
-from edge_server.ingest import Ingestor
-from edge_server.sqlite_store import SqliteStore
-from edge_server.store import Batch
+from edge_server.dataset import preprocess as pp
+from edge_server.dataset.records import build_record, load_records, record_from_bytes, record_to_bytes
+from edge_server.ingest.ingestor import Ingestor
+from edge_server.ingest.sqlite_store import SqliteStore
+from edge_server.ingest.store import Batch
 from protocols.fhir import build_bundle
 from protocols.schema import (CONDITIONS, EHR_DIM, IMAGE_SIZE, MODEL_SIGNAL_HZ, SIGNAL_CHANNELS, WINDOW_SAMPLES,
                               standardise_ehr)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_server.privacy import (
+from edge_server.training.privacy import (
     ACCOUNTANT_FILE, PrivacyAccountant, PrivacyBudgetExceeded, distributed_noise_multiplier, flatten,
     privatize_update)
 from edge_server.training import ModelConfig, TrainConfig, TrainingError, initial_state, train_local

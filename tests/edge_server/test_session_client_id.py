@@ -2,9 +2,9 @@
 facts; a store from before keeps the id its broker session is under."""
 from __future__ import annotations
 
-from edge_server.daemon import CLIENT_ID_META, EdgeDaemon
-from edge_server.settings import load_settings
-from edge_server.sqlite_store import SqliteStore
+from edge_server.ingest.daemon import CLIENT_ID_META, EdgeDaemon
+from edge_server.ingest.settings import load_settings
+from edge_server.ingest.sqlite_store import SqliteStore
 
 
 def _client_id(data_dir, **kw) -> str:

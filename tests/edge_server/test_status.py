@@ -7,11 +7,11 @@ import urllib.request
 
 import pytest
 
-from edge_server.ingest import Ingestor
-from edge_server.metrics import EdgeMetrics, MetricsServer, create_app
-from edge_server.sqlite_store import SqliteStore
-from edge_server.status import render
-from edge_server.store import Batch
+from edge_server.ingest.ingestor import Ingestor
+from edge_server.ingest.metrics import EdgeMetrics, MetricsServer, create_app
+from edge_server.ingest.sqlite_store import SqliteStore
+from edge_server.ingest.status import render
+from edge_server.ingest.store import Batch
 from simulators import payloads as b
 from iomt.supervisor import run_iomt
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_server.sqlite_store import SqliteStore
-from edge_server.store import Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
+from edge_server.ingest.sqlite_store import SqliteStore
+from edge_server.ingest.store import Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
 
 
 def _frame(device="w-1", stream="ecg", seq=0, patient="p1", t=100.0):

@@ -13,10 +13,10 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from edge_server.influx import MEASUREMENT, InfluxSink
-from edge_server.ingest import Ingestor
-from edge_server.settings import InfluxSettings
-from edge_server.store import Batch
+from edge_server.ingest.influx import MEASUREMENT, InfluxSink
+from edge_server.ingest.ingestor import Ingestor
+from edge_server.ingest.settings import InfluxSettings
+from edge_server.ingest.store import Batch
 from simulators import payloads as b
 
 

@@ -121,7 +121,7 @@ def test_saved_model_round_trips(tmp_path):
 def test_training_on_the_simulated_cohort_beats_the_majority_class_on_held_out_patients():
     # Prepare: the simulator's patients, preprocessed exactly as the edge does (the label comes
     # from the FHIR Condition in the EHR bundle, so patients without EHR are unlabelled).
-    from edge_server.preprocess import patient_record_from_raw
+    from edge_server.dataset.preprocess import patient_record_from_raw
     from simulators.cohort import generate_cohort
 
     cohort = generate_cohort("h1", 120, seed=0, duration_s=10.0)

@@ -39,7 +39,7 @@ def test_main_honours_the_argv_it_is_given(tmp_path, capsys, monkeypatch):
     """Called in-process, `main` must parse its own argv, not the test runner's sys.argv."""
     import json
 
-    from edge_server.sqlite_store import SqliteStore
+    from edge_server.ingest.sqlite_store import SqliteStore
     from iomt.cli import main
 
     SqliteStore(tmp_path).close()

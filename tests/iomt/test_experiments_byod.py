@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_server.byod import load_federation_folder
+from edge_server.dataset.byod import load_federation_folder
 from iomt.experiments import run_experiment
 from iomt.experiments.breast_cancer import column_name, dirichlet_split, export
 from iomt.experiments.settings import Settings

@@ -10,8 +10,8 @@ from protocols.errors import IomtError, Refusal
 REFUSALS = ["protocols.auth:AuthError", "cloud_aggregator.inference.errors:InferenceError",
             "edge_server.web.app:CloudError", "cloud_aggregator.party:RoundRefused",
             "cloud_aggregator.store:UploadRefused", "protocols.errors:ShareError"]
-OTHER_ERRORS = ["edge_server.query:QueryError", "edge_server.daemon:StoreFailed",
-                "edge_server.text_embedding:TextEmbeddingUnavailable", "simulators.replay:ReplayError",
+OTHER_ERRORS = ["edge_server.inference.query:QueryError", "edge_server.ingest.daemon:StoreFailed",
+                "edge_server.dataset.text_embedding:TextEmbeddingUnavailable", "simulators.replay:ReplayError",
                 "iomt.supervisor:ChildFailed", "cloud_aggregator.crypten_compat:CryptenCompatError"]
 
 
@@ -36,4 +36,4 @@ def test_other_errors_are_iomt_errors(where):
 
 def test_query_error_is_still_a_value_error():
     """iomt infer and the edge web app catch ValueError around building a query."""
-    assert issubclass(_load("edge_server.query:QueryError"), ValueError)
+    assert issubclass(_load("edge_server.inference.query:QueryError"), ValueError)

@@ -39,7 +39,7 @@ def test_meta_refuses_what_no_party_writes(bad):
 
 
 def test_coordinator_model_file_round_trips_what_the_edge_writes(tmp_path):
-    from edge_server.federated import write_model_file
+    from edge_server.federation.client import write_model_file
 
     state = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
     path = tmp_path / "model.json"

@@ -191,7 +191,7 @@ def test_replay_reaches_the_edge_sample_for_sample(mosquitto, tmp_path, recordin
     # wearables only: no idle imaging/EHR/notes agents registered for a cohort without those
     assert {info["class"] for info in status["devices"].values()} == {"wearable"}
 
-    from edge_server.sqlite_store import SqliteStore
+    from edge_server.ingest.sqlite_store import SqliteStore
 
     full = resample_recording(recording, stream_rates(hospital_profile("hR")))
     rate = full["ecg"][0]

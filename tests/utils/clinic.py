@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_server.sqlite_store import SqliteStore
-from edge_server.store import Batch, DocumentRow, FrameRow
+from edge_server.ingest.sqlite_store import SqliteStore
+from edge_server.ingest.store import Batch, DocumentRow, FrameRow
 from protocols.fhir import build_bundle
 from protocols.messages import ClinicalNote, ImagingStudy, SignalFrame, to_wire
 from protocols.schema import CONDITIONS, SIGNAL_STREAMS

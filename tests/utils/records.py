@@ -16,8 +16,8 @@ def write_store(data_dir, n: int, seed: int = 0, hospital: str = "h0") -> list[s
     import json
     import time
 
-    from edge_server.sqlite_store import SqliteStore
-    from edge_server.store import Batch, DocumentRow
+    from edge_server.ingest.sqlite_store import SqliteStore
+    from edge_server.ingest.store import Batch, DocumentRow
     from protocols.fhir import build_bundle
     from protocols.messages import ClinicalNote
 

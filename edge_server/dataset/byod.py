@@ -326,7 +326,7 @@ def load_hospital_folder(path: Path | str, schema: ByodSchema | None = None,
                          hospital: str | None = None) -> list[PatientRecord]:
     """Validate and load one hospital folder into preprocessed :class:`PatientRecord` s.
 
-    Images and signals go through :func:`edge_server.preprocess.patient_record_from_raw`
+    Images and signals go through :func:`edge_server.dataset.preprocess.patient_record_from_raw`
     (the same filtering, resampling, windowing and normalisation as ingested data); the EHR
     is standardised with the schema's reference ranges (and ``schema.ehr_extra``).
 
@@ -346,7 +346,7 @@ def load_hospital_folder(path: Path | str, schema: ByodSchema | None = None,
     signals = _per_patient_files(folder, "signals", (".npz",), labels)
     notes = _per_patient_files(folder, "notes", (".txt",), labels)
 
-    from edge_server.preprocess import patient_record_from_raw  # torch-free, but heavy-ish scipy
+    from edge_server.dataset.preprocess import patient_record_from_raw  # torch-free, but heavy-ish scipy
 
     records = []
     for pid, label in labels.items():

@@ -436,7 +436,7 @@ def _keep_global(client: FederatedClient, latest: int, default_cfg, val, data_di
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from edge_server.settings import FederateSettings
+    from edge_server.ingest.settings import FederateSettings
     from edge_server.training.dp_options import add_dp_arguments
     from protocols.config import add_config_argument
     add_config_argument(parser, FederateSettings)
@@ -467,7 +467,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _settle(args: argparse.Namespace) -> None:
     """Fill ``args`` from FederateSettings (flag > IOMT_FEDERATE_* > --config > default)."""
-    from edge_server.settings import FederateSettings
+    from edge_server.ingest.settings import FederateSettings
     from protocols.config import load_settings
 
     fields = {name: getattr(args, "model_config" if name == "model_config_file" else name, None)
@@ -478,11 +478,11 @@ def _settle(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_server.byod import ByodError
-    from edge_server.text_embedding import TextEmbeddingUnavailable
+    from edge_server.dataset.byod import ByodError
+    from edge_server.dataset.text_embedding import TextEmbeddingUnavailable
     from edge_server.training import (ModelConfig, PrivacyAccountant, TrainConfig, initial_state,
                                       split_records, train_local)
-    from edge_server.privacy import PrivacyBudgetExceeded
+    from edge_server.training.privacy import PrivacyBudgetExceeded
     from edge_server.training.dp_options import DpOptionError, dp_fields
     from edge_server.training.inputs import labelled_records, model_config_for, prepare_text
     try:

@@ -4,7 +4,7 @@ One graph serves every subset of modalities: all five inputs are always fed (zer
 modality is missing) and the modality mask decides which features the fusion attends to.
 The input names never change: for a ``text_encoder="minilm"`` model, ``tokens`` is the
 ``(batch, 384)`` float32 MiniLM note embedding instead of int64 token ids (the frozen
-encoder runs before the graph, once per note; see :mod:`edge_server.text_embedding`).
+encoder runs before the graph, once per note; see :mod:`edge_server.dataset.text_embedding`).
 The model's :class:`~protocols.model.ModelConfig` travels in the file's metadata, so a
 reader can rebuild the tokenizer and name the classes without another file.
 """

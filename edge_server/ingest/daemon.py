@@ -39,12 +39,12 @@ from protocols.config import add_config_argument
 from protocols.errors import ConfigError, IomtError
 from protocols.topics import subscription
 
-from edge_server.background import BackgroundPreprocessor
-from edge_server.ingest import Ingestor
-from edge_server.metrics import EdgeMetrics, MetricsServer, create_app
-from edge_server.settings import EdgeSettings, load_settings
-from edge_server.sqlite_store import SqliteStore
-from edge_server.store import Batch, Store
+from edge_server.ingest.background import BackgroundPreprocessor
+from edge_server.ingest.ingestor import Ingestor
+from edge_server.ingest.metrics import EdgeMetrics, MetricsServer, create_app
+from edge_server.ingest.settings import EdgeSettings, load_settings
+from edge_server.ingest.sqlite_store import SqliteStore
+from edge_server.ingest.store import Batch, Store
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class EdgeDaemon:
             server = MetricsServer(create_app(self.metrics, self.health), s.metrics_host, s.metrics_port).start()
             log.info("metrics on http://%s:%d/metrics", s.metrics_host, server.port)
         if s.influx.enabled:
-            from edge_server.influx import InfluxSink
+            from edge_server.ingest.influx import InfluxSink
             self._sink = InfluxSink(s.influx, s.hospital)
         if s.preprocess_interval_s > 0:
             preprocessor = BackgroundPreprocessor(s)

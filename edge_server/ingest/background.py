@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from edge_server.settings import EdgeSettings
-from edge_server.sqlite_store import SqliteStore
+from edge_server.ingest.settings import EdgeSettings
+from edge_server.ingest.sqlite_store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ class BackgroundPreprocessor:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        from edge_server.dataset import refresh_records
-        from edge_server.preprocess import load_text_embedder
+        from edge_server.dataset.records import refresh_records
+        from edge_server.dataset.preprocess import load_text_embedder
 
         s = self.settings
         embedder = load_text_embedder(s.text_embedder)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from protocols.ranges import printable
 
-from edge_server.store import (
+from edge_server.ingest.store import (
     DOCUMENT_MODALITY,
     Batch,
     CommitResult,

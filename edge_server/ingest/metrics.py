@@ -15,7 +15,7 @@ from socketserver import ThreadingMixIn
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from edge_server.store import Batch, CommitResult
+from edge_server.ingest.store import Batch, CommitResult
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ class EdgeSettings(BaseSettings):
         """The client id edges used before it was kept in the store (still used by those stores).
 
         It is derived from the hospital and the resolved data directory, public facts: new
-        stores get a random one (:func:`edge_server.daemon.session_client_id`).
+        stores get a random one (:func:`edge_server.ingest.daemon.session_client_id`).
         """
         if self.client_id:
             return self.client_id

@@ -26,7 +26,7 @@ class OnnxPredictor:
     def __init__(self, path: str | Path) -> None:
         import onnxruntime as ort
 
-        from edge_server.onnx_export import read_metadata
+        from edge_server.inference.onnx_export import read_metadata
 
         self.path = Path(path)
         self.model_cfg, self.classes = read_metadata(self.path)
@@ -97,7 +97,7 @@ def predict_patient(data_dir: Path, patient: str, model: Path | None = None) -> 
                              "or a federated round first, or pass --model")
     if not data_dir.is_dir():
         raise NotPredictable(f"data directory {data_dir} does not exist")
-    from edge_server.dataset import load_records
+    from edge_server.dataset.records import load_records
 
     records = [r for r in load_records(data_dir) if r.patient_id == patient]
     if not records:
@@ -107,7 +107,7 @@ def predict_patient(data_dir: Path, patient: str, model: Path | None = None) -> 
     except (ValueError, OSError) as err:
         raise NotPredictable(f"cannot load model {model}: {err}") from err
     if predictor.model_cfg.text_encoder == "minilm":
-        from edge_server.text_embedding import CACHE_DIR, TextEmbeddingUnavailable, attach_note_embeddings
+        from edge_server.dataset.text_embedding import CACHE_DIR, TextEmbeddingUnavailable, attach_note_embeddings
         try:
             attach_note_embeddings(records[:1], cache_dir=data_dir / CACHE_DIR)
         except TextEmbeddingUnavailable as err:

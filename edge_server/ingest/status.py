@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from edge_server.privacy import read_ledger
-from edge_server.sqlite_store import SqliteStore
+from edge_server.training.privacy import read_ledger
+from edge_server.ingest.sqlite_store import SqliteStore
 from protocols.errors import IomtError
 
 
@@ -27,7 +27,7 @@ def _ago(ts: float, now: float) -> str:
 
 
 def render_privacy(privacy: dict | None) -> str:
-    """One line on the privacy ledger's summary (:func:`edge_server.privacy.read_ledger`)."""
+    """One line on the privacy ledger's summary (:func:`edge_server.training.privacy.read_ledger`)."""
     if privacy is None:
         return "privacy: nothing trained yet (no ledger)"
     eps = "inf (a round without noise)" if privacy["epsilon"] is None else f"{privacy['epsilon']:.3g}"

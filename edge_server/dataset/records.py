@@ -20,9 +20,9 @@ from protocols.imaging import decode_study
 from protocols.messages import ClinicalNote
 from protocols.schema import PatientRecord
 
-from edge_server.preprocess import TextEmbedder, patient_record_from_raw, stream_from_frames
-from edge_server.sqlite_store import DB_NAME, SqliteStore
-from edge_server.store import Store
+from edge_server.dataset.preprocess import TextEmbedder, patient_record_from_raw, stream_from_frames
+from edge_server.ingest.sqlite_store import DB_NAME, SqliteStore
+from edge_server.ingest.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,10 @@ def load_records(data_dir: Path | str, text_embedder: TextEmbedder | None = None
     no EHR record carried one). Safe to call while ``iomt edge run`` writes the same store.
     A directory without a store has no records (and is left untouched), unless it is a
     bring-your-own-data hospital folder (``labels.csv``, see docs/byod.md), which is loaded
-    and validated with :func:`edge_server.byod.load_hospital_folder`.
+    and validated with :func:`edge_server.dataset.byod.load_hospital_folder`.
     """
     if not (Path(data_dir) / DB_NAME).exists():
-        from edge_server.byod import is_hospital_folder, load_hospital_folder
+        from edge_server.dataset.byod import is_hospital_folder, load_hospital_folder
         if is_hospital_folder(data_dir):  # bring-your-own-data folder (docs/byod.md)
             return sorted(load_hospital_folder(data_dir), key=lambda r: r.patient_id)
         log.warning("no edge store in %s (has `iomt edge run --data-dir %s` run?): no records", data_dir, data_dir)

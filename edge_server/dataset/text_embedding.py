@@ -11,7 +11,7 @@ federated.
 Each embedding is computed once: a process-wide memo and, when a cache directory is given,
 one ``.npy`` file per note (keyed by a SHA-256 of the encoder's name and the text) make
 repeated rounds and restarts reuse it. :func:`embed_note` is also the edge daemon's text
-hook (``iomt edge run --text-embedder edge_server.text_embedding:embed_note``), which
+hook (``iomt edge run --text-embedder edge_server.dataset.text_embedding:embed_note``), which
 stores the embedding in ``PatientRecord.extra["text_embedding"]``.
 """
 from __future__ import annotations

@@ -15,8 +15,8 @@ from influxdb_client.client.write_api import WriteOptions
 
 from protocols.frames import decode_frame
 
-from edge_server.settings import InfluxSettings
-from edge_server.store import FrameRow
+from edge_server.ingest.settings import InfluxSettings
+from edge_server.ingest.store import FrameRow
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ No MQTT here, so the rules are tested directly and the daemon stays a thin loop.
 sender is checked before the payload is parsed: a data message (frame, study, record, note)
 from a device that has not registered (or a frame on a stream its device did not register)
 is rejected from its topic alone, so nobody unknown can make the edge inflate a DICOM or parse a Bundle. Every
-failure becomes a :class:`~edge_server.store.RejectionRow` with the
+failure becomes a :class:`~edge_server.ingest.store.RejectionRow` with the
 :class:`~protocols.errors.ProtocolError` reason (or ``unknown_device``, ``unregistered_stream``
 (a signal frame on a stream its device did not register), ``wrong_hospital``,
 ``internal_error``) and a WARNING log line with the payload clipped.
@@ -31,7 +31,7 @@ from protocols.ranges import printable
 from protocols.schema import SIGNAL_STREAMS
 from protocols.topics import CONTROL_STREAMS, Topic
 
-from edge_server.store import REJECTED_HEAD, Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
+from edge_server.ingest.store import REJECTED_HEAD, Batch, DeviceRow, DocumentRow, FrameRow, PresenceRow, RejectionRow
 
 log = logging.getLogger(__name__)
 

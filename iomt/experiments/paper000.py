@@ -242,27 +242,40 @@ def fig4(settings: Settings, noise: tuple[float, ...] | None = None, dp: str = "
                             | _metrics(_evaluate(cfg, res.state, s.pooled("test"))))
 
     def plot(summary):
-        plt = report.pyplot()
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
         labels = {"local": "ours, local DP (paper eq. 3)", "distributed": "ours, distributed DP under SMPC"}
-        for mode, marker in zip(DP_MODES, "os"):
-            finite = [r for r in summary if r["dp"] == mode and math.isfinite(r["epsilon_mean"])]
-            ax.errorbar([r["epsilon_mean"] for r in finite], [100 * r["accuracy_mean"] for r in finite],
-                        yerr=[100 * r["accuracy_std"] for r in finite], marker=marker, capsize=3, label=labels[mode])
-        for r in summary:
-            if not math.isfinite(r["epsilon_mean"]):
-                ax.axhline(100 * r["accuracy_mean"], ls="--", color="grey", label="no DP noise (eps = inf)")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"epsilon after {settings.rounds} rounds (delta = 1e-5)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Fig. 4: privacy-utility trade-off")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(settings.out / "fig4.png", dpi=110)
-        plt.close(fig)
+        series = [(labels[mode], marker, "epsilon_mean",
+                   [r for r in summary if r["dp"] == mode and math.isfinite(r["epsilon_mean"])])
+                  for mode, marker in zip(DP_MODES, "os")]
+        _fig4_plot(settings, summary, "epsilon_mean", series, "no DP noise (eps = inf)",
+                   f"epsilon after {settings.rounds} rounds (delta = 1e-5)", "Fig. 4: privacy-utility trade-off")
 
     return report.finish(settings, "fig4", runs, keys=("dp", "noise_multiplier"), values=(*METRICS, "epsilon"),
                    run_columns=("seed", "fold", "dp", "noise_multiplier", "epsilon", *METRICS, "n"), plot=plot)
+
+
+def _fig4_plot(settings: Settings, summary: list[dict], eps_key: str, series, baseline_label: str,
+               xlabel: str, title: str, ticks: list[float] | None = None) -> None:
+    """Accuracy against epsilon: ``series`` of (label, marker, x key, rows) with error bars, and
+    the run without noise (``eps_key`` infinite) as a horizontal line; written to fig4.png."""
+    plt = report.pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, marker, x_key, rows in series:
+        ax.errorbar([r[x_key] for r in rows], [100 * r["accuracy_mean"] for r in rows],
+                    yerr=[100 * r["accuracy_std"] for r in rows], marker=marker, capsize=3, label=label)
+    for r in summary:
+        if not math.isfinite(r[eps_key]):
+            ax.axhline(100 * r["accuracy_mean"], ls="--", color="grey", label=baseline_label)
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(settings.out / "fig4.png", dpi=110)
+    plt.close(fig)
 
 
 def _fig4_dpsgd(settings: Settings, epsilons: tuple[float, ...]) -> dict:
@@ -273,26 +286,10 @@ def _fig4_dpsgd(settings: Settings, epsilons: tuple[float, ...]) -> dict:
             runs.append({"seed": seed, "fold": fold, "dp": "sgd", "target_epsilon": eps} | row)
 
     def plot(summary):
-        plt = report.pyplot()
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
         finite = [r for r in summary if math.isfinite(r["target_epsilon"])]
-        ax.errorbar([r["target_epsilon"] for r in finite], [100 * r["accuracy_mean"] for r in finite],
-                    yerr=[100 * r["accuracy_std"] for r in finite], marker="o", capsize=3,
-                    label="ours, patient-level DP-SGD")
-        for r in summary:
-            if not math.isfinite(r["target_epsilon"]):
-                ax.axhline(100 * r["accuracy_mean"], ls="--", color="grey", label="no DP (eps = inf)")
-        ax.set_xscale("log")
-        ticks = [r["target_epsilon"] for r in finite]
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel(f"patient-level epsilon over {settings.rounds} rounds (delta = 1e-5)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Fig. 4: privacy-utility trade-off (DP-SGD)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(settings.out / "fig4.png", dpi=110)
-        plt.close(fig)
+        _fig4_plot(settings, summary, "target_epsilon", [("ours, patient-level DP-SGD", "o", "target_epsilon", finite)],
+                   "no DP (eps = inf)", f"patient-level epsilon over {settings.rounds} rounds (delta = 1e-5)",
+                   "Fig. 4: privacy-utility trade-off (DP-SGD)", ticks=[r["target_epsilon"] for r in finite])
 
     return report.finish(settings, "fig4", runs, keys=("dp", "target_epsilon"), values=(*METRICS, "epsilon"),
                          run_columns=("seed", "fold", "dp", "target_epsilon", "epsilon", "lr", "clip_norm",

@@ -104,3 +104,34 @@ def test_services_log_each_round_step_and_request_at_info_without_verbose(cloud)
     assert "party 0 sends its share of global model v1 to h1" in party0
     assert "round 1 opened" in coord and "round 1 closing" in coord and "round 1 done" in coord
     assert "metrics on http://127.0.0.1:" in party0 and "metrics on http://127.0.0.1:" in coord
+
+
+def test_mpc_group_state_and_inference_latency_are_exported(tmp_path):
+    import json
+
+    import torch
+
+    from cloud_aggregator.inference.client import predict
+    from cloud_aggregator.inference.publish import publish_shared_model
+    from protocols.model import ModelConfig, build_model, state_to_numpy
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=16)).eval()
+    c = LocalCloud(tmp_path, 2, ["hospital-a"], mpc=True, metrics=True)
+    publish_shared_model(c.party_dirs, [state_to_numpy(model)], [1], "multimodal", json.loads(model.cfg.to_json()))
+    try:
+        c.start()
+        feats = np.random.default_rng(0).normal(size=(2, 4, 16)).astype(np.float32)
+        predict(c.party_urls, c.signer(), {"features": feats, "mask": np.ones((2, 4), dtype=np.float32)})
+        parties = [_samples(c.scrape(p)) for p in c.party_metrics_ports]
+        logs = [c.log(f"party-{i}") for i in range(2)]
+    finally:
+        c.stop()
+
+    for samples in parties:
+        assert _value(samples, "iomt_party_mpc_configured") == 1 and _value(samples, "iomt_party_mpc_ready") == 1
+        assert _value(samples, "iomt_party_inference_requests_total") == 1
+        assert _value(samples, "iomt_party_inference_seconds_count") == 1
+        assert _value(samples, "iomt_party_inference_seconds_sum") > 0
+    assert all("MPC worker joined the group of 2 parties" in log for log in logs)
+    assert all("answered inference" in log for log in logs)

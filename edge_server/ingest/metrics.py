@@ -75,7 +75,7 @@ class FederationCollector:
                     fam["budget"].add_metric(h, float(ledger["epsilon_budget"]))
             except (OSError, ValueError, KeyError, TypeError) as err:
                 ok = 0.0
-                fam = {**self._families()}  # nothing half-read
+                fam = self._families()  # nothing half-read
                 log.warning("privacy ledger %s is unreadable: %s", path, err)
         fam["ok"].add_metric(h, ok)
         rounds = [int(p.name[1:7]) for p in (self.data_dir / FEDERATION_DIR).glob("r[0-9]*")

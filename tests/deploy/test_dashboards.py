@@ -5,6 +5,7 @@ the deploy/config examples."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,7 +30,6 @@ SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count"
 
 @pytest.fixture(autouse=True)
 def _no_iomt_env(monkeypatch):
-    import os
     for name in os.environ:
         if name.startswith("IOMT_"):
             monkeypatch.delenv(name)

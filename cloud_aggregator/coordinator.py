@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from fastapi import Path as PathParam
 from fastapi import Request
 
+from cloud_aggregator.metrics import CoordinatorMetrics, serve_metrics
 from cloud_aggregator.serve import listen_flags, serve
 from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
@@ -69,7 +70,14 @@ class Coordinator:
         self.expected: dict[int, list[str]] = {}
         # what each hospital reports of its own privacy ledger, per round (shown in round status)
         self.privacy: dict[int, dict[str, PrivacySpent]] = {}
+        #: the Prometheus metrics (served on metrics_host:metrics_port by ``run``)
+        self.metrics = CoordinatorMetrics(len(settings.party_urls))
+        self.metrics.hospitals.set_function(lambda: float(len(self.hospitals)))
+        #: when (time.time) each round in this process entered ``aggregating`` (aggregation time)
+        self._aggregating_since: dict[int, float] = {}
         self._load()
+        if self.current is not None:
+            self._show(self.current)
 
     # persistence ----------------------------------------------------------------------
     def _load(self) -> None:
@@ -93,6 +101,12 @@ class Coordinator:
     def _set(self, status: RoundStatus) -> None:
         self.rounds[status.config.round] = status
         self._save()
+        self._show(status)
+
+    def _show(self, status: RoundStatus) -> None:
+        if status.config.round >= max(self.rounds, default=0):
+            self.metrics.round.set(status.config.round)
+            self.metrics.round_state.state(status.state)
 
     # public view ----------------------------------------------------------------------
     @property
@@ -109,6 +123,7 @@ class Coordinator:
             raise KeyError(f"{hospital} is not in round {rnd}")
         self.privacy.setdefault(rnd, {})[hospital] = spent
         self._save()
+        self.metrics.privacy_reports.inc()
         log.info("round %d: %s reports epsilon %s at delta %g (%s level, %s)", rnd, hospital,
                  "inf" if spent.epsilon is None else f"{spent.epsilon:.3g}", spent.delta, spent.unit, spent.mechanism)
 
@@ -130,6 +145,8 @@ class Coordinator:
             self.hospitals.append(hospital)
             self._save()
             log.info("hospital %s registered (%d in the federation)", hospital, len(self.hospitals))
+        else:
+            log.info("hospital %s registered again (%d in the federation)", hospital, len(self.hospitals))
 
     # round state machine --------------------------------------------------------------
     def _open(self, rnd: int) -> None:
@@ -141,6 +158,7 @@ class Coordinator:
                           model=self.model, init_seed=self.init_seed, max_samples=self.settings.max_samples)
         self.expected[rnd] = list(self.hospitals)
         self._set(RoundStatus(config=cfg, state="open", share_sha256=[None] * cfg.parties))
+        self.metrics.rounds_opened.inc()
         log.info("round %d opened for %s, deadline in %.0fs", rnd, self.hospitals, self.settings.round_timeout)
 
     async def _receipts(self, client: httpx.AsyncClient, rnd: int) -> list[Receipts] | None:
@@ -151,9 +169,11 @@ class Coordinator:
                 return Receipts.model_validate_json(resp.content)
             except (httpx.HTTPError, ValueError) as err:
                 self.counters["party_unreachable"] += 1
+                self.metrics.party_errors.labels(party=str(i), call="receipts").inc()
                 log.warning("party %d (%s) did not answer for round %d receipts: %s", i, url, rnd, err)
                 return None
         got = await asyncio.gather(*(one(i, u) for i, u in enumerate(self.settings.party_urls)))
+        self.metrics.parties_answering.set(sum(g is not None for g in got))
         return None if any(g is None for g in got) else list(got)
 
     def _participants(self, rnd: int, all_receipts: list[Receipts]) -> tuple[list[str], int, dict, dict]:
@@ -175,10 +195,12 @@ class Coordinator:
             cap = min(c for c in (self.settings.max_samples, self.registry.max_samples(h)) if c is not None)
             if len(sharings) != 1 or len(counts) != 1:
                 self.counters["inconsistent_upload"] += 1
+                self.metrics.excluded.labels(reason="inconsistent_upload").inc()
                 excluded[h] = (f"parties hold different sharings {sorted(c[:12] for c in sharings)}"
                                if len(sharings) != 1 else f"parties were told different sample counts {sorted(counts)}")
             elif max(counts) > cap:
                 self.counters["too_many_samples"] += 1
+                self.metrics.excluded.labels(reason="too_many_samples").inc()
                 excluded[h] = f"claims {max(counts)} samples, at most {cap} accepted"
             else:
                 participants.append(h)
@@ -203,6 +225,7 @@ class Coordinator:
                 expected <= {r.hospital for r in rec.receipts} for rec in receipts)
             if everyone_in or time.time() >= cur.config.deadline:
                 self._set(cur.model_copy(update={"state": "closing"}))
+                self.metrics.rounds_closed.labels(trigger="all_in" if everyone_in else "deadline").inc()
                 log.info("round %d closing (%s)", rnd, "all registered hospitals in" if everyone_in else "deadline")
             return
         if cur.state == "closing":
@@ -213,12 +236,16 @@ class Coordinator:
             if not participants:
                 self._set(cur.model_copy(update={"state": "failed", "excluded": excluded,
                                                  "detail": "no hospital reached every party with one valid sharing"}))
+                self.metrics.rounds_failed.labels(reason="no_participants").inc()
+                self.metrics.participants.set(0)
                 log.warning("round %d failed: no hospital uploaded one valid sharing to every party in time", rnd)
                 return
             dropped = sorted(set(self.expected.get(rnd, [])) - set(participants))
             self._set(cur.model_copy(update={"state": "aggregating", "participants": participants,
                                              "denominator": denominator, "commitments": commitments,
                                              "excluded": excluded}))
+            self.metrics.participants.set(len(participants))
+            self._aggregating_since[rnd] = time.time()
             log.info("round %d participants %s (N=%d), excluded %s", rnd, participants, denominator, dropped)
             return
         if cur.state == "aggregating":
@@ -241,13 +268,22 @@ class Coordinator:
                 hashes[i] = AggregateResult.model_validate_json(resp.content).share_sha256
             except (httpx.HTTPError, ValueError) as err:
                 self.counters["aggregate_retry"] += 1
+                self.metrics.party_errors.labels(party=str(i), call="aggregate").inc()
                 log.warning("party %d could not aggregate round %d yet: %s", i, cur.config.round, err)
 
         await asyncio.gather(*(one(i, u) for i, u in enumerate(self.settings.party_urls)))
         done = all(h is not None for h in hashes)
         self._set(cur.model_copy(update={"share_sha256": hashes, "state": "done" if done else "aggregating"}))
         if done:
-            log.info("round %d done: global version %d", cur.config.round, cur.config.version)
+            rnd = cur.config.round
+            since = self._aggregating_since.pop(rnd, None)
+            if since is not None:  # not after a restart mid-aggregation: that time is unknown
+                self.metrics.aggregation_seconds.observe(max(0.0, time.time() - since))
+            opened = cur.config.deadline - self.settings.round_timeout
+            self.metrics.round_seconds.observe(max(0.0, time.time() - opened))
+            self.metrics.rounds_done.inc()
+            log.info("round %d done: global version %d (%d hospitals)", rnd, cur.config.version,
+                     len(cur.participants))
 
     async def loop(self) -> None:
         verify = ssl.create_default_context(cafile=str(self.settings.tls_ca)) if self.settings.tls_ca else True
@@ -273,15 +309,17 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
     app = FastAPI(title="iomt coordinator", lifespan=lifespan)
     app.state.coordinator = coord
+    app.state.metrics = coord.metrics
     # no route takes more than an (empty) registration body; the limit holds while it streams in
     app.router.route_class = bounded_route(lambda route: settings.max_body_bytes)
-    install_error_handlers(app, "coordinator", coord.counters)
+    install_error_handlers(app, "coordinator", coord.counters, coord.metrics.on_refusal)
 
     def auth(request: Request, roles: tuple[str, ...]) -> str:
         try:
             return coord.registry.verify_header(request.headers.get("authorization"), settings.principal, roles).sub
         except AuthError as err:
             coord.counters[f"auth_rejected_{err.status}"] += 1
+            coord.metrics.tokens_refused.labels(reason=err.reason).inc()
             log.warning("coordinator refused %s %s: %s", request.method, request.url.path, err)
             raise
 
@@ -359,6 +397,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-ca", help="CA bundle to verify the parties")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this plain-HTTP port (default: off; deploy/: 9102)")
+    parser.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -369,11 +410,14 @@ def run(args: argparse.Namespace) -> int:
             "round_timeout": args.round_timeout, "min_hospitals": args.min_hospitals, "strategy": args.strategy,
             "prox_mu": args.prox_mu, "model_file": args.model, "server_lr": args.server_lr, "beta1": args.beta1,
             "beta2": args.beta2, "tau": args.tau, "max_samples": args.max_samples, "tls_cert": args.tls_cert,
-            "tls_key": args.tls_key, "tls_ca": args.tls_ca},
+            "tls_key": args.tls_key, "tls_ca": args.tls_ca, "metrics_port": args.metrics_port,
+            "metrics_host": args.metrics_host},
             flag_names={"party_urls": "--party", "model_file": "--model"})
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:
         log.error("bad coordinator settings: %s", err)
+        return EXIT_CONFIG
+    if not serve_metrics(app.state.metrics.registry, settings, "coordinator"):
         return EXIT_CONFIG
     serve(app, settings)
     return EXIT_OK

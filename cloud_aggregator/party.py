@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from cloud_aggregator.accumulator import RoundAccumulator
+from cloud_aggregator.metrics import PartyMetrics, serve_metrics
 from cloud_aggregator.mpc import JobKind, WorkerConfig, WorkerSupervisor
 from cloud_aggregator.mpc.mpclink import add_mpc_link_arguments, resolve_link
 from cloud_aggregator.serve import listen_flags, serve
@@ -66,6 +67,9 @@ class Party:
         self.registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
         self.signer = Signer.from_file(settings.key_file) if settings.key_file else None
         self.counters: collections.Counter[str] = collections.Counter()
+        #: the Prometheus metrics (served on metrics_host:metrics_port by ``run``)
+        self.metrics = PartyMetrics(settings.parties)
+        self.metrics.watch_mpc(mpc)
         self.lock = asyncio.Lock()
         self.audience = settings.principal
 
@@ -74,6 +78,7 @@ class Party:
             return self.registry.verify_header(request.headers.get("authorization"), self.audience, roles).sub
         except AuthError as err:
             self.counters[f"auth_rejected_{err.status}"] += 1
+            self.metrics.tokens_refused.labels(reason=err.reason).inc()
             log.warning("party %d refused %s %s: %s", self.settings.index, request.method,
                         request.url.path, err)
             raise
@@ -180,6 +185,8 @@ class Party:
         digest = self.store.write_global(cfg.version, unflatten(result.total, spec),
                                          GlobalModelMeta.model_validate(meta))
         self.counters["rounds_aggregated"] += 1
+        self.metrics.rounds_aggregated.inc()
+        self.metrics.aggregation_seconds.observe(time.perf_counter() - t0)
         log.info("party %d aggregated round %d (%d hospitals) into v%d in %.2fs", self.settings.index,
                  rnd, len(req.participants), cfg.version, time.perf_counter() - t0)
         return self._result(cfg, req, denominator, digest)
@@ -226,6 +233,7 @@ def create_app(settings: PartySettings) -> FastAPI:
     app = FastAPI(title=f"iomt party {settings.index}/{settings.parties}")
     app.state.party = party
     app.state.settings = settings
+    app.state.metrics = party.metrics
 
     def body_limit(route) -> int:  # enforced while the body streams in (cloud_aggregator.web)
         if route.path.endswith("/share") and "PUT" in route.methods:
@@ -235,7 +243,7 @@ def create_app(settings: PartySettings) -> FastAPI:
         return settings.max_body_bytes
 
     app.router.route_class = bounded_route(body_limit)
-    install_error_handlers(app, f"party {settings.index}", party.counters)
+    install_error_handlers(app, f"party {settings.index}", party.counters, party.metrics.on_refusal)
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, err: AuthError):  # counted and logged by Party.auth
@@ -277,10 +285,13 @@ def create_app(settings: PartySettings) -> FastAPI:
             receipt, new = await run_in_threadpool(party.accept, hospital, rnd, raw)
         if new:
             party.counters["uploads_stored"] += 1
+            party.metrics.uploads.labels(outcome="stored").inc()
+            party.metrics.upload_bytes.inc(len(raw))
             log.info("party %d stored round %d share from %s (%d bytes, sharing %s)", settings.index, rnd, hospital,
                      len(raw), receipt.commitment[:12])
         else:
             party.counters["uploads_repeated"] += 1
+            party.metrics.uploads.labels(outcome="repeated").inc()
             log.info("party %d: %s resent its round %d share; already held", settings.index, hospital, rnd)
         return UploadAck(round=rnd, hospital=hospital, party_index=settings.index, sha256=receipt.sha256,
                          commitment=receipt.commitment, stored=new)
@@ -317,11 +328,14 @@ def create_app(settings: PartySettings) -> FastAPI:
 
     @app.get("/global/{version}/share", responses=responses(401, 403, 404, 409, 422))
     async def global_share(version: VersionRef, request: Request):
-        party.auth(request, ("hospital",))
-        path = party.store.global_dir(_version(version)) / "share.npz"
+        hospital = party.auth(request, ("hospital",))
+        number = _version(version)
+        path = party.store.global_dir(number) / "share.npz"
         if not path.exists():
             return refuse(request, 404, "no_such_version", version)
         party.counters["global_downloads"] += 1
+        party.metrics.global_downloads.inc()
+        log.info("party %d sends its share of global model v%d to %s", settings.index, number, hospital)
         return FileResponse(path, media_type="application/octet-stream")
 
     if group is not None:
@@ -332,7 +346,8 @@ def create_app(settings: PartySettings) -> FastAPI:
     except ImportError:
         log.debug("encrypted inference router not installed")
     else:
-        app.include_router(build_router(settings, group, route_class=app.router.route_class))
+        app.include_router(build_router(settings, group, route_class=app.router.route_class,
+                                        metrics=party.metrics))
     return app
 
 
@@ -353,6 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int,
                         help=f"refuse uploads claiming more samples per hospital and round (default {MAX_SAMPLES_DEFAULT}; "
                              "the coordinator's cap and the registry's per-hospital max_samples also apply)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this plain-HTTP port (default: off; deploy/: 9101)")
+    parser.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -362,10 +380,13 @@ def run(args: argparse.Namespace) -> int:
             "registry": args.registry, "key_file": args.key_file, "coordinator_url": args.coordinator,
             "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca, "mpc_master": args.mpc_master,
             "mpc_address": args.mpc_address, "mpc_interface": args.mpc_interface, "mpc_insecure": args.mpc_insecure,
-            "max_samples": args.max_samples}, flag_names={"coordinator_url": "--coordinator"})
+            "max_samples": args.max_samples, "metrics_port": args.metrics_port, "metrics_host": args.metrics_host},
+            flag_names={"coordinator_url": "--coordinator"})
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:  # settings, registry, key file, MPC link
         log.error("bad party settings: %s", err)
+        return EXIT_CONFIG
+    if not serve_metrics(app.state.metrics.registry, settings, f"party {settings.index}"):
         return EXIT_CONFIG
     serve(app, settings)
     return EXIT_OK

@@ -79,6 +79,12 @@ class PartySettings(_TLS):
     max_inference_bytes: int = Field(default=256 << 20, ge=1024)
     #: Most samples one hospital may claim per round (FedAvg weight); larger claims are refused.
     max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)
+    #: Plain-HTTP port serving Prometheus metrics (cloud_aggregator.metrics: counts, durations and
+    #: states, nothing secret); None: off, 0: any free port. deploy/ uses 9101.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Address of the metrics port: loopback, or the management interface that the firewall
+    #: opens to the Prometheus host only.
+    metrics_host: str = "127.0.0.1"
 
     @property
     def principal(self) -> str:
@@ -122,6 +128,12 @@ class CoordinatorSettings(_TLS):
     #: Most samples one hospital may claim per round; published in each round config, enforced
     #: by the parties and again here (with the registry's per-hospital ``max_samples``).
     max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)
+    #: Plain-HTTP port serving Prometheus metrics (cloud_aggregator.metrics: counts, durations and
+    #: states, nothing secret); None: off, 0: any free port. deploy/ uses 9102.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Address of the metrics port: loopback, or the management interface that the firewall
+    #: opens to the Prometheus host only.
+    metrics_host: str = "127.0.0.1"
 
 
 class TriplesSettings(BaseSettings):

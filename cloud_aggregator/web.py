@@ -3,7 +3,8 @@ they stream in, JSON bodies parsed with a nesting limit (protocols.safejson), an
 (:class:`protocols.aggregation_messages.ErrorBody`) for every refusal, declared in the
 OpenAPI of each route.
 
-Every refusal is counted (``rejected_<reason>`` in the service's ``/metrics``) and logged at
+Every refusal is counted (``rejected_<reason>`` in the service's JSON ``/metrics``, and in its
+Prometheus counters, cloud_aggregator.metrics) and logged at
 WARNING with the method and path; the service keeps serving.
 """
 from __future__ import annotations
@@ -128,16 +129,20 @@ def bounded_route(limit_for: Callable[[APIRoute], int]) -> type[APIRoute]:
     return BoundedRoute
 
 
-def install_error_handlers(app: FastAPI, service: str, counters: collections.Counter) -> None:
+def install_error_handlers(app: FastAPI, service: str, counters: collections.Counter,
+                           on_refusal: Callable[[Request, int, str], None] | None = None) -> None:
     """Answer every refusal of ``app`` with ErrorBody, count it and log it at WARNING.
 
     Covers :class:`Refused`, FastAPI's validation errors (422 ``invalid``; 400 ``bad_json`` for
     undecodable bodies) and Starlette's own HTTP errors (404 unknown path, 405 method).
     Services register their domain errors (ShareError, AuthError ...) through :func:`refuse`.
+    ``on_refusal(request, status, reason)`` also sees every refusal (the Prometheus counters).
     """
 
     def note(request: Request, status: int, reason: str, detail: str) -> None:
         counters[f"rejected_{reason}"] += 1
+        if on_refusal is not None:
+            on_refusal(request, status, reason)
         log.warning("%s refused %s %s: %d %s: %.200s", service, request.method, request.url.path,
                     status, reason, detail)
 

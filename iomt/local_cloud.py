@@ -70,6 +70,9 @@ class LocalCloud:
         Extra environment for every process (``IOMT_PARTY_*``, ``IOMT_COORD_*`` settings).
     verbose
         Start every service with ``-v``.
+    metrics
+        Every party and the coordinator serve Prometheus metrics on a loopback port of their own
+        (``party_metrics_ports``, ``coord_metrics_port``; read with :meth:`scrape`).
     sup
         Start the processes through this supervisor (default: one of our own, logging to
         ``log_dir`` or ``root``, one OpenMP thread per child).
@@ -80,7 +83,7 @@ class LocalCloud:
                  tls: bool = False, rounds: int = 1, round_timeout: float = 60.0, strategy: str = "fedavg",
                  min_hospitals: int | None = None, coord_args: Sequence[str] = (),
                  env: dict[str, str] | None = None, verbose: bool = False, sup: Supervisor | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, metrics: bool = False) -> None:
         from protocols.auth import Signer, make_credentials, make_tls
 
         self.root, self.n, self.clients = Path(root), parties, list(clients)
@@ -94,6 +97,8 @@ class LocalCloud:
         self.party_ports = [free_port() for _ in range(parties)]
         self.party_urls = [f"{scheme}://127.0.0.1:{p}" for p in self.party_ports]
         self.party_dirs = [self.root / f"party-{i}" for i in range(parties)]
+        self.party_metrics_ports = [free_port() for _ in range(parties)] if metrics else None
+        self.coord_metrics_port = free_port() if metrics and model is not None else None
         self.procs: dict[str, subprocess.Popen] = {}
         self._children: dict[str, Child] = {}
         self.coord_port = self.coord_url = None
@@ -111,6 +116,8 @@ class LocalCloud:
                 "--key-file", str(self.key_file("coordinator")), "--model", str(model), "--rounds", str(rounds),
                 "--round-timeout", str(round_timeout), "--strategy", strategy,
                 "--min-hospitals", str(min_hospitals or len(self.clients)), *self._tls_args(), *coord_args]
+            if self.coord_metrics_port:
+                self.coord_args += ["--metrics-port", str(self.coord_metrics_port)]
             for url in self.party_urls:
                 self.coord_args += ["--party", url]
 
@@ -156,6 +163,8 @@ class LocalCloud:
         args += self._tls_args()
         if self.mpc_master:
             args += ["--mpc-master", self.mpc_master]
+        if self.party_metrics_ports:
+            args += ["--metrics-port", str(self.party_metrics_ports[i])]
         self._start(f"party-{i}", args)
         if wait:
             self._wait(f"party-{i}", self.party_ports[i])
@@ -234,6 +243,15 @@ class LocalCloud:
         caller = "party-0" if audience == "coordinator" else "coordinator"
         return httpx.get(f"{url}/metrics", headers=self.signer(caller).headers(audience),
                          verify=str(self.tls["ca"]) if self.tls else True).json()
+
+    @staticmethod
+    def scrape(port: int) -> str:
+        """The Prometheus text a service serves on its metrics ``port`` (plain HTTP, loopback, no token)."""
+        import httpx
+
+        resp = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        resp.raise_for_status()
+        return resp.text
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.sup.log_dir.glob("*.log")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from fastapi.routing import APIRoute
 from cloud_aggregator.inference.audit import AuditLog
 from cloud_aggregator.inference.errors import InferenceError
 from cloud_aggregator.inference.messages import InferenceRequest, InferenceResponse, TensorShare
+from cloud_aggregator.metrics import PartyMetrics
 from cloud_aggregator.mpc.jobs import Job, http_status
 from cloud_aggregator.mpc.worker import WorkerSupervisor
 from cloud_aggregator.web import Refused, responses
@@ -28,12 +30,14 @@ from protocols.auth import AuthError, Registry
 log = logging.getLogger(__name__)
 
 def build_router(settings: Any, group: WorkerSupervisor | None,
-                 route_class: type[APIRoute] = APIRoute) -> APIRouter:
+                 route_class: type[APIRoute] = APIRoute, metrics: PartyMetrics | None = None) -> APIRouter:
     """The inference router of party ``settings.index``, computing in the party's MPC ``group``
     (None: the party was started without ``--mpc-master`` and refuses with ``not_configured``).
 
-    ``route_class`` is the party's (it bounds request bodies, see cloud_aggregator.web).
+    ``route_class`` is the party's (it bounds request bodies, see cloud_aggregator.web);
+    ``metrics`` its Prometheus metrics (a registry of the router's own without).
     """
+    metrics = metrics or PartyMetrics(settings.parties)
     router = APIRouter(prefix="/inference/v1", tags=["encrypted inference"], route_class=route_class)
     registry = Registry(settings.registry, max_ttl=settings.max_token_ttl)
     audience = f"party-{settings.index}"
@@ -42,6 +46,7 @@ def build_router(settings: Any, group: WorkerSupervisor | None,
 
     def _refuse(client: str, rid: str, version: int | None, code: str, message: str, status: int) -> Refused:
         counters[f"rejected_{code}"] += 1
+        metrics.inference_errors.labels(reason=code).inc()
         audit.record(client, rid, version, code, None)
         log.warning("party %d refused inference %s from %s: %s", settings.index, rid, client, message)
         return Refused(status, code, message, noted=True)
@@ -50,10 +55,14 @@ def build_router(settings: Any, group: WorkerSupervisor | None,
                  responses=responses(400, 401, 403, 404, 409, 413, 422, 503, 504))
     def predict(body: InferenceRequest, request: Request) -> InferenceResponse:
         """Compute on this party's share of the query; returns this party's share of the answer."""
+        started = time.perf_counter()
+        metrics.inference_requests.inc()
         try:
             client = registry.verify_header(request.headers.get("authorization"), audience, ("hospital",)).sub
         except AuthError as err:
             counters[f"auth_rejected_{err.status}"] += 1
+            metrics.tokens_refused.labels(reason=err.reason).inc()
+            metrics.inference_errors.labels(reason=err.http_error).inc()
             log.warning("party %d refused inference: %s", settings.index, err)
             raise Refused(err.status, err.http_error, str(err),
                           noted=True) from err
@@ -67,6 +76,7 @@ def build_router(settings: Any, group: WorkerSupervisor | None,
             raise _refuse(client, body.request_id, body.model_version, err.reason, err.detail,
                           http_status(err.reason)) from err
         counters["served"] += 1
+        metrics.inference_seconds.observe(time.perf_counter() - started)
         batch = next(iter(inputs.values())).shape[0]
         audit.record(client, body.request_id, info["version"], "ok", batch)
         log.info("party %d answered inference %s from %s: version %s, batch %d, %.3f s, %d rounds", settings.index,

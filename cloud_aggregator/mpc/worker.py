@@ -281,6 +281,8 @@ class WorkerSupervisor:
                     continue
                 if kind == "ready":
                     self._ready.set()
+                    log.info("party %d: MPC worker joined the group of %d parties", self.cfg.rank,
+                             self.cfg.world_size)
                 elif kind == "dead":
                     break
                 else:

@@ -107,6 +107,7 @@ def install_operator_page(app: FastAPI, coord) -> None:
                 return coord.registry.verify_header(header, settings.principal, ROLES).sub
             except AuthError as err:
                 coord.counters["operator_auth_rejected"] += 1
+                coord.metrics.tokens_refused.labels(reason=err.reason).inc()
                 log.warning("operator page refused %s: %s", request.url.path, err)
                 return None
         sid = request.cookies.get(COOKIE, "")
@@ -153,6 +154,7 @@ def install_operator_page(app: FastAPI, coord) -> None:
             who = coord.registry.verify(token, settings.principal, ROLES).sub
         except AuthError as err:
             coord.counters["operator_auth_rejected"] += 1
+            coord.metrics.tokens_refused.labels(reason=err.reason).inc()
             log.warning("operator sign-in refused: %s", err)
             return login_page(request, f"Token refused: {err.detail}.", 401)
         sid = secrets.token_urlsafe(32)

@@ -94,7 +94,7 @@ class EdgeDaemon:
             raise ConfigError(f"data dir {settings.data_dir} holds hospital {owner!r}, not {settings.hospital!r}")
         self.client_id = session_client_id(settings, self.store)
         self.store.set_meta("hospital", settings.hospital)
-        self.metrics = EdgeMetrics()
+        self.metrics = EdgeMetrics(settings.data_dir, settings.hospital)
         self.ingestor = Ingestor(settings.hospital, self.store.devices(), settings.max_payload)
         self._stop = threading.Event()
         self._batch = Batch()

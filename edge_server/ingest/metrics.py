@@ -3,29 +3,97 @@
 Counters are updated only after a batch is committed, so they never run ahead of the store.
 They restart from zero with the process (as Prometheus expects); the store's totals, which
 survive restarts, are what ``iomt edge status`` reports.
+
+``iomt edge federate`` runs as a process of its own; what it leaves in the shared data
+directory (the privacy ledger, the newest round it shared) is read at scrape time by
+:class:`FederationCollector`. Only counts and ε/δ: no patient, device or key.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from socketserver import ThreadingMixIn
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
 
 from edge_server.ingest.store import Batch, CommitResult
 
 log = logging.getLogger(__name__)
 
+#: The privacy ledger under the data directory (edge_server.training.privacy.ACCOUNTANT_FILE;
+#: not imported: that module loads torch).
+LEDGER_FILE = "privacy_accountant.json"
+#: Where ``iomt edge federate`` keeps the sharing of the round in flight (PendingUploads).
+FEDERATION_DIR = "federation"
+
+
+class FederationCollector:
+    """Privacy budget and training rounds of ``iomt edge federate``, read from ``data_dir`` at
+    each scrape (``iomt_edge_privacy_*``, ``iomt_edge_federation_round``)."""
+
+    def __init__(self, data_dir: str | Path, hospital: str) -> None:
+        self.data_dir, self.hospital = Path(data_dir), hospital
+
+    def _families(self) -> dict[str, GaugeMetricFamily]:
+        h = ["hospital"]
+        return {
+            "ok": GaugeMetricFamily("iomt_edge_privacy_ledger_ok", "1 if the privacy ledger is absent or "
+                                    "readable, 0 if it is unreadable (federate refuses to train)", labels=h),
+            "epsilon": GaugeMetricFamily("iomt_edge_privacy_epsilon", "Privacy budget spent: epsilon at the "
+                                         "ledger's delta over every released round (+Inf: no noise)",
+                                         labels=["hospital", "unit"]),
+            "delta": GaugeMetricFamily("iomt_edge_privacy_delta", "The delta of iomt_edge_privacy_epsilon", labels=h),
+            "budget": GaugeMetricFamily("iomt_edge_privacy_epsilon_budget", "Epsilon no round may exceed (the "
+                                        "target of federate's last round)", labels=h),
+            "rounds": GaugeMetricFamily("iomt_edge_privacy_rounds", "Training rounds released under DP (in the "
+                                        "ledger, across federations)", labels=h),
+            "round": GaugeMetricFamily("iomt_edge_federation_round", "Newest federation round this hospital "
+                                       "trained and shared", labels=h),
+        }
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families().values()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam, h = self._families(), [self.hospital]
+        path = self.data_dir / LEDGER_FILE
+        ok = 1.0
+        if path.exists():
+            try:
+                ledger = json.loads(path.read_text())
+                epsilon = float(ledger["epsilon"]) if ledger.get("epsilon") is not None else math.inf
+                fam["epsilon"].add_metric([self.hospital, str(ledger.get("unit", "patient"))], epsilon)
+                fam["delta"].add_metric(h, float(ledger["delta"]))
+                fam["rounds"].add_metric(h, float(len(ledger["rounds"])))
+                if ledger.get("epsilon_budget") is not None:
+                    fam["budget"].add_metric(h, float(ledger["epsilon_budget"]))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                ok = 0.0
+                fam = self._families()  # nothing half-read
+                log.warning("privacy ledger %s is unreadable: %s", path, err)
+        fam["ok"].add_metric(h, ok)
+        rounds = [int(p.name[1:7]) for p in (self.data_dir / FEDERATION_DIR).glob("r[0-9]*")
+                  if p.name[1:7].isdigit()] if (self.data_dir / FEDERATION_DIR).is_dir() else []
+        if rounds:
+            fam["round"].add_metric(h, float(max(rounds)))
+        yield from fam.values()
+
 
 class EdgeMetrics:
-    """One daemon's metrics in their own registry (no process-global state)."""
+    """One daemon's metrics in their own registry (no process-global state); with ``data_dir``,
+    also federate's privacy budget and rounds (:class:`FederationCollector`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: str | Path | None = None, hospital: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if data_dir is not None:
+            r.register(FederationCollector(data_dir, hospital))
         self.received = Counter("iomt_edge_received", "MQTT deliveries handled", registry=r)
         self.stored = Counter("iomt_edge_stored", "Messages stored as received", ["stream"], registry=r)
         self.rejected = Counter("iomt_edge_rejected", "Messages rejected", ["reason"], registry=r)

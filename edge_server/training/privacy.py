@@ -233,7 +233,7 @@ class PrivacyAccountant:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"delta": self.delta, "unit": self.unit, "rounds": self.rounds,
-                   "epsilon": self.epsilon()}
+                   "epsilon": self.epsilon(), "epsilon_budget": self.epsilon_budget}  # budget: for metrics
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".accountant-")
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=1)

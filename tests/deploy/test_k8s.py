@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -252,7 +253,6 @@ def test_mpc_hosts_bring_up_their_tunnel_address(built, overlay):
                                           if d["metadata"]["name"].startswith("iomt-mpc")))["data"]["tunnel_address"]
     expected = {"party-0": "10.99.0.1/24", "party-1": "10.99.0.2/24", "triples": "10.99.0.3/24"}[overlay]
     assert tunnel == expected
-    import tomllib
     master = tomllib.loads(settings_file(overlay, ROLE[overlay][0]).read_text())["mpc_master"]
     assert master.split(":")[0] == "10.99.0.1", "the rendezvous is party 0's tunnel address"
     wireguard = _one(docs, "Service", "iomt-party-wireguard" if overlay != "triples" else "iomt-triples-wireguard")

@@ -139,6 +139,14 @@ def test_dockerfile_runs_iomt_as_a_numeric_non_root_user_with_the_makefiles_torc
         assert role in re.search(r"for role in ([^;]+);", text).group(1)
 
 
+def test_the_build_stages_smoke_import_runs_here():
+    """The build's last check (`python -c ...` after installing) passes with this checkout's
+    packages and the Makefile's torch and CrypTen, so the image build does not stop there."""
+    (code,) = re.findall(r'python -c "([^"]+)"', DOCKERFILE.read_text())
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _hadolint() -> str | None:
     return shutil.which("hadolint") or next(
         (str(p) for p in [Path(sys.executable).parent / "hadolint"] if p.exists()), None)

@@ -269,6 +269,16 @@ def test_hospital_broker_is_reached_by_the_name_in_edge_toml():
         assert tomllib.loads(settings_file(host, "broker").read_text())["port"] == int(port)
 
 
+def test_prometheus_can_reach_the_edges_metrics():
+    """edge.toml keeps metrics on loopback (a host); in compose Prometheus is another container."""
+    for host in SITES["hospital.yml"][1]:
+        edge = _services("hospital.yml", {"IOMT_SITE": host})["edge"]
+        port = tomllib.loads(settings_file(host, "edge").read_text())["metrics_port"]
+        assert str(port) in edge["expose"]
+        assert edge["environment"]["IOMT_EDGE_METRICS_HOST"] == "0.0.0.0"
+        assert f"127.0.0.1:{port}/healthz" in " ".join(edge["healthcheck"]["test"])
+
+
 def test_monitoring_files_are_the_agreed_paths():
     hospital = _services("hospital.yml", {})
     assert _binds(hospital["prometheus"])["/etc/prometheus/prometheus.yml"] == DEPLOY / "prometheus" / "hospital.yml"

@@ -26,8 +26,10 @@ import httpx
 from fastapi import FastAPI
 from fastapi import Path as PathParam
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 
 from cloud_aggregator.metrics import CoordinatorMetrics, serve_metrics
+from cloud_aggregator.readiness import Readiness
 from cloud_aggregator.serve import listen_flags, serve
 from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
@@ -330,6 +332,12 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"ok": True}
+
+    readiness = Readiness("coordinator", settings.data_dir)
+
+    @app.get("/ready", responses=responses(503))
+    async def ready():  # readiness probes: the round state writable (cloud_aggregator.readiness)
+        return await run_in_threadpool(readiness.response)
 
     @app.post("/hospitals/register", response_model=FederationStatus, responses=responses(401, 403, 413))
     async def register(request: Request):

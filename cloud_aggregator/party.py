@@ -25,6 +25,7 @@ from cloud_aggregator.metrics import PartyMetrics, serve_metrics
 from cloud_aggregator.mpc import JobKind, WorkerConfig, WorkerSupervisor
 from cloud_aggregator.mpc.mpclink import add_mpc_link_arguments, resolve_link
 from cloud_aggregator.serve import listen_flags, serve
+from cloud_aggregator.readiness import Readiness
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
 from cloud_aggregator.strategies import get_strategy
@@ -270,6 +271,13 @@ def create_app(settings: PartySettings) -> FastAPI:
     async def health():
         return {"party_index": settings.index, "parties": settings.parties,
                 "latest_version": latest_version(settings.data_dir)}
+
+    readiness = Readiness(f"party {settings.index}", settings.data_dir)
+
+    @app.get("/ready", responses=responses(503))
+    async def ready():  # readiness probes: the store writable (cloud_aggregator.readiness)
+        mpc = {"configured": group is not None, "ready": bool(group and group.ready)}
+        return await run_in_threadpool(readiness.response, party_index=settings.index, mpc=mpc)
 
     @app.get("/metrics", responses=responses(401, 403))
     async def metrics(request: Request):

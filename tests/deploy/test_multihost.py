@@ -8,7 +8,7 @@ The configs are used as they are, with only what README tells an operator to cha
 ``/etc/iomt`` and ``/var/lib/iomt`` point at this host's folders (:func:`install`), host names
 resolve through the host's /etc/hosts (``/etc/netns/<ns>/hosts``), secrets and the run's
 length come from the environment (``IOMT_EDGE_PASSWORD``, ``IOMT_DEVICE_PASSWORD``,
-``IOMT_COORD_ROUNDS=2``), and the test-only ``IOMT_DEVICE_CA_FILE`` (the device trusts the
+``IOMT_COORD_ROUNDS=2``, ``IOMT_FEDERATE_RETRY_MAX=5``), and the test-only ``IOMT_DEVICE_CA_FILE`` (the device trusts the
 system store on a real gateway) and ``IOMT_BROKER_USER=root`` (these folders are root's).
 
 Flow: the services start in the "wrong" order (hospitals' `federate` before the coordinator,
@@ -209,7 +209,9 @@ def test_six_hosts_two_rounds_party_restart_and_encrypted_inference(site: Site):
         site.start(f"{h}-broker", h, ["broker", "--config", str(cfg[h]["broker"])], {"IOMT_BROKER_USER": "root"})
         site.start(f"{h}-edge", h, ["edge", "run", "--config", str(cfg[h]["edge"])],
                    {"IOMT_EDGE_PASSWORD": secrets[h]["edge"]})
-        site.start(f"{h}-federate", h, ["edge", "federate", "--config", str(cfg[h]["federate"]), "--json"])
+        # retry_max: pauses between retries up to 5 s rather than 30, so the run does not idle once the cloud is up
+        site.start(f"{h}-federate", h, ["edge", "federate", "--config", str(cfg[h]["federate"]), "--json"],
+                   {"IOMT_FEDERATE_RETRY_MAX": "5"})
     site.start("device", "hospital-a", ["device", "--config", str(cfg["hospital-a"]["device"])],
                {"IOMT_DEVICE_PASSWORD": secrets["hospital-a"]["device"],
                 "IOMT_DEVICE_CA_FILE": str(work / "hospital-a" / "etc" / "tls" / "ca.pem")})

@@ -8,5 +8,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "triples": ("cloud_aggregator.mpc.provider", "trusted third party that deals Beaver triples"),
     "credentials": ("cloud_aggregator.credentials", "make the federation's keys, registry and TLS certificates"),
     "operator-token": ("cloud_aggregator.operator_page.token", "a token for the operator's page"),
+    "backup": ("cloud_aggregator.backup", "a consistent archive of a party's or the coordinator's state (online)"),
+    "restore": ("cloud_aggregator.restore", "unpack a backup onto a fresh host (checks every file first)"),
 }
 

@@ -10,6 +10,12 @@ to the coordinator, encode
 crash, resends the very same sharing; the parties answer a repeated body with the same
 receipt. :class:`FederatedClient` is generic over
 ``train_fn(global_state, round_config) -> (state, n_samples, metrics)``.
+
+A coordinator or party that cannot be reached (connection refused, DNS failure, timeout,
+HTTP 502/503/504) is tried again with exponential backoff and full jitter
+(:mod:`protocols.retry`), each retry logged at WARNING, for ``--retry-for`` seconds (10
+minutes by default); then the command exits with code 4. So `federate` may start before the
+cloud does, and rides out a coordinator or party restart.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from protocols.auth import Signer
 from protocols.errors import ConfigError, IomtError
 from protocols.model_files import CoordinatorModelFile, GlobalModelMeta
 from protocols.params import flatten, normalise_spec, spec_hash, spec_size, state_sha256, unflatten
+from protocols.retry import Backoff, GaveUp
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +53,9 @@ POLL_S = 0.2
 #: First pause before resending a round's upload to an unreachable party (doubles per try).
 UPLOAD_RETRY_S = 1.0
 UPLOAD_RETRY_MAX_S = 15.0
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUDGET = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUDGET, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+#: Answers that mean "a proxy or the service is down for now": retried like a refused connection.
+TRANSIENT_STATUS = frozenset({502, 503, 504})
 
 TrainFn = Callable[[dict[str, np.ndarray] | None, RoundConfig], tuple[dict[str, np.ndarray], int, dict]]
 
@@ -57,6 +66,32 @@ class FederationError(IomtError):
 
 class UploadIncomplete(FederationError):
     """Some party did not take the upload (unreachable, 5xx); resending the same bodies is safe."""
+
+
+class ServiceUnavailable(FederationError):
+    """The coordinator or a party answered 502, 503 or 504 (retried)."""
+
+
+class Unreachable(FederationError):
+    """The coordinator or a party stayed unreachable for the whole retry time."""
+
+
+def transient_reason(err: BaseException) -> str | None:
+    """Why ``err`` may pass if the request is sent again later, or None when it will not.
+
+    Connection refused or reset, DNS failure and timeouts are transient; a bad URL scheme or a
+    certificate that does not verify is not (waiting will not fix it).
+    """
+    if isinstance(err, ServiceUnavailable):
+        return str(err)
+    if isinstance(err, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
+        return None
+    if isinstance(err, httpx.TransportError):
+        text = str(err) or type(err).__name__
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            return None
+        return f"{type(err).__name__}: {text}"
+    return None
 
 
 class PendingUploads:
@@ -140,9 +175,12 @@ class FederatedClient:
     """A hospital's view of the federation: coordinator plus n parties, over HTTPS."""
 
     def __init__(self, signer: Signer, coordinator_url: str, ca: str | Path | None = None,
-                 timeout: float = 120.0, state_dir: str | Path | None = None) -> None:
-        """``state_dir`` keeps each round's upload bodies on disk (see :class:`PendingUploads`)."""
+                 timeout: float = 120.0, state_dir: str | Path | None = None, retry: Backoff | None = None) -> None:
+        """``state_dir`` keeps each round's upload bodies on disk (see :class:`PendingUploads`);
+        ``retry`` is how long requests to an unreachable coordinator or party are tried again
+        (default :class:`~protocols.retry.Backoff`: up to 10 minutes)."""
         self.signer = signer
+        self.retry = retry if retry is not None else Backoff()
         self.pending = PendingUploads(state_dir)
         self.hospital = signer.principal
         self.coordinator_url = coordinator_url.rstrip("/")
@@ -154,25 +192,36 @@ class FederatedClient:
         self.http.close()
 
     def _check(self, resp: httpx.Response, what: str) -> httpx.Response:
+        if resp.status_code in TRANSIENT_STATUS:
+            raise ServiceUnavailable(f"{what}: HTTP {resp.status_code} {resp.text[:200]}")
         if resp.status_code >= 400:
             raise FederationError(f"{what}: HTTP {resp.status_code} {resp.text[:300]}")
         return resp
 
+    def _request(self, method: str, url: str, audience: str, what: str) -> httpx.Response:
+        """``method url`` with a fresh token per try, retried while the service is unreachable
+        (:func:`transient_reason`); :class:`Unreachable` once ``self.retry`` gives up."""
+        def once() -> httpx.Response:
+            return self._check(self.http.request(method, url, headers=self.signer.headers(audience)), what)
+        try:
+            return self.retry.call(once, transient_reason, f"{self.hospital}: {what} ({url})")
+        except GaveUp as err:
+            raise Unreachable(f"{audience} at {url} unreachable: {err}") from err
+
     # coordinator ----------------------------------------------------------------------
     def register(self) -> FederationStatus:
-        resp = self.http.post(f"{self.coordinator_url}/hospitals/register",
-                              headers=self.signer.headers("coordinator"))
-        status = FederationStatus.model_validate_json(self._check(resp, "register").content)
+        resp = self._request("POST", f"{self.coordinator_url}/hospitals/register", "coordinator", "register")
+        status = FederationStatus.model_validate_json(resp.content)
         self.party_urls = [u.rstrip("/") for u in status.parties]
         return status
 
     def status(self) -> FederationStatus:
-        resp = self.http.get(f"{self.coordinator_url}/status", headers=self.signer.headers("coordinator"))
-        return FederationStatus.model_validate_json(self._check(resp, "status").content)
+        resp = self._request("GET", f"{self.coordinator_url}/status", "coordinator", "status")
+        return FederationStatus.model_validate_json(resp.content)
 
     def round_status(self, rnd: int) -> RoundStatus:
-        resp = self.http.get(f"{self.coordinator_url}/rounds/{rnd}", headers=self.signer.headers("coordinator"))
-        return RoundStatus.model_validate_json(self._check(resp, f"round {rnd}").content)
+        resp = self._request("GET", f"{self.coordinator_url}/rounds/{rnd}", "coordinator", f"round {rnd}")
+        return RoundStatus.model_validate_json(resp.content)
 
     def report_privacy(self, rnd: int, metrics: dict) -> None:
         """Tell the coordinator the ε this hospital's ledger has spent after round ``rnd``
@@ -294,15 +343,13 @@ class FederatedClient:
             return self._globals[version]
 
         def get(i: int) -> tuple[GlobalModelMeta, bytes]:
-            headers = self.signer.headers(f"party-{i}")
-            raw = self._check(self.http.get(f"{self.party_urls[i]}/global/{version}/meta", headers=headers),
-                              f"meta of v{version} from party {i}").content
+            base, who = f"{self.party_urls[i]}/global/{version}", f"party-{i}"
+            raw = self._request("GET", f"{base}/meta", who, f"meta of v{version} from party {i}").content
             try:
                 meta = GlobalModelMeta.from_json(raw)
             except ValidationError as err:
                 raise FederationError(f"party {i} sent a malformed meta of v{version}: {err}") from err
-            blob = self._check(self.http.get(f"{self.party_urls[i]}/global/{version}/share", headers=headers),
-                               f"share of v{version} from party {i}").content
+            blob = self._request("GET", f"{base}/share", who, f"share of v{version} from party {i}").content
             return meta, blob
 
         with ThreadPoolExecutor(len(self.party_urls)) as pool:
@@ -446,6 +493,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA bundle of the cloud services")
     parser.add_argument("--epochs", type=int, help="local epochs per round (default 1)")
     parser.add_argument("--seed", type=int, help="default 0")
+    parser.add_argument("--retry-for", type=float, metavar="SECONDS",
+                        help="keep retrying an unreachable coordinator or party this long, then exit 4 "
+                             "(default 600; config keys retry_for, retry_first, retry_max)")
     add_dp_arguments(parser)  # DP-SGD at epsilon 8 for all the coordinator's planned rounds by default
     parser.add_argument("--write-model", metavar="FILE",
                         help="write the coordinator's model file (architecture from --model-config, or from "
@@ -541,7 +591,9 @@ def run(args: argparse.Namespace) -> int:
         return result.state, result.n_samples, result.metrics
 
     client = FederatedClient(Signer.from_file(args.key_file), args.coordinator, ca=args.tls_ca,
-                             state_dir=Path(args.data_dir) / "federation")
+                             state_dir=Path(args.data_dir) / "federation",
+                             retry=Backoff(first_s=args.retry_first, max_s=args.retry_max,
+                                           give_up_after_s=args.retry_for))
     try:
         records_out, status = client.run(train_fn)
         report = {"hospital": client.hospital, "rounds": [r.__dict__ for r in records_out]}
@@ -551,8 +603,15 @@ def run(args: argparse.Namespace) -> int:
     except PrivacyBudgetExceeded as err:
         log.error("%s", err)
         return EXIT_BUDGET
+    except Unreachable as err:
+        log.error("%s; check the URL, DNS, the firewall and that the service runs (exit %d)", err,
+                  EXIT_UNREACHABLE)
+        return EXIT_UNREACHABLE
     except IomtError as err:
         log.error("federation failed: %s", err)
+        return EXIT_FAILED
+    except httpx.HTTPError as err:  # not worth retrying: bad URL scheme, certificate that does not verify
+        log.error("federation failed: %s: %s", type(err).__name__, err)
         return EXIT_FAILED
     finally:
         client.close()

@@ -132,6 +132,13 @@ class FederateSettings(BaseSettings):
     clip_norm: float | None = None
     noise_multiplier: float | None = None
     epsilon_budget: float | None = None
+    #: Seconds to keep retrying an unreachable coordinator or party (refused, DNS, timeout, 502/503/504)
+    #: before exiting with code 4; 0 = fail at once.
+    retry_for: float = Field(600.0, ge=0)
+    #: First pause between retries (seconds); it doubles per try, with full jitter ...
+    retry_first: float = Field(1.0, gt=0)
+    #: ... up to this many seconds.
+    retry_max: float = Field(30.0, gt=0)
 
 
 def load_settings(config: Path | None = None, **overrides) -> EdgeSettings:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,125 +31,34 @@ from cloud_aggregator.inference.publish import publish_shared_model
 from protocols.auth import Signer, make_credentials
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from iomt.supervisor import REPO_ROOT, child_env, die_with_parent, spawn, stop
+from tests.utils.netns import WG_PORT, Hosts, why_not, wait
 
 pytestmark = pytest.mark.integration
 
 PROBE = REPO_ROOT / "tests" / "utils" / "mpc_seed_probe.py"
 MEMBERS = ("p0", "p1", "tp")  # party 0, party 1, the triples provider
-HTTP_PORT, MPC_PORT, WG_PORT = 8800, 29500, 51820
+HTTP_PORT, MPC_PORT = 8800, 29500
 READY_S = 120.0
 
 
-def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
-
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, WireGuard)"
-    for tool in ("ip", "wg", "tshark", "ss"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    probe = f"iomtchk{os.getpid() % 10000}"
-    if _sh("ip", "netns", "add", probe, check=False).returncode != 0:
-        return "cannot create network namespaces (ip netns add)"
-    try:
-        kernel = _sh("ip", "netns", "exec", probe, "ip", "link", "add", "wgchk", "type", "wireguard",
-                     check=False).returncode == 0
-    finally:
-        _sh("ip", "netns", "del", probe, check=False)
-    if not kernel and (shutil.which("wireguard-go") is None or not Path("/dev/net/tun").exists()):
-        return "no WireGuard: the kernel lacks it and wireguard-go (with /dev/net/tun) is not available"
-    return None
-
-
-class Net:
-    """Three namespaces on one bridge (underlay 10.N.0.x), WireGuard between them (10.N+1.0.x)."""
-
-    def __init__(self, work: Path) -> None:
-        self.tag = f"{os.getpid() % 10000:04d}{random.randrange(100):02d}"
-        net = random.randrange(100, 250, 2)
-        self.bridge = f"ib{self.tag}"
-        self.ns = {m: f"iomt{self.tag}{m}" for m in MEMBERS}
-        self.wg = {m: f"w{self.tag}{m}" for m in MEMBERS}
-        self.under = {m: f"10.{net}.0.{i + 1}" for i, m in enumerate(MEMBERS)}
-        self.tunnel = {m: f"10.{net + 1}.0.{i + 1}" for i, m in enumerate(MEMBERS)}
-        self.work = work
-        self.daemons: list[subprocess.Popen] = []
+class Net(Hosts):
+    """Three namespaces on one bridge (underlay 10.N.0.x, the test process at .254), WireGuard
+    between them (10.N+1.0.x)."""
 
     def up(self) -> Net:
-        _sh("ip", "link", "add", self.bridge, "type", "bridge")
-        _sh("ip", "link", "set", self.bridge, "up")
-        for m in MEMBERS:
-            ns, veth = self.ns[m], f"v{self.tag}{m}"
-            _sh("ip", "netns", "add", ns)
-            _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _sh("ip", "link", "set", veth, "master", self.bridge)
-            _sh("ip", "link", "set", veth, "up")
-            self.exec(m, "ip", "link", "set", "lo", "up")
-            self.exec(m, "ip", "link", "set", "eth0", "up")
-            self.exec(m, "ip", "addr", "add", f"{self.under[m]}/24", "dev", "eth0")
-        # the test process (root namespace) reaches the parties' HTTP APIs over the bridge
-        _sh("ip", "addr", "add", f"{self.under['p0'].rsplit('.', 1)[0]}.254/24", "dev", self.bridge)
-        self._wireguard()
+        super().up()
+        self.add_root_address(f"10.{self.net}.0.254/24")  # the test reaches the parties' HTTP APIs
+        self.tunnel = {m: f"10.{self.net + 1}.0.{i + 1}" for i, m in enumerate(MEMBERS)}
+        self.wireguard(MEMBERS, {m: f"{a}/24" for m, a in self.tunnel.items()}, lambda m: f"w{self.tag}{m}")
         return self
-
-    def exec(self, m: str, *cmd: str) -> subprocess.CompletedProcess:
-        return _sh("ip", "netns", "exec", self.ns[m], *cmd)
-
-    def _wireguard(self) -> None:
-        keys = {}
-        for m in MEMBERS:
-            key = _sh("wg", "genkey").stdout.strip()
-            keyfile = self.work / f"wg-{m}.key"
-            keyfile.write_text(key + "\n")
-            keyfile.chmod(0o600)
-            keys[m] = (keyfile, subprocess.run(["wg", "pubkey"], input=key, capture_output=True, text=True,
-                                               check=True).stdout.strip())
-        for m in MEMBERS:
-            iface = self.wg[m]
-            if subprocess.run(["ip", "netns", "exec", self.ns[m], "ip", "link", "add", iface, "type", "wireguard"],
-                              capture_output=True).returncode != 0:
-                # userspace WireGuard (same protocol) where the kernel lacks the module
-                env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
-                self.daemons.append(subprocess.Popen(
-                    ["ip", "netns", "exec", self.ns[m], "wireguard-go", "-f", iface], env=env,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent))
-                _wait(lambda: _sh("wg", "show", iface, check=False).returncode == 0, f"wireguard-go {iface}")
-            conf = self.work / f"wg-{m}.conf"  # deploy/wireguard/wg-mpc.conf.template, filled in
-            lines = ["[Interface]", f"PrivateKey = {keys[m][0].read_text().strip()}", f"ListenPort = {WG_PORT}"]
-            for peer in MEMBERS:
-                if peer != m:
-                    lines += ["", "[Peer]", f"PublicKey = {keys[peer][1]}", f"AllowedIPs = {self.tunnel[peer]}/32",
-                              f"Endpoint = {self.under[peer]}:{WG_PORT}"]
-            conf.write_text("\n".join(lines) + "\n")
-            conf.chmod(0o600)
-            self.exec(m, "sh", str(REPO_ROOT / "deploy" / "wireguard" / "mpc-wg.sh"), "up", iface,
-                      f"{self.tunnel[m]}/24", str(conf))
-
-    def down(self) -> None:
-        for m in MEMBERS:
-            _sh("ip", "netns", "del", self.ns[m], check=False)
-        for proc in self.daemons:
-            stop(proc)
-        _sh("ip", "link", "del", self.bridge, check=False)
-
-
-def _wait(cond, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} not up within {timeout:.0f}s")
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    reason = _why_not()
+    reason = why_not(("ip", "wg", "tshark", "ss"), wireguard=True)
     if reason:
         pytest.skip(reason)
-    net = Net(tmp_path_factory.mktemp("mpcnet"))
+    net = Net(tmp_path_factory.mktemp("mpcnet"), MEMBERS)
     try:
         yield net.up()
     finally:
@@ -161,7 +67,7 @@ def net(tmp_path_factory):
 
 def _launch(net: Net, m: str, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     """`iomt <args>` in member m's namespace (through the seed probe, see mpc_seed_probe.py)."""
-    cmd = ["ip", "netns", "exec", net.ns[m], sys.executable, str(PROBE), "-v", *args]
+    cmd = net.argv(m, sys.executable, str(PROBE), "-v", *args)
     return spawn(cmd, log, child_env(env, one_thread=True))
 
 
@@ -195,7 +101,7 @@ def _run_cloud(net: Net, work: Path, tunnel: bool) -> dict:
     pcap = work / "link.pcapng"
     tshark = subprocess.Popen(["tshark", "-i", net.bridge, "-w", str(pcap), "-f", f"not tcp port {HTTP_PORT}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
-    _wait(lambda: pcap.exists(), "tshark")
+    wait(lambda: pcap.exists(), "tshark")
     procs = {"tp": _launch(net, "tp", ["cloud", "triples", "--parties", "2", "--mpc-master", master, *link("tp")],
                            work / "tp.log", {})}
     for i, m in enumerate(("p0", "p1")):
@@ -213,7 +119,7 @@ def _run_cloud(net: Net, work: Path, tunnel: bool) -> dict:
                 return all(httpx.get(f"{u}/inference/v1/status", timeout=2).json()["ready"] for u in urls)
             return False
 
-        _wait(ready, "the MPC group", READY_S)
+        wait(ready, "the MPC group", READY_S)
         listeners = _wildcard_listeners(net)
         original = inference_client.share_inputs
 

@@ -17,7 +17,6 @@ import collections
 import contextlib
 import json
 import logging
-import ssl
 import time
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +26,7 @@ from fastapi import FastAPI
 from fastapi import Path as PathParam
 from fastapi import Request
 
-from cloud_aggregator.serve import listen_flags, serve
+from cloud_aggregator.serve import add_tls_arguments, listen_flags, serve, tls_flags, transport_error
 from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
@@ -250,8 +249,7 @@ class Coordinator:
             log.info("round %d done: global version %d", cur.config.round, cur.config.version)
 
     async def loop(self) -> None:
-        verify = ssl.create_default_context(cafile=str(self.settings.tls_ca)) if self.settings.tls_ca else True
-        async with httpx.AsyncClient(verify=verify, timeout=10.0) as client:
+        async with httpx.AsyncClient(verify=self.settings.client_tls(), timeout=10.0) as client:
             while True:
                 try:
                     await self.tick(client)
@@ -356,9 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int,
                         help=f"most samples a hospital may claim per round (default {MAX_SAMPLES_DEFAULT}; the "
                              "registry may declare less per hospital); larger claims are left out")
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--tls-ca", help="CA bundle to verify the parties")
+    add_tls_arguments(parser, "the parties")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -368,12 +364,15 @@ def run(args: argparse.Namespace) -> int:
             "key_file": args.key_file, "party_urls": args.parties, "rounds": args.rounds,
             "round_timeout": args.round_timeout, "min_hospitals": args.min_hospitals, "strategy": args.strategy,
             "prox_mu": args.prox_mu, "model_file": args.model, "server_lr": args.server_lr, "beta1": args.beta1,
-            "beta2": args.beta2, "tau": args.tau, "max_samples": args.max_samples, "tls_cert": args.tls_cert,
-            "tls_key": args.tls_key, "tls_ca": args.tls_ca},
+            "beta2": args.beta2, "tau": args.tau, "max_samples": args.max_samples, **tls_flags(args)},
             flag_names={"party_urls": "--party", "model_file": "--model"})
+        refused = transport_error(settings, "coordinator")
+        if refused:
+            log.error("%s", refused)
+            return EXIT_CONFIG
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:
         log.error("bad coordinator settings: %s", err)
         return EXIT_CONFIG
-    serve(app, settings)
+    serve(app, settings, "coordinator", app.state.coordinator.counters)
     return EXIT_OK

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import ssl
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from protocols import fixedpoint, sharing
 from protocols.aggregation_messages import (FederationStatus, PrivacySpent, RoundConfig, RoundStatus, sharing_to_wire,
                                             upload_from_wire)
 from protocols.auth import Signer
+from protocols.pki import client_context
 from protocols.errors import ConfigError, IomtError
 from protocols.model_files import CoordinatorModelFile, GlobalModelMeta
 from protocols.params import flatten, normalise_spec, spec_hash, spec_size, state_sha256, unflatten
@@ -140,13 +140,17 @@ class FederatedClient:
     """A hospital's view of the federation: coordinator plus n parties, over HTTPS."""
 
     def __init__(self, signer: Signer, coordinator_url: str, ca: str | Path | None = None,
-                 timeout: float = 120.0, state_dir: str | Path | None = None) -> None:
-        """``state_dir`` keeps each round's upload bodies on disk (see :class:`PendingUploads`)."""
+                 timeout: float = 120.0, state_dir: str | Path | None = None, *,
+                 cert: str | Path | None = None, key: str | Path | None = None,
+                 crl: str | Path | None = None) -> None:
+        """``ca`` verifies the cloud services (with ``crl``, the CA's revocation list); ``cert`` and
+        ``key`` are this hospital's own TLS certificate and key, presented to them (mutual TLS).
+        ``state_dir`` keeps each round's upload bodies on disk (see :class:`PendingUploads`)."""
         self.signer = signer
         self.pending = PendingUploads(state_dir)
         self.hospital = signer.principal
         self.coordinator_url = coordinator_url.rstrip("/")
-        self.http = httpx.Client(verify=ssl.create_default_context(cafile=str(ca)) if ca else True, timeout=timeout)
+        self.http = httpx.Client(verify=client_context(ca, cert, key, crl), timeout=timeout)
         self.party_urls: list[str] = []
         self._globals: dict[int, tuple[dict, dict[str, np.ndarray]]] = {}
 
@@ -443,7 +447,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="this edge's data dir (its stored patients)")
     parser.add_argument("--key-file", help="this hospital's Ed25519 key file")
     parser.add_argument("--coordinator", help="coordinator base URL")
-    parser.add_argument("--tls-ca", help="CA bundle of the cloud services")
+    parser.add_argument("--tls-ca", help="the federation's CA certificate (verifies the cloud services)")
+    parser.add_argument("--tls-cert", help="this hospital's TLS certificate, presented to the cloud services")
+    parser.add_argument("--tls-key", help="its private key (made on this host by `iomt keys init`)")
+    parser.add_argument("--tls-crl", help="the federation CA's revocation list (crl.pem)")
     parser.add_argument("--epochs", type=int, help="local epochs per round (default 1)")
     parser.add_argument("--seed", type=int, help="default 0")
     add_dp_arguments(parser)  # DP-SGD at epsilon 8 for all the coordinator's planned rounds by default
@@ -541,6 +548,7 @@ def run(args: argparse.Namespace) -> int:
         return result.state, result.n_samples, result.metrics
 
     client = FederatedClient(Signer.from_file(args.key_file), args.coordinator, ca=args.tls_ca,
+                             cert=args.tls_cert, key=args.tls_key, crl=args.tls_crl,
                              state_dir=Path(args.data_dir) / "federation")
     try:
         records_out, status = client.run(train_fn)

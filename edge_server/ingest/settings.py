@@ -117,7 +117,13 @@ class FederateSettings(BaseSettings):
     key_file: Path | None = None
     #: Coordinator base URL.
     coordinator: str | None = None
+    #: The federation's CA certificate (verifies the cloud services) and its revocation list.
     tls_ca: Path | None = None
+    tls_crl: Path | None = None
+    #: This hospital's own TLS certificate and key (`iomt keys init` here, `iomt ca sign` at the
+    #: operator), presented to the parties and the coordinator, which require them (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     epochs: int = Field(1, ge=1)
     seed: int = 0
     #: ModelConfig JSON file (``--model-config``; pydantic reserves the name ``model_config``).

@@ -56,6 +56,13 @@ def tls_flags(args) -> dict[str, object]:
 def transport_error(settings, service: str) -> str | None:
     """Why ``service`` must not start with these settings (None: it may); warns for plain HTTP."""
     if settings.tls_cert is not None:
+        from cloud_aggregator.mtls import RevocationList
+        try:  # unreadable or mismatching files: a clear message now, not a traceback from uvicorn
+            context = ssl.create_default_context(cafile=str(settings.tls_ca))
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+            RevocationList(settings.tls_crl, settings.tls_ca)
+        except (OSError, ValueError, ssl.SSLError) as err:
+            return f"{service}: TLS files ({settings.tls_cert}, {settings.tls_key}, {settings.tls_ca}, {settings.tls_crl}): {err}"
         return None
     if settings.insecure_http:
         log.warning("%s serves PLAIN HTTP on %s:%d (insecure_http): tokens, shares and queries cross the "

@@ -274,14 +274,15 @@ class LocalCloud:
             return self.signers[principal or self.clients[0]]
         return Signer.from_file(self.key_file(principal))
 
-    def client(self, hospital: str):
+    def client(self, hospital: str, **kw):
+        """``hospital``'s FederatedClient (its own certificate with TLS); ``kw`` go to it."""
         from edge_server.federation.client import FederatedClient
 
         if self.tls is None:
-            return FederatedClient(self.signer(hospital), self.coord_url)
+            return FederatedClient(self.signer(hospital), self.coord_url, **kw)
         files = self.tls_hosts[hospital]
         return FederatedClient(self.signer(hospital), self.coord_url, ca=self.tls["ca"], cert=files.tls_cert,
-                               key=files.tls_key, crl=self.tls["crl"])
+                               key=files.tls_key, crl=self.tls["crl"], **kw)
 
     def federated_clients(self) -> dict:
         """A registered client per hospital (registering opens round 1 once all are in)."""

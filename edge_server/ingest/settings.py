@@ -139,6 +139,14 @@ class FederateSettings(BaseSettings):
     noise_multiplier: float | None = None
     epsilon_budget: float | None = None
 
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_cert needs tls_ca (the federation's CA)")
+        return self
+
 
 def load_settings(config: Path | None = None, **overrides) -> EdgeSettings:
     """Settings from the TOML file ``config``, the environment and ``overrides`` (CLI flags; None

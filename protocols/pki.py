@@ -94,16 +94,18 @@ def san_entries(names: list[str] | tuple[str, ...]) -> list[x509.GeneralName]:
 # the host's side
 @dataclass(frozen=True)
 class HostFiles:
-    """The files of one host's key folder."""
+    """The files of one host's key folder (`iomt keys init --dir`)."""
 
     dir: Path
 
-    def __getattr__(self, name: str) -> Path:  # token_key, tls_key, tls_csr, tls_cert, ca, crl, ...
-        names = {"token_key": TOKEN_KEY, "token_pub": TOKEN_PUB, "tls_key": TLS_KEY, "tls_csr": TLS_CSR,
-                 "tls_cert": TLS_CERT, "ca": CA_CERT, "crl": CRL, "tls_key_next": TLS_KEY_NEXT}
-        if name not in names:
-            raise AttributeError(name)
-        return self.dir / names[name]
+    token_key = property(lambda self: self.dir / TOKEN_KEY)
+    token_pub = property(lambda self: self.dir / TOKEN_PUB)
+    tls_key = property(lambda self: self.dir / TLS_KEY)
+    tls_key_next = property(lambda self: self.dir / TLS_KEY_NEXT)
+    tls_csr = property(lambda self: self.dir / TLS_CSR)
+    tls_cert = property(lambda self: self.dir / TLS_CERT)
+    ca = property(lambda self: self.dir / CA_CERT)
+    crl = property(lambda self: self.dir / CRL)
 
 
 def _csr(key: ec.EllipticCurvePrivateKey, principal: str, names: list[str]) -> x509.CertificateSigningRequest:

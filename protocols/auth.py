@@ -316,4 +316,6 @@ def make_tls(out: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
 
     _, hosts_files = issue_local(out, [("service", "service")], hosts, days=days)
     files = hosts_files["service"]
+    for folder in (Path(out), files.dir.parent, files.dir):  # a broker dropping to its own user must
+        folder.chmod(0o755)                                   # reach the files; the key itself stays 0600
     return {"ca": files.ca, "cert": files.tls_cert, "key": files.tls_key}

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
                    help="DNS name or IP address for the SAN (repeat); default: the request's")
     p.add_argument("--keep-previous", action="store_true",
                    help="leave the id's earlier certificates valid (default: revoked as superseded)")
+    p.add_argument("--share-names", action="store_true",
+                   help="allow names another principal's valid certificate holds (services on one host)")
     p.add_argument("--out", type=Path, help="certificate file (default: <dir>/certs/<id>.pem)")
     p = action("register", "add a principal's public token key (token.pub) to registry.json", run_register)
     p.add_argument("--registry", required=True, type=Path, help="registry.json (created if absent)")
@@ -86,7 +88,7 @@ def run_sign(args: argparse.Namespace) -> int:
     try:
         ca = CertificateAuthority(args.dir)
         pem, superseded = ca.sign(args.csr.read_bytes(), args.id, args.role, days=args.days, names=args.tls_name,
-                                  keep_previous=args.keep_previous)
+                                  keep_previous=args.keep_previous, share_names=args.share_names)
     except (ValueError, OSError) as err:
         return _fail(str(err))
     from cryptography import x509

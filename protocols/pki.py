@@ -298,13 +298,17 @@ class CertificateAuthority:
         _atomic(self.index_path, json.dumps(index, indent=1).encode())
 
     def sign(self, csr_pem: bytes, principal: str, role: str, days: int = DEFAULT_DAYS,
-             names: list[str] | None = None, keep_previous: bool = False) -> tuple[bytes, list[str]]:
+             names: list[str] | None = None, keep_previous: bool = False,
+             share_names: bool = False) -> tuple[bytes, list[str]]:
         """Sign a host's request: one certificate for ``principal``; returns (PEM, superseded serials).
 
         The request's subject must name ``principal``; its SAN's DNS names and IP addresses are
         kept unless ``names`` replaces them. The certificate binds the id (CN and URI SAN),
         serves as server and client certificate, and supersedes (revokes, reason
-        ``superseded``) the id's earlier certificates unless ``keep_previous``.
+        ``superseded``) the id's earlier certificates unless ``keep_previous``. A name that a
+        valid certificate of another principal holds is refused unless ``share_names`` (services
+        on one host): otherwise party 0's operator could ask for party 1's host name and serve
+        in its place.
         """
         check_principal_id(principal)
         if role not in CERT_ROLES:
@@ -326,6 +330,10 @@ class CertificateAuthority:
         for entry in index.values():
             if entry["id"] == principal and entry["role"] != role:
                 raise PkiError(f"{principal!r} was issued as {entry['role']}, not {role}")
+            taken = set(names) & set(entry["names"])
+            if taken and entry["id"] != principal and entry["revoked"] is None and not share_names:
+                raise PkiError(f"{', '.join(sorted(taken))} already names {entry['id']!r}; a name belongs to one "
+                               "service (revoke that certificate first, or --share-names for services on one host)")
         now = _now()
         alt = [x509.UniformResourceIdentifier(PRINCIPAL_URI + principal), *san_entries(names)]
         serial = x509.random_serial_number()
@@ -433,6 +441,6 @@ def issue_local(root: str | Path, principals: list[tuple[str, str]], names: tupl
     hosts = {}
     for pid, role in principals:
         files = init_host(root / "hosts" / pid, pid, role, names, token=False)
-        cert, _ = ca.sign(files.tls_csr.read_bytes(), pid, role, days=days)
+        cert, _ = ca.sign(files.tls_csr.read_bytes(), pid, role, days=days, share_names=True)  # one host
         hosts[pid] = install_cert(files.dir, cert, ca.cert_path.read_bytes(), ca.crl_path.read_bytes())
     return ca, hosts

@@ -40,6 +40,10 @@ def test_the_ca_refuses_a_request_for_another_id_or_role(ca, tmp_path):
         ca.sign(host.tls_csr.read_bytes(), "party-0", "coordinator")
     with pytest.raises(PkiError, match="not a PEM certificate request"):
         ca.sign(b"junk", "party-0", "party")
+    greedy = init_host(tmp_path / "p1", "party-1", "party", ["p1.example", "p0.example"])
+    ca.sign(init_host(tmp_path / "p0b", "party-0", "party", ["p0.example"]).tls_csr.read_bytes(), "party-0", "party")
+    with pytest.raises(PkiError, match="p0.example already names 'party-0'"):  # party 1 asks for party 0's name
+        ca.sign(greedy.tls_csr.read_bytes(), "party-1", "party")
     with pytest.raises(PkiError, match="neither a DNS name nor an IP"):
         init_host(tmp_path / "p9", "party-9", "party", ["bad name"])
 

@@ -181,7 +181,14 @@ def install_cert(folder: str | Path, cert_pem: bytes, ca_pem: bytes | None = Non
             break
     else:
         raise PkiError(f"the certificate is not for this host's TLS key ({files.dir}): sign this host's tls.csr")
-    if path == files.tls_key_next:
+    if path == files.tls_key_next:  # the new key gets the old one's group and (at most 0640) mode:
+        old = files.tls_key.stat() if files.tls_key.exists() else None  # the service's group may read it
+        if old is not None:
+            try:
+                os.chown(files.tls_key_next, -1, old.st_gid)
+            except PermissionError:
+                pass
+            os.chmod(files.tls_key_next, old.st_mode & 0o640)
         os.replace(files.tls_key_next, files.tls_key)
     _atomic(files.tls_cert, cert_pem)
     _atomic(files.ca, ca_pem)

@@ -63,6 +63,7 @@ def test_install_refuses_a_certificate_for_another_key_or_from_another_ca(ca, tm
 def test_reissue_supersedes_and_revoke_lists_the_serials_in_the_crl(ca, tmp_path):
     host = init_host(tmp_path / "h", "h1", "hospital")
     first = x509.load_pem_x509_certificate(ca.sign(host.tls_csr.read_bytes(), "h1", "hospital")[0])
+    host.tls_key.chmod(0o640)  # as deploy/README.md has it: readable by the service's group
     init_host(host.dir, "h1", "hospital", new_tls_key=True)
     pem, superseded = ca.sign(host.tls_csr.read_bytes(), "h1", "hospital")
     assert superseded == [format(first.serial_number, "x")]
@@ -70,7 +71,7 @@ def test_reissue_supersedes_and_revoke_lists_the_serials_in_the_crl(ca, tmp_path
     assert crl.is_signature_valid(ca.cert.public_key())
     assert {r.serial_number for r in crl} == {first.serial_number}
     install_cert(host.dir, pem, ca.cert_path.read_bytes())  # the rotated key replaces tls.key
-    assert not host.tls_key_next.exists()
+    assert not host.tls_key_next.exists() and host.tls_key.stat().st_mode & 0o777 == 0o640
     second = x509.load_pem_x509_certificate(pem)
     assert ca.revoke("h1") == [format(second.serial_number, "x")]
     assert {r.serial_number for r in x509.load_pem_x509_crl(ca.crl_path.read_bytes())} == \

@@ -30,6 +30,7 @@ from cloud_aggregator.web import bounded_route, error_response, install_error_ha
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult, Receipt,
                                             Receipts, RoundConfig, RoundStatus, UploadAck, upload_from_wire)
 from protocols.auth import AuthError, Registry, Signer
+from protocols.pki import pin_extensions
 from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError, Refusal, ShareError
 from protocols.model_files import GlobalModelMeta
@@ -85,9 +86,10 @@ class Party:
         if not (self.settings.coordinator_url and self.signer):
             raise RoundRefused("unknown_round", f"round {rnd} unknown and no coordinator configured")
         try:
+            url = self.settings.coordinator_url
             with httpx.Client(verify=self.settings.client_tls(), timeout=10.0) as client:
-                resp = client.get(f"{self.settings.coordinator_url}/rounds/{rnd}",
-                                  headers=self.signer.headers("coordinator"))
+                resp = client.get(f"{url}/rounds/{rnd}", headers=self.signer.headers("coordinator"),
+                                  extensions=pin_extensions(url, "coordinator"))
         except httpx.HTTPError as err:
             raise RoundRefused("coordinator_unreachable", f"cannot fetch round {rnd}: {err}") from err
         if resp.status_code == 404:

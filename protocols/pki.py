@@ -33,6 +33,11 @@ from protocols.auth import ROLES, check_principal_id
 
 #: The URI SAN that names a certificate's principal: ``urn:iomt:principal:<id>``.
 PRINCIPAL_URI = "urn:iomt:principal:"
+#: Every certificate also carries the DNS name ``<id>.principal.iomt.invalid`` (``.invalid``:
+#: never resolvable). A client that must reach principal P asks TLS to verify that name
+#: (:func:`principal_host`, sent as SNI), so the handshake itself fails, before any byte of a
+#: request, when the server is any other principal, whatever its host names.
+PRINCIPAL_HOST = ".principal.iomt.invalid"
 #: Roles a certificate may be issued for: the token roles, ``operator`` (a person's
 #: browser or script reaching the coordinator's page) and ``service`` (a TLS-only service such as the
 #: MQTT broker); those two have no token key.
@@ -75,6 +80,17 @@ def _pem_private(key) -> bytes:
 
 def _pem_public(key) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def principal_host(principal: str) -> str:
+    """The DNS name in ``principal``'s certificate that names the principal (see PRINCIPAL_HOST)."""
+    return check_principal_id(principal).lower() + PRINCIPAL_HOST
+
+
+def pin_extensions(url: str, principal: str) -> dict[str, str]:
+    """httpx request ``extensions=`` that make the TLS handshake accept only ``principal``'s
+    certificate at ``url`` ({} for plain http)."""
+    return {"sni_hostname": principal_host(principal)} if url.startswith("https://") else {}
 
 
 def san_entries(names: list[str] | tuple[str, ...]) -> list[x509.GeneralName]:
@@ -216,7 +232,8 @@ def cert_names(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[
         alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
-    return [*alt.get_values_for_type(x509.DNSName), *(str(a) for a in alt.get_values_for_type(x509.IPAddress))]
+    return [*(n for n in alt.get_values_for_type(x509.DNSName) if not n.endswith(PRINCIPAL_HOST)),
+            *(str(a) for a in alt.get_values_for_type(x509.IPAddress))]
 
 
 def client_context(ca: str | Path | None, cert: str | Path | None = None, key: str | Path | None = None,
@@ -342,7 +359,8 @@ class CertificateAuthority:
                 raise PkiError(f"{', '.join(sorted(taken))} already names {entry['id']!r}; a name belongs to one "
                                "service (revoke that certificate first, or --share-names for services on one host)")
         now = _now()
-        alt = [x509.UniformResourceIdentifier(PRINCIPAL_URI + principal), *san_entries(names)]
+        alt = [x509.UniformResourceIdentifier(PRINCIPAL_URI + principal), x509.DNSName(principal_host(principal)),
+               *san_entries(names)]
         serial = x509.random_serial_number()
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, principal),
@@ -451,3 +469,55 @@ def issue_local(root: str | Path, principals: list[tuple[str, str]], names: tupl
         cert, _ = ca.sign(files.tls_csr.read_bytes(), pid, role, days=days, share_names=True)  # one host
         hosts[pid] = install_cert(files.dir, cert, ca.cert_path.read_bytes(), ca.crl_path.read_bytes())
     return ca, hosts
+
+
+class PinnedTransport:
+    """An httpx transport (sync or async, wrapping ``inner``) that pins origins to principals:
+    a request to an origin in ``pins`` (base URL -> principal id) carries that principal's
+    :func:`pin_extensions`, so TLS accepts only that principal's certificate there."""
+
+    def __init__(self, inner, pins: dict[str, str] | None = None) -> None:
+        self.inner, self._pins = inner, {}
+        for url, principal in (pins or {}).items():
+            self.pin(url, principal)
+
+    @staticmethod
+    def _origin(url) -> tuple[str, str, int | None]:
+        import httpx
+        u = httpx.URL(str(url))
+        return u.scheme, u.host, u.port
+
+    def pin(self, url: str, principal: str) -> None:
+        self._pins[self._origin(url)] = pin_extensions(str(url), principal)
+
+    def _pinned(self, request):
+        ext = self._pins.get(self._origin(request.url))
+        if ext:
+            request.extensions = {**request.extensions, **ext}
+        return request
+
+    def handle_request(self, request):
+        return self.inner.handle_request(self._pinned(request))
+
+    async def handle_async_request(self, request):
+        return await self.inner.handle_async_request(self._pinned(request))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.inner.__exit__(*exc)
+
+    async def __aenter__(self):
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.inner.__aexit__(*exc)

@@ -22,7 +22,7 @@ from cloud_aggregator.inference.publish import split_shares
 from cloud_aggregator.inference.ranges import check_answer, check_features, check_scaled
 from protocols.aggregation_messages import ErrorBody
 from protocols.auth import Signer
-from protocols.pki import ClientTls
+from protocols.pki import ClientTls, pin_extensions
 from protocols.fixedpoint import decode, encode
 from protocols.sharing import reconstruct
 
@@ -142,7 +142,8 @@ def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray]
         try:
             resp = _http_client(verify).post(
                 f"{party_urls[i].rstrip('/')}/inference/v1/predict", content=body.model_dump_json(),
-                headers={**signer.headers(f"party-{i}"), "content-type": "application/json"}, timeout=timeout)
+                headers={**signer.headers(f"party-{i}"), "content-type": "application/json"}, timeout=timeout,
+                extensions=pin_extensions(party_urls[i], f"party-{i}"))  # only party i's certificate there
         except httpx.HTTPError as err:
             raise InferenceError("party_unreachable", f"party {i} at {party_urls[i]}: {err}") from err
         if resp.status_code != 200:

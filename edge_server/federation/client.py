@@ -35,7 +35,7 @@ from protocols import fixedpoint, sharing
 from protocols.aggregation_messages import (FederationStatus, PrivacySpent, RoundConfig, RoundStatus, sharing_to_wire,
                                             upload_from_wire)
 from protocols.auth import Signer
-from protocols.pki import client_context
+from protocols.pki import PinnedTransport, client_context
 from protocols.errors import ConfigError, IomtError
 from protocols.model_files import CoordinatorModelFile, GlobalModelMeta
 from protocols.params import flatten, normalise_spec, spec_hash, spec_size, state_sha256, unflatten
@@ -150,7 +150,10 @@ class FederatedClient:
         self.pending = PendingUploads(state_dir)
         self.hospital = signer.principal
         self.coordinator_url = coordinator_url.rstrip("/")
-        self.http = httpx.Client(verify=client_context(ca, cert, key, crl), timeout=timeout)
+        # each URL accepts only its principal's certificate: the coordinator's, then party i's
+        self._pins = PinnedTransport(httpx.HTTPTransport(verify=client_context(ca, cert, key, crl)),
+                                     {self.coordinator_url: "coordinator"})
+        self.http = httpx.Client(transport=self._pins, timeout=timeout)
         self.party_urls: list[str] = []
         self._globals: dict[int, tuple[dict, dict[str, np.ndarray]]] = {}
 
@@ -167,7 +170,12 @@ class FederatedClient:
         resp = self.http.post(f"{self.coordinator_url}/hospitals/register",
                               headers=self.signer.headers("coordinator"))
         status = FederationStatus.model_validate_json(self._check(resp, "register").content)
-        self.party_urls = [u.rstrip("/") for u in status.parties]
+        party_urls = [u.rstrip("/") for u in status.parties]
+        if len(set(party_urls)) != len(party_urls):  # two shares to one party would reveal the update
+            raise FederationError(f"the coordinator lists a party twice: {party_urls}")
+        for i, url in enumerate(party_urls):
+            self._pins.pin(url, f"party-{i}")
+        self.party_urls = party_urls
         return status
 
     def status(self) -> FederationStatus:

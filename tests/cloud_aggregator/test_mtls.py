@@ -198,33 +198,64 @@ def test_no_certificate_or_a_foreign_one_fails_the_handshake(fed, tmp_path):
             http.get(f"{fed.party_urls[1]}/health").raise_for_status()
 
 
-def test_a_party_certificate_cannot_serve_as_the_other_party(fed):
-    """Party 0's operator serves with party 0's certificate at party 1's address: clients refuse it."""
+def _rogue(cert_dir, addr: str) -> int:
+    """A one-request HTTPS server at ``addr`` with the certificate and key in ``cert_dir``; its port."""
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(fed.host("party-0") / "tls.pem", fed.host("party-0") / "tls.key")
-    results = []
-    for addr in ("127.0.0.3", "127.0.0.2"):  # party 1's address, then (control) party 0's own
-        sock = socket.create_server((addr, 0))
-        port = sock.getsockname()[1]
+    server.load_cert_chain(cert_dir / "tls.pem", cert_dir / "tls.key")
+    sock = socket.create_server((addr, 0))
 
-        def accept(sock=sock):
-            conn, _ = sock.accept()
-            try:
-                with server.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(65536)  # the request
-                    tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-            except (ssl.SSLError, OSError):
-                pass
-            finally:
-                sock.close()
-        threading.Thread(target=accept, daemon=True).start()
+    def accept():
+        conn, _ = sock.accept()
         try:
-            with httpx.Client(verify=fed.verify("h1")) as http:
-                results.append(http.get(f"https://{addr}:{port}/").text)
-        except httpx.ConnectError as err:
-            results.append(str(err))
-    assert "127.0.0.3" in results[0] and "certificate verify failed" in results[0], results[0]
-    assert results[1] == "ok"  # the same certificate passes at its own address: the name decides
+            with server.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(65536)  # the request
+                tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        except (ssl.SSLError, OSError):
+            pass
+        finally:
+            sock.close()
+    threading.Thread(target=accept, daemon=True).start()
+    return sock.getsockname()[1]
+
+
+def _get(verify, url: str, **kw) -> str:
+    try:
+        with httpx.Client(verify=verify) as http:
+            return http.get(url, **kw).text
+    except httpx.ConnectError as err:
+        return str(err)
+
+
+def test_a_party_certificate_cannot_serve_as_the_other_party(fed):
+    """Party 0's operator serves with party 0's certificate at party 1's address: clients refuse it,
+    by the name (party 1's IP address is not in party 0's certificate) and, even where names are
+    shared (every service on one host), by the principal the client pins for that URL."""
+    from protocols.pki import pin_extensions
+
+    p0 = fed.host("party-0")
+    at_p1 = _get(fed.verify("h1"), f"https://127.0.0.3:{_rogue(p0, '127.0.0.3')}/")
+    assert "127.0.0.3" in at_p1 and "certificate verify failed" in at_p1, at_p1
+    url = f"https://127.0.0.2:{_rogue(p0, '127.0.0.2')}"  # its own address: the name passes ...
+    as_p1 = _get(fed.verify("h1"), f"{url}/", extensions=pin_extensions(url, "party-1"))
+    assert "certificate verify failed" in as_p1 and "party-1.principal.iomt.invalid" in as_p1, as_p1
+    url = f"https://127.0.0.2:{_rogue(p0, '127.0.0.2')}"  # ... and as party 0, it is party 0 (control)
+    assert _get(fed.verify("h1"), f"{url}/", extensions=pin_extensions(url, "party-0")) == "ok"
+
+
+def test_a_hospital_refuses_a_coordinator_that_lists_one_party_twice(tmp_path):
+    """Both shares to one party would hand it the update: registration fails instead."""
+    from edge_server.federation.client import FederationError
+    from protocols.aggregation_messages import FederationStatus
+    from protocols.auth import make_credentials
+
+    make_credentials(tmp_path, ["h1"], 2)
+    status = FederationStatus(current=None, latest_version=None, rounds_done=0, rounds_planned=1, finished=False,
+                              parties=["https://p0.example:8800", "https://p0.example:8800/"])
+    client = FederatedClient(Signer.from_file(tmp_path / "keys" / "h1.json"), "https://coord.example:8790")
+    client._pins.inner = httpx.MockTransport(lambda request: httpx.Response(200, content=status.model_dump_json()))
+    with pytest.raises(FederationError, match="lists a party twice"):
+        client.register()
+    assert client.party_urls == []
 
 
 def test_rotation_new_certificate_works_and_revoked_old_one_is_refused(fed, tmp_path):

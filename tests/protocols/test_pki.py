@@ -24,7 +24,8 @@ def test_a_certificate_binds_the_id_and_both_kinds_of_names(ca, tmp_path):
     cert = x509.load_pem_x509_certificate(pem)
     assert cert_principal(cert) == "party-0" and superseded == []
     alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert alt.get_values_for_type(x509.DNSName) == ["p0.example"]
+    assert alt.get_values_for_type(x509.DNSName) == ["party-0.principal.iomt.invalid", "p0.example"]
+    assert cert_names(cert) == ["p0.example", "10.0.0.5", "2001:db8::1"]  # the host's names only
     assert alt.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"),
                                                        ipaddress.ip_address("2001:db8::1")]
     install_cert(host.dir, pem, ca.cert_path.read_bytes())

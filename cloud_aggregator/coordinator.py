@@ -35,7 +35,7 @@ from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateReques
                                             FederationStatus, PrivacySpent, Receipts, RoundConfig,
                                             RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
-from protocols.pki import PinnedTransport
+from protocols.tls_client import PinnedTransport
 from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError
 from protocols.model_files import CoordinatorModelFile
@@ -250,7 +250,7 @@ class Coordinator:
             log.info("round %d done: global version %d", cur.config.round, cur.config.version)
 
     async def loop(self) -> None:
-        # party i's URL accepts only party i's certificate (protocols.pki.PinnedTransport)
+        # party i's URL accepts only party i's certificate (protocols.tls_client.PinnedTransport)
         transport = PinnedTransport(httpx.AsyncHTTPTransport(verify=self.settings.client_tls()),
                                     {u: f"party-{i}" for i, u in enumerate(self.settings.party_urls)})
         async with httpx.AsyncClient(transport=transport, timeout=10.0) as client:

@@ -30,7 +30,7 @@ from cloud_aggregator.web import bounded_route, error_response, install_error_ha
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult, Receipt,
                                             Receipts, RoundConfig, RoundStatus, UploadAck, upload_from_wire)
 from protocols.auth import AuthError, Registry, Signer
-from protocols.pki import pin_extensions
+from protocols.tls_client import pin_extensions
 from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError, Refusal, ShareError
 from protocols.model_files import GlobalModelMeta

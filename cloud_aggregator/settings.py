@@ -46,7 +46,7 @@ class _TLS(_HTTP):
 
     def client_tls(self):
         """httpx's ``verify=`` for this service's calls: the CA (and CRL), presenting its own certificate."""
-        from protocols.pki import client_context
+        from protocols.tls_client import client_context
         return client_context(self.tls_ca, self.tls_cert, self.tls_key, self.tls_crl)
 
 

@@ -99,9 +99,10 @@ def check_result(result: dict) -> None:
 
 def client_tls(ca, cert=None, key=None, crl=None):
     """``predict``'s ``verify=``: the federation's CA and this hospital's own certificate
-    (:class:`protocols.pki.ClientTls`), or True without a CA. The files are read once here, so
+    (:class:`protocols.tls_client.ClientTls`), or True without a CA. The files are read once here, so
     a missing or mismatching one is a ``PkiError`` (or ``OSError``) before anything is sent."""
-    from protocols.pki import ClientTls, PkiError
+    from protocols.pki import PkiError
+    from protocols.tls_client import ClientTls
 
     if ca is None:
         if cert is not None:

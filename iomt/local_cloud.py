@@ -156,7 +156,7 @@ class LocalCloud:
     def client_tls(self, principal: str = "coordinator"):
         """An httpx ``verify=`` for a client acting as ``principal``: the CA (and CRL) and
         ``principal``'s own certificate (True without TLS)."""
-        from protocols.pki import ClientTls
+        from protocols.tls_client import ClientTls
 
         if self.tls is None:
             return True

@@ -8,9 +8,9 @@ host. The operator's :class:`CertificateAuthority` (`iomt ca`) signs one certifi
 service, binding the principal id (CN and the URI SAN ``urn:iomt:principal:<id>``, read back
 by :func:`cert_principal`); it keeps its key, an index of what it issued and a CRL, so that
 certificates can be reissued (a new CSR for the same id supersedes and revokes the old
-certificate), rotated and revoked. :func:`client_context` is the TLS context every client of
-the federation uses: it verifies the server against the CA (and CRL) and presents its own
-certificate.
+certificate), rotated and revoked. Every certificate also names its principal as a DNS name
+(:func:`protocols.tls_client.principal_host`) to which clients pin each URL; the clients' TLS
+side is :mod:`protocols.tls_client`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +29,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocols.auth import ROLES, check_principal_id
+from protocols.tls_client import PRINCIPAL_HOST, principal_host
 
 #: The URI SAN that names a certificate's principal: ``urn:iomt:principal:<id>``.
 PRINCIPAL_URI = "urn:iomt:principal:"
-#: Every certificate also carries the DNS name ``<id>.principal.iomt.invalid`` (``.invalid``:
-#: never resolvable). A client that must reach principal P asks TLS to verify that name
-#: (:func:`principal_host`, sent as SNI), so the handshake itself fails, before any byte of a
-#: request, when the server is any other principal, whatever its host names.
-PRINCIPAL_HOST = ".principal.iomt.invalid"
 #: Roles a certificate may be issued for: the token roles, ``operator`` (a person's
 #: browser or script reaching the coordinator's page) and ``service`` (a TLS-only service such as the
 #: MQTT broker); those two have no token key.
@@ -80,17 +75,6 @@ def _pem_private(key) -> bytes:
 
 def _pem_public(key) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def principal_host(principal: str) -> str:
-    """The DNS name in ``principal``'s certificate that names the principal (see PRINCIPAL_HOST)."""
-    return check_principal_id(principal).lower() + PRINCIPAL_HOST
-
-
-def pin_extensions(url: str, principal: str) -> dict[str, str]:
-    """httpx request ``extensions=`` that make the TLS handshake accept only ``principal``'s
-    certificate at ``url`` ({} for plain http)."""
-    return {"sni_hostname": principal_host(principal)} if url.startswith("https://") else {}
 
 
 def san_entries(names: list[str] | tuple[str, ...]) -> list[x509.GeneralName]:
@@ -234,40 +218,6 @@ def cert_names(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[
         return []
     return [*(n for n in alt.get_values_for_type(x509.DNSName) if not n.endswith(PRINCIPAL_HOST)),
             *(str(a) for a in alt.get_values_for_type(x509.IPAddress))]
-
-
-def client_context(ca: str | Path | None, cert: str | Path | None = None, key: str | Path | None = None,
-                   crl: str | Path | None = None) -> ssl.SSLContext | bool:
-    """The TLS context of a federation client (for ``httpx``'s ``verify=``).
-
-    Verifies servers against the CA ``ca`` (and, when given, its CRL ``crl``: a revoked server
-    certificate fails the handshake) and presents ``cert``/``key`` for mutual TLS. Without
-    ``ca``: True (the system's CAs, no client certificate).
-    """
-    if ca is None:
-        if cert is not None:
-            raise PkiError("a client certificate needs the federation's CA (tls_ca)")
-        return True
-    context = ssl.create_default_context(cafile=str(ca))
-    if crl is not None:
-        context.load_verify_locations(cafile=str(crl))
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key) if key else None)
-    return context
-
-
-@dataclass(frozen=True)
-class ClientTls:
-    """A client's TLS files (hashable, so that a pooled HTTP client can be kept per setting)."""
-
-    ca: Path | None
-    cert: Path | None = None
-    key: Path | None = None
-    crl: Path | None = None
-
-    def context(self) -> ssl.SSLContext | bool:
-        return client_context(self.ca, self.cert, self.key, self.crl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,55 +419,3 @@ def issue_local(root: str | Path, principals: list[tuple[str, str]], names: tupl
         cert, _ = ca.sign(files.tls_csr.read_bytes(), pid, role, days=days, share_names=True)  # one host
         hosts[pid] = install_cert(files.dir, cert, ca.cert_path.read_bytes(), ca.crl_path.read_bytes())
     return ca, hosts
-
-
-class PinnedTransport:
-    """An httpx transport (sync or async, wrapping ``inner``) that pins origins to principals:
-    a request to an origin in ``pins`` (base URL -> principal id) carries that principal's
-    :func:`pin_extensions`, so TLS accepts only that principal's certificate there."""
-
-    def __init__(self, inner, pins: dict[str, str] | None = None) -> None:
-        self.inner, self._pins = inner, {}
-        for url, principal in (pins or {}).items():
-            self.pin(url, principal)
-
-    @staticmethod
-    def _origin(url) -> tuple[str, str, int | None]:
-        import httpx
-        u = httpx.URL(str(url))
-        return u.scheme, u.host, u.port
-
-    def pin(self, url: str, principal: str) -> None:
-        self._pins[self._origin(url)] = pin_extensions(str(url), principal)
-
-    def _pinned(self, request):
-        ext = self._pins.get(self._origin(request.url))
-        if ext:
-            request.extensions = {**request.extensions, **ext}
-        return request
-
-    def handle_request(self, request):
-        return self.inner.handle_request(self._pinned(request))
-
-    async def handle_async_request(self, request):
-        return await self.inner.handle_async_request(self._pinned(request))
-
-    def close(self) -> None:
-        self.inner.close()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    def __enter__(self):
-        self.inner.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.inner.__exit__(*exc)
-
-    async def __aenter__(self):
-        await self.inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.inner.__aexit__(*exc)

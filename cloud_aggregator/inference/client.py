@@ -22,7 +22,7 @@ from cloud_aggregator.inference.publish import split_shares
 from cloud_aggregator.inference.ranges import check_answer, check_features, check_scaled
 from protocols.aggregation_messages import ErrorBody
 from protocols.auth import Signer
-from protocols.pki import ClientTls, pin_extensions
+from protocols.tls_client import ClientTls, pin_extensions
 from protocols.fixedpoint import decode, encode
 from protocols.sharing import reconstruct
 
@@ -122,7 +122,7 @@ def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray]
             timeout: float = TIMEOUT_S, verify: bool | str | ClientTls = True) -> Prediction:
     """Encrypted inference: ``inputs`` never leave this process except as shares.
 
-    ``verify``: a :class:`protocols.pki.ClientTls` (the federation's CA and this client's own
+    ``verify``: a :class:`protocols.tls_client.ClientTls` (the federation's CA and this client's own
     certificate, which the parties require), a CA bundle path, or True (system CAs).
 
     Raises

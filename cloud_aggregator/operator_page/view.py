@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from protocols.aggregation_messages import RoundStatus
-from protocols.pki import pin_extensions
+from protocols.tls_client import pin_extensions
 
 #: Seconds a parties' health answer is reused (the page polls every second).
 PARTY_CACHE_S = 2.0

@@ -35,7 +35,7 @@ from protocols import fixedpoint, sharing
 from protocols.aggregation_messages import (FederationStatus, PrivacySpent, RoundConfig, RoundStatus, sharing_to_wire,
                                             upload_from_wire)
 from protocols.auth import Signer
-from protocols.pki import PinnedTransport, client_context
+from protocols.tls_client import PinnedTransport, client_context
 from protocols.errors import ConfigError, IomtError
 from protocols.model_files import CoordinatorModelFile, GlobalModelMeta
 from protocols.params import flatten, normalise_spec, spec_hash, spec_size, state_sha256, unflatten

@@ -230,7 +230,7 @@ def test_a_party_certificate_cannot_serve_as_the_other_party(fed):
     """Party 0's operator serves with party 0's certificate at party 1's address: clients refuse it,
     by the name (party 1's IP address is not in party 0's certificate) and, even where names are
     shared (every service on one host), by the principal the client pins for that URL."""
-    from protocols.pki import pin_extensions
+    from protocols.tls_client import pin_extensions
 
     p0 = fed.host("party-0")
     at_p1 = _get(fed.verify("h1"), f"https://127.0.0.3:{_rogue(p0, '127.0.0.3')}/")

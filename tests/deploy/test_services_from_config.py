@@ -9,7 +9,8 @@ import pytest
 
 from iomt.supervisor import Supervisor, free_port, iomt_argv, wait_port
 from protocols.auth import make_credentials
-from protocols.pki import ClientTls, issue_local
+from protocols.pki import issue_local
+from protocols.tls_client import ClientTls
 
 
 def _tls(host) -> str:

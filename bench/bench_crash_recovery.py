@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edge_server.federation.client import FederatedClient, FederationError  # noqa: E402
+from edge_server.federation.client import FederationError  # noqa: E402
 from protocols import fixedpoint  # noqa: E402
 from protocols.aggregation_messages import upload_from_wire  # noqa: E402
 from protocols.model_files import CoordinatorModelFile  # noqa: E402
@@ -88,8 +88,7 @@ def _toy(root: Path, kill: str) -> dict:
 def _during_upload(root: Path) -> dict:
     cluster = LocalCloud.secagg(root, 2, list(COUNTS), round_timeout=300.0).start()
     try:
-        clients = {h: FederatedClient(cluster.signer(h), cluster.coord_url, ca=cluster.tls["ca"],
-                                      state_dir=root / f"{h}-edge") for h in COUNTS}
+        clients = {h: cluster.client(h, state_dir=root / f"{h}-edge") for h in COUNTS}
         for c in clients.values():
             c.register()
         cfg = cluster.wait_round(clients["h1"], 1, states=("open",)).config
@@ -104,8 +103,7 @@ def _during_upload(root: Path) -> dict:
         cluster.start_party(1)
         clients["h1"].upload(cfg, states["h1"], COUNTS["h1"])  # the same client retries
         clients["h2"].close()
-        clients["h2"] = FederatedClient(cluster.signer("h2"), cluster.coord_url, ca=cluster.tls["ca"],
-                                        state_dir=root / "h2-edge")
+        clients["h2"] = cluster.client("h2", state_dir=root / "h2-edge")
         clients["h2"].register()
         clients["h2"].upload(cfg, states["h2"], COUNTS["h2"])  # a fresh client resends the kept bodies
         clients["h3"].upload(cfg, states["h3"], COUNTS["h3"])
@@ -144,7 +142,7 @@ def _edge(root: Path) -> dict:
         def edge(h: str):
             return spawn_iomt("-v", "edge", "federate", "--data-dir", str(root / "bc" / h),
                               "--key-file", str(root / f"creds/keys/{h}.json"), "--coordinator", cluster.coord_url,
-                              "--tls-ca", str(cluster.tls["ca"]), "--json", log=root / f"{h}.log")
+                              *cluster.client_tls_args(h), "--json", log=root / f"{h}.log")
         edges = {h: edge(h) for h in hospitals}
         victim = hospitals[0]
         share = cluster.party_dir(0) / "rounds/r000001" / f"{victim}.json"

@@ -17,7 +17,6 @@ import collections
 import contextlib
 import json
 import logging
-import ssl
 import time
 from pathlib import Path
 from typing import Annotated
@@ -30,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from cloud_aggregator.metrics import CoordinatorMetrics, serve_metrics
 from cloud_aggregator.readiness import Readiness
-from cloud_aggregator.serve import listen_flags, serve
+from cloud_aggregator.serve import add_tls_arguments, listen_flags, serve, tls_flags, transport_error
 from cloud_aggregator.settings import CoordinatorSettings
 from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
@@ -39,6 +38,7 @@ from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateReques
                                             FederationStatus, PrivacySpent, Receipts, RoundConfig,
                                             RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
+from protocols.tls_client import PinnedTransport
 from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError
 from protocols.model_files import CoordinatorModelFile
@@ -288,8 +288,10 @@ class Coordinator:
                      len(cur.participants))
 
     async def loop(self) -> None:
-        verify = ssl.create_default_context(cafile=str(self.settings.tls_ca)) if self.settings.tls_ca else True
-        async with httpx.AsyncClient(verify=verify, timeout=10.0) as client:
+        # party i's URL accepts only party i's certificate (protocols.tls_client.PinnedTransport)
+        transport = PinnedTransport(httpx.AsyncHTTPTransport(verify=self.settings.client_tls()),
+                                    {u: f"party-{i}" for i, u in enumerate(self.settings.party_urls)})
+        async with httpx.AsyncClient(transport=transport, timeout=10.0) as client:
             while True:
                 try:
                     await self.tick(client)
@@ -402,9 +404,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int,
                         help=f"most samples a hospital may claim per round (default {MAX_SAMPLES_DEFAULT}; the "
                              "registry may declare less per hospital); larger claims are left out")
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--tls-ca", help="CA bundle to verify the parties")
+    add_tls_arguments(parser, "the parties")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this plain-HTTP port (default: off; deploy/: 9102)")
     parser.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
@@ -417,15 +417,18 @@ def run(args: argparse.Namespace) -> int:
             "key_file": args.key_file, "party_urls": args.parties, "rounds": args.rounds,
             "round_timeout": args.round_timeout, "min_hospitals": args.min_hospitals, "strategy": args.strategy,
             "prox_mu": args.prox_mu, "model_file": args.model, "server_lr": args.server_lr, "beta1": args.beta1,
-            "beta2": args.beta2, "tau": args.tau, "max_samples": args.max_samples, "tls_cert": args.tls_cert,
-            "tls_key": args.tls_key, "tls_ca": args.tls_ca, "metrics_port": args.metrics_port,
-            "metrics_host": args.metrics_host},
+            "beta2": args.beta2, "tau": args.tau, "max_samples": args.max_samples, **tls_flags(args),
+            "metrics_port": args.metrics_port, "metrics_host": args.metrics_host},
             flag_names={"party_urls": "--party", "model_file": "--model"})
+        refused = transport_error(settings, "coordinator")
+        if refused:
+            log.error("%s", refused)
+            return EXIT_CONFIG
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:
         log.error("bad coordinator settings: %s", err)
         return EXIT_CONFIG
     if not serve_metrics(app.state.metrics.registry, settings, "coordinator"):
         return EXIT_CONFIG
-    serve(app, settings)
+    serve(app, settings, "coordinator", app.state.coordinator.counters)
     return EXIT_OK

@@ -1,15 +1,17 @@
-"""`iomt cloud credentials`: the keys, registry and TLS certificates of a federation.
+"""`iomt cloud credentials`: a whole federation's keys on ONE machine (demo, tests, trials).
 
 Writes an Ed25519 key file per principal (``keys/<id>.json``: each hospital, ``party-<i>``
-and ``coordinator``), the public ``registry.json`` every service verifies tokens against,
-and (with ``--tls-host``) a CA plus one server certificate for those host names. Hand each
-principal its own key file only; ``registry.json`` and ``tls/ca.pem`` are public.
+and ``coordinator``) and the public ``registry.json`` every service verifies tokens against;
+with ``--tls-host`` also a CA (``tls/ca/``, kept: ``iomt ca sign --dir tls/ca`` reissues) and,
+per principal, its own TLS key and certificate (``tls/hosts/<id>/``: ``tls.key``, ``tls.pem``,
+``ca.pem``, ``crl.pem``), so that no service can pose as another. Every private key is made
+here, so this is for one-machine use; across hosts each host makes its own keys (`iomt keys
+init`) and the operator signs and registers them (`iomt ca`), see deploy/README.md.
 `iomt cloud credentials --revoke ID --out DIR` adds ID to the registry's revocation list;
 `iomt cloud credentials --max-samples ID=N --out DIR` declares the most samples hospital ID
 may claim per round (parties refuse larger claims); services re-read the registry when it
-changes.
-services re-read the registry when it changes. Ids must be plain identifiers
-(protocols.auth.PRINCIPAL_ID: they name the key files); anything else exits 2.
+changes. Ids must be plain identifiers (protocols.auth.PRINCIPAL_ID: they name the key
+files); anything else exits 2.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from protocols.auth import check_principal_id, declare_max_samples, make_credentials, make_tls, revoke
+from protocols.auth import check_principal_id, declare_max_samples, make_credentials, revoke
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -32,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hospitals", help="comma-separated hospital ids")
     parser.add_argument("--parties", type=int, default=2, help="number of cloud parties")
     parser.add_argument("--tls-host", action="append", default=[],
-                        help="host name or IP the cloud services are reached at (repeat); makes tls/")
+                        help="host name or IP the cloud services are reached at (repeat); makes tls/: a CA and "
+                             "each principal's own key and certificate")
     parser.add_argument("--days", type=int, default=365, help="validity of the TLS certificates")
     parser.add_argument("--revoke", metavar="ID", help="revoke this principal in an existing registry")
     parser.add_argument("--max-samples", metavar="ID=N", action="append", default=[],
@@ -79,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
     make_credentials(args.out, hospitals, args.parties)
     print(f"keys for {len(hospitals)} hospitals, {args.parties} parties and the coordinator in {args.out / 'keys'}")
     if args.tls_host:
-        paths = make_tls(args.out / "tls", tuple(args.tls_host), days=args.days)
-        print(f"TLS CA {paths['ca']} and server certificate for {', '.join(args.tls_host)}")
+        from protocols.pki import PkiError, issue_local
+        principals = [(h, "hospital") for h in hospitals] + [(f"party-{i}", "party") for i in range(args.parties)]
+        try:
+            issue_local(args.out / "tls", [*principals, ("coordinator", "coordinator")], tuple(args.tls_host),
+                        days=args.days)
+        except PkiError as err:
+            return _fail(f"--tls-host: {err}")
+        print(f"TLS: CA in {args.out / 'tls' / 'ca'}, each principal's key and certificate (names "
+              f"{', '.join(args.tls_host)}) in {args.out / 'tls' / 'hosts'}/<id>/")
     return EXIT_OK

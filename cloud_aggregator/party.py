@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import collections
 import logging
-import ssl
 import time
 from typing import Annotated
 
@@ -24,8 +23,8 @@ from cloud_aggregator.accumulator import RoundAccumulator
 from cloud_aggregator.metrics import PartyMetrics, serve_metrics
 from cloud_aggregator.mpc import JobKind, WorkerConfig, WorkerSupervisor
 from cloud_aggregator.mpc.mpclink import add_mpc_link_arguments, resolve_link
-from cloud_aggregator.serve import listen_flags, serve
 from cloud_aggregator.readiness import Readiness
+from cloud_aggregator.serve import add_tls_arguments, listen_flags, serve, tls_flags, transport_error
 from cloud_aggregator.settings import PartySettings
 from cloud_aggregator.store import PartyStore, StoreError, check_id, file_sha256, latest_version
 from cloud_aggregator.strategies import get_strategy
@@ -33,6 +32,7 @@ from cloud_aggregator.web import bounded_route, error_response, install_error_ha
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult, Receipt,
                                             Receipts, RoundConfig, RoundStatus, UploadAck, upload_from_wire)
 from protocols.auth import AuthError, Registry, Signer
+from protocols.tls_client import pin_extensions
 from protocols.config import add_config_argument, load_settings
 from protocols.errors import ConfigError, Refusal, ShareError
 from protocols.model_files import GlobalModelMeta
@@ -92,10 +92,10 @@ class Party:
         if not (self.settings.coordinator_url and self.signer):
             raise RoundRefused("unknown_round", f"round {rnd} unknown and no coordinator configured")
         try:
-            with httpx.Client(verify=ssl.create_default_context(cafile=str(self.settings.tls_ca)) if self.settings.tls_ca else True,
-                              timeout=10.0) as client:
-                resp = client.get(f"{self.settings.coordinator_url}/rounds/{rnd}",
-                                  headers=self.signer.headers("coordinator"))
+            url = self.settings.coordinator_url
+            with httpx.Client(verify=self.settings.client_tls(), timeout=10.0) as client:
+                resp = client.get(f"{url}/rounds/{rnd}", headers=self.signer.headers("coordinator"),
+                                  extensions=pin_extensions(url, "coordinator"))
         except httpx.HTTPError as err:
             raise RoundRefused("coordinator_unreachable", f"cannot fetch round {rnd}: {err}") from err
         if resp.status_code == 404:
@@ -368,9 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", help="principal registry JSON (keys, revocations)")
     parser.add_argument("--key-file", help="this party's Ed25519 key file")
     parser.add_argument("--coordinator", help="coordinator base URL (https://host:port)")
-    parser.add_argument("--tls-cert", help="server certificate (PEM)")
-    parser.add_argument("--tls-key", help="server private key (PEM)")
-    parser.add_argument("--tls-ca", help="CA bundle to verify the coordinator")
+    add_tls_arguments(parser, "the coordinator")
     parser.add_argument("--mpc-master", help="host:port of the MPC rendezvous for encrypted inference")
     add_mpc_link_arguments(parser)
     parser.add_argument("--max-samples", type=int,
@@ -386,15 +384,19 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(PartySettings, args.config, {
             "index": args.index, "parties": args.parties, "data_dir": args.data_dir, **listen_flags(args.listen),
             "registry": args.registry, "key_file": args.key_file, "coordinator_url": args.coordinator,
-            "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca, "mpc_master": args.mpc_master,
+            **tls_flags(args), "mpc_master": args.mpc_master,
             "mpc_address": args.mpc_address, "mpc_interface": args.mpc_interface, "mpc_insecure": args.mpc_insecure,
             "max_samples": args.max_samples, "metrics_port": args.metrics_port, "metrics_host": args.metrics_host},
             flag_names={"coordinator_url": "--coordinator"})
+        refused = transport_error(settings, f"party {settings.index}")
+        if refused:
+            log.error("%s", refused)
+            return EXIT_CONFIG
         app = create_app(settings)
     except (ValueError, ConfigError, OSError) as err:  # settings, registry, key file, MPC link
         log.error("bad party settings: %s", err)
         return EXIT_CONFIG
     if not serve_metrics(app.state.metrics.registry, settings, f"party {settings.index}"):
         return EXIT_CONFIG
-    serve(app, settings)
+    serve(app, settings, f"party {settings.index}", app.state.party.counters)
     return EXIT_OK

@@ -22,17 +22,32 @@ class _HTTP(BaseSettings):
 
 
 class _TLS(_HTTP):
-    #: Server certificate and key (PEM). Both unset means plain HTTP (development only).
+    #: This service's own certificate and key (PEM; the key made on this host by `iomt keys
+    #: init`, the certificate signed by the federation's CA). Served to clients, and presented
+    #: as client certificate to the services this one calls (mutual TLS).
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    #: CA bundle this service uses to verify the services it calls.
+    #: The federation's CA certificate: every client must present a certificate it signed,
+    #: and the services this one calls are verified against it.
     tls_ca: Path | None = None
+    #: The CA's revocation list (``crl.pem``); re-read when it changes.
+    tls_crl: Path | None = None
+    #: Development only: without TLS material, serve plain HTTP (logged at WARNING). Without
+    #: TLS material and without this, the service refuses to start (exit 2).
+    insecure_http: bool = False
 
     @model_validator(mode="after")
     def _pair(self):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_cert needs tls_ca: clients are verified against the federation's CA (mutual TLS)")
         return self
+
+    def client_tls(self):
+        """httpx's ``verify=`` for this service's calls: the CA (and CRL), presenting its own certificate."""
+        from protocols.tls_client import client_context
+        return client_context(self.tls_ca, self.tls_cert, self.tls_key, self.tls_crl)
 
 
 class PartySettings(_TLS):

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("iomt.simulate", "simulate a hospital's patients and devices"),
     "edge": ("edge_server.cli", "the hospital edge server: ingest, status, train, predict"),
     "cloud": ("cloud_aggregator.cli", "cloud parties and coordinator for secure aggregation"),
+    "keys": ("iomt.keys_cli", "this host's own keys: make them and a certificate request, install the certificate"),
+    "ca": ("iomt.ca_cli", "the federation's CA (operator): sign, register, revoke, rotate"),
     "infer": ("iomt.infer", "encrypted inference for a patient (clinician's client)"),
     "demo": ("iomt.demo", "a whole federation on this machine"),
     "experiment": ("iomt.experiments", "reproduce the source papers' experiments"),

@@ -144,16 +144,22 @@ def _serve(out: Path, hospitals: list[str], report: dict, sup: Supervisor) -> No
     password = secrets.token_urlsafe(12)
     Accounts(edge_dir).add("demo", password)
     port = free_port()
+    hosts = Path(cloud["tls_hosts"])
     web = sup.start(f"web-{hospital}", iomt_argv(
         "edge", "web", "--data-dir", str(edge_dir), "--listen", f"127.0.0.1:{port}",
         "--parties", ",".join(cloud["party_urls"]), "--key-file", str(keys / f"{hospital}.json"),
-        "--ca", cloud["ca"]))
+        "--ca", cloud["ca"], "--cloud-tls-cert", str(hosts / hospital / "tls.pem"),
+        "--cloud-tls-key", str(hosts / hospital / "tls.key"), "--cloud-tls-crl", cloud["crl"]))
     wait_port(port, proc=web.proc, name="clinician page")
     token = Signer.from_file(keys / "coordinator.json").token("coordinator", ttl=600.0)
     _say("the federation stays up (--serve); Ctrl-C stops every process")
     print(f"  clinician's page ({hospital}): http://127.0.0.1:{port}/  user: demo  password: {password}", flush=True)
     print(f"  operator's page: {cloud['coordinator']}/operator  token (sign in within 10 min):\n    {token}", flush=True)
     print(f"  a fresh token: iomt cloud operator-token --key-file {keys / 'coordinator.json'}", flush=True)
+    p12, p12_password = _operator_certificate(Path(cloud["ca"]).parent, hosts)
+    print(f"  the coordinator wants a client certificate (mutual TLS): import {p12} (password "
+          f"{p12_password}) into the browser; scripts with the token use the coordinator's own, "
+          f"{hosts / 'coordinator'}/tls.pem and tls.key", flush=True)
     print(f"  (the coordinator's TLS certificate is signed by the demo's own CA, {cloud['ca']}: "
           "accept it in the browser or import that CA)", flush=True)
     try:
@@ -162,6 +168,31 @@ def _serve(out: Path, hospitals: list[str], report: dict, sup: Supervisor) -> No
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         _say("Ctrl-C: stopping every process")
+
+
+def _operator_certificate(ca_dir: Path, hosts: Path) -> tuple[Path, str]:
+    """An ``operator`` certificate from the demo's CA for a browser, as PKCS#12: (file, password)."""
+    import secrets
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    from protocols.pki import CertificateAuthority, init_host, install_cert
+
+    ca = CertificateAuthority(ca_dir)
+    files = init_host(hosts / "operator", "operator", "operator")
+    pem, _ = ca.sign(files.tls_csr.read_bytes(), "operator", "operator")
+    install_cert(files.dir, pem, ca.cert_path.read_bytes())
+    password = secrets.token_urlsafe(9)
+    key = serialization.load_pem_private_key(files.tls_key.read_bytes(), password=None)
+    blob = pkcs12.serialize_key_and_certificates(
+        b"iomt operator", key, x509.load_pem_x509_certificate(pem), [ca.cert],
+        serialization.BestAvailableEncryption(password.encode()))
+    out = files.dir / "operator.p12"
+    out.write_bytes(blob)
+    out.chmod(0o600)
+    return out, password
 
 
 def _run(args: argparse.Namespace, out: Path, hospitals: list[str], sup: Supervisor) -> dict:

@@ -26,16 +26,17 @@ def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup
                        rounds=args.rounds, round_timeout=ROUND_TIMEOUT_S, sup=sup)
     tls, coord_url, party_urls = cloud.tls, cloud.coord_url, cloud.party_urls
     cloud.start(wait_mpc=False)
-    say(f"cloud up: {args.parties} parties, triple provider, coordinator (TLS, signed tokens)")
+    say(f"cloud up: {args.parties} parties, triple provider, coordinator (mutual TLS: each its own "
+        "certificate; signed tokens)")
 
     # federated rounds: one `iomt edge federate` per hospital -------------------------------
     fed = {}
     for h in hospitals:
         fed[h] = sup.start(f"federate-{h}", iomt_argv(
             "edge", "federate", "--data-dir", str(edges[h]), "--key-file", str(cloud.key_file(h)),
-            "--coordinator", coord_url, "--tls-ca", str(tls["ca"]), "--epochs", str(args.epochs),
+            "--coordinator", coord_url, *cloud.client_tls_args(h), "--epochs", str(args.epochs),
             "--seed", str(args.seed), *_dp_argv(args), "--json"), daemon=False)
-    _watch_rounds(sup, fed, cloud.key_file(hospitals[0]), coord_url, tls["ca"], args.rounds, say)
+    _watch_rounds(sup, fed, cloud.client(hospitals[0]), args.rounds, say)
     results = {}
     for h, child in fed.items():
         if child.proc.wait() != 0:
@@ -49,7 +50,8 @@ def run_cloud(args, out: Path, hospitals: list[str], edges: dict[str, Path], sup
     from iomt.demo_infer import clinician_inference
     inference = clinician_inference(out, hospitals[0], edges[hospitals[0]], cloud, args.seed, sup, say)
     return {"cloud": {"parties": args.parties, "party_urls": party_urls, "coordinator": coord_url,
-                      "ca": str(tls["ca"])},
+                      "ca": str(tls["ca"]), "crl": str(tls["crl"]),
+                      "tls_hosts": str(out / "cloud" / "tls" / "hosts")},
             "federation": results, "inference": inference}
 
 
@@ -63,13 +65,9 @@ def _dp_argv(args) -> list[str]:
     return argv
 
 
-def _watch_rounds(sup: Supervisor, fed: dict, key_file: Path, coord_url: str, ca: Path, rounds: int,
-                  say: Callable[[str], None]) -> None:
-    """Print each round's state changes until every federated client has exited."""
-    from edge_server.federation.client import FederatedClient
-    from protocols.auth import Signer
-
-    client = FederatedClient(Signer.from_file(key_file), coord_url, ca=ca)
+def _watch_rounds(sup: Supervisor, fed: dict, client, rounds: int, say: Callable[[str], None]) -> None:
+    """Print each round's state changes (asking as ``client``, a FederatedClient) until every
+    federated client has exited."""
     seen: tuple | None = None
     try:
         while any(c.proc.poll() is None for c in fed.values()):

@@ -33,7 +33,7 @@ def _pick_patient(edge_dir: Path, seed: int) -> tuple[str, tuple[str, ...]]:
 
 def clinician_inference(out: Path, hospital: str, edge_dir: Path, cloud: LocalCloud, seed: int, sup: Supervisor,
                         say: Callable[[str], None]) -> dict:
-    key_file, party_urls, ca = cloud.key_file(hospital), cloud.party_urls, cloud.tls["ca"]
+    key_file, party_urls = cloud.key_file(hospital), cloud.party_urls
     patient, modalities = _pick_patient(edge_dir, seed)
     say(f"clinician at {hospital} asks about held-out patient {patient} ({', '.join(modalities)})")
     plain = _json("iomt edge predict", sup.run("predict-plain", iomt_argv(
@@ -42,7 +42,7 @@ def clinician_inference(out: Path, hospital: str, edge_dir: Path, cloud: LocalCl
     t0 = time.monotonic()
     enc = _json("iomt infer", sup.run("infer-encrypted", iomt_argv(
         "infer", "--patient", patient, "--data-dir", str(edge_dir), "--parties", ",".join(party_urls),
-        "--key-file", str(key_file), "--ca", str(ca), "--json")))
+        "--key-file", str(key_file), *cloud.client_tls_args(hospital), "--json")))
     wall = time.monotonic() - t0
     p_plain = plain["probabilities"] if isinstance(plain["probabilities"], dict) else plain["probabilities"][0]
     p_enc = enc["probabilities"][0]

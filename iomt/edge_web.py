@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parties", help="comma-separated cloud party URLs, in party-index order "
                         "(empty: the page works without \"Ask the cloud\")")
     parser.add_argument("--key-file", type=Path, help="this hospital's Ed25519 key file")
-    parser.add_argument("--ca", type=Path, help="CA bundle to verify the parties' TLS certificates")
+    parser.add_argument("--ca", type=Path, help="the federation's CA certificate (verifies the parties)")
+    parser.add_argument("--cloud-tls-cert", type=Path, help="this hospital's TLS certificate, presented to the "
+                        "parties (mutual TLS; not the page's own --tls-cert)")
+    parser.add_argument("--cloud-tls-key", type=Path, help="its private key")
+    parser.add_argument("--cloud-tls-crl", type=Path, help="the federation CA's revocation list (crl.pem)")
     parser.add_argument("--model-version", type=int, help="global model version to ask for (default: newest)")
     parser.add_argument("--tls-cert", type=Path, help="this page's TLS certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="this page's TLS key (PEM)")
@@ -40,15 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address of the gateway allowed to set --remote-user-header (repeat)")
 
 
-def make_ask_cloud(parties: list[str], key_file: Path, ca: Path | None, model_version: int | None):
+def make_ask_cloud(parties: list[str], key_file: Path, ca: Path | None, model_version: int | None,
+                   cert: Path | None = None, key: Path | None = None, crl: Path | None = None):
     """``(data_dir, patient) -> result`` for :func:`edge_server.web.create_app`."""
     from cloud_aggregator.inference.errors import InferenceError
     from edge_server.web import CloudError
-    from iomt.infer import ask_cloud
+    from iomt.infer import ask_cloud, client_tls
     from protocols.auth import Signer
 
     signer = Signer.from_file(key_file)
-    verify: bool | str = str(ca) if ca else True
+    verify = client_tls(ca, cert, key, crl)
 
     def ask(data_dir: Path, patient: str) -> dict:
         try:
@@ -64,7 +69,8 @@ def build_app(settings):
 
     ask = None
     if settings.parties:
-        ask = make_ask_cloud(settings.parties, settings.key_file, settings.ca, settings.model_version)
+        ask = make_ask_cloud(settings.parties, settings.key_file, settings.ca, settings.model_version,
+                             settings.cloud_tls_cert, settings.cloud_tls_key, settings.cloud_tls_crl)
     return create_app(settings, ask)
 
 
@@ -80,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             "data_dir": args.data_dir, **listen_flags(args.listen),
             "parties": None if args.parties is None else [u for u in args.parties.split(",") if u],
             "key_file": args.key_file, "ca": args.ca, "model_version": args.model_version,
+            "cloud_tls_cert": args.cloud_tls_cert, "cloud_tls_key": args.cloud_tls_key,
+            "cloud_tls_crl": args.cloud_tls_crl,
             "tls_cert": args.tls_cert, "tls_key": args.tls_key, "behind_proxy": args.behind_proxy,
             "remote_user_header": args.remote_user_header, "trusted_proxies": args.trusted_proxies})
         app = build_app(settings)

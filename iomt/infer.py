@@ -42,7 +42,10 @@ def register(sub: argparse._SubParsersAction, name: str, help_line: str) -> None
     p.add_argument("--parties", required=True, help="comma-separated party base URLs, in party-index order")
     p.add_argument("--key-file", required=True, help="this hospital's Ed25519 key file")
     p.add_argument("--model-version", type=int, help="global model version (default: the newest)")
-    p.add_argument("--ca", help="CA bundle to verify the parties' TLS certificates")
+    p.add_argument("--ca", "--tls-ca", dest="ca", help="the federation's CA certificate (verifies the parties)")
+    p.add_argument("--tls-cert", help="this hospital's TLS certificate, presented to the parties (mutual TLS)")
+    p.add_argument("--tls-key", help="its private key (made on this host by `iomt keys init`)")
+    p.add_argument("--tls-crl", help="the federation CA's revocation list (crl.pem)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -94,8 +97,27 @@ def check_result(result: dict) -> None:
             raise InferenceError("bad_answer", "the reconstructed modality weights do not sum to 1")
 
 
+def client_tls(ca, cert=None, key=None, crl=None):
+    """``predict``'s ``verify=``: the federation's CA and this hospital's own certificate
+    (:class:`protocols.tls_client.ClientTls`), or True without a CA. The files are read once here, so
+    a missing or mismatching one is a ``PkiError`` (or ``OSError``) before anything is sent."""
+    from protocols.pki import PkiError
+    from protocols.tls_client import ClientTls
+
+    if ca is None:
+        if cert is not None:
+            raise PkiError("a TLS client certificate needs the federation's CA (--ca)")
+        return True
+    tls = ClientTls(*(Path(p) if p else None for p in (ca, cert, key, crl)))
+    try:
+        tls.context()
+    except (OSError, ValueError) as err:
+        raise PkiError(f"TLS files: {err}") from err
+    return tls
+
+
 def ask_cloud(data_dir: Path, patient: str, parties: list[str], signer, model_version: int | None = None,
-              verify: bool | str = True) -> dict:
+              verify=True) -> dict:
     """Encrypted prediction for a patient of this edge's store, exactly as `iomt infer --data-dir` does.
 
     Raises ``InferenceError`` (``no_global_model`` / ``bad_input`` before anything is sent).
@@ -117,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from cloud_aggregator.inference.client import predict, prepare_inputs
     from cloud_aggregator.inference.errors import InferenceError
     from protocols.auth import Signer
+    from protocols.pki import PkiError
 
     try:
         if args.data_dir is not None:
@@ -133,7 +156,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         pred = predict(args.parties.split(","), Signer.from_file(args.key_file), inputs,
-                       model_version=args.model_version, verify=args.ca or True)
+                       model_version=args.model_version, verify=client_tls(args.ca, args.tls_cert, args.tls_key,
+                                                                            args.tls_crl))
+    except PkiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except InferenceError as err:
         if err.reason in OUT_OF_RANGE:
             print(f"error: {err.reason}: no answer, since it could be wrong: {err.detail}", file=sys.stderr)

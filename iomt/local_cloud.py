@@ -1,6 +1,9 @@
 """A whole cloud on loopback: n parties, optionally the coordinator and (for encrypted inference)
 the CrypTen triples provider, each a real `iomt cloud` process started through
-:class:`iomt.supervisor.Supervisor`, with credentials for the named clients and TLS optional.
+:class:`iomt.supervisor.Supervisor`, with credentials for the named clients and, with ``tls``,
+mutual TLS: every principal its own key and certificate from one local CA (``tls/``), as
+`iomt keys init` and `iomt ca sign` make them on separate hosts. Without ``tls`` the services
+are started with ``--insecure-http``.
 
 Used by `iomt demo`, the encrypted-inference experiments (:func:`serving`), the tests and the
 benches; parties and the coordinator can be killed, paused and restarted to test recovery.
@@ -63,7 +66,9 @@ class LocalCloud:
     mpc
         Parties form a CrypTen group, with a triples provider process.
     tls
-        Every service speaks HTTPS with certificates from a loopback CA (``self.tls``).
+        Mutual TLS: every service and client has its own key and certificate from a loopback CA
+        (``tls/ca``; each principal's files in ``tls/hosts/<id>``, see :meth:`client_tls`);
+        ``self.tls["ca"]`` is the CA certificate. Otherwise plain HTTP (``--insecure-http``).
     rounds, round_timeout, strategy, min_hospitals, coord_args
         The coordinator's settings (``min_hospitals`` defaults to all ``clients``).
     env
@@ -84,14 +89,20 @@ class LocalCloud:
                  min_hospitals: int | None = None, coord_args: Sequence[str] = (),
                  env: dict[str, str] | None = None, verbose: bool = False, sup: Supervisor | None = None,
                  log_dir: Path | None = None, metrics: bool = False) -> None:
-        from protocols.auth import Signer, make_credentials, make_tls
+        from protocols.auth import Signer, make_credentials
+        from protocols.pki import issue_local
 
         self.root, self.n, self.clients = Path(root), parties, list(clients)
         self.env, self.verbose = dict(env or {}), verbose
         self.sup = sup or Supervisor(Path(log_dir or root), one_thread=True)
         self.registry = make_credentials(self.root / "creds", self.clients, parties)
         self.signers = {c: Signer.from_file(self.root / "creds" / "keys" / f"{c}.json") for c in self.clients}
-        self.tls = make_tls(self.root / "tls") if tls else None
+        self.tls: dict[str, Path] | None = None
+        self.tls_hosts: dict = {}
+        if tls:
+            principals = [(c, "hospital") for c in self.clients] + [(f"party-{i}", "party") for i in range(parties)]
+            self.ca, self.tls_hosts = issue_local(self.root / "tls", [*principals, ("coordinator", "coordinator")])
+            self.tls = {"ca": self.ca.cert_path, "crl": self.ca.crl_path}
         scheme = "https" if tls else "http"
         self.mpc_master = f"127.0.0.1:{free_port()}" if mpc else None
         self.party_ports = [free_port() for _ in range(parties)]
@@ -115,7 +126,8 @@ class LocalCloud:
                 "--listen", f"127.0.0.1:{self.coord_port}", "--registry", str(self.registry),
                 "--key-file", str(self.key_file("coordinator")), "--model", str(model), "--rounds", str(rounds),
                 "--round-timeout", str(round_timeout), "--strategy", strategy,
-                "--min-hospitals", str(min_hospitals or len(self.clients)), *self._tls_args(), *coord_args]
+                "--min-hospitals", str(min_hospitals or len(self.clients)), *self._tls_args("coordinator"),
+                *coord_args]
             if self.coord_metrics_port:
                 self.coord_args += ["--metrics-port", str(self.coord_metrics_port)]
             for url in self.party_urls:
@@ -137,11 +149,26 @@ class LocalCloud:
     def key_file(self, principal: str) -> Path:
         return self.root / "creds" / "keys" / f"{principal}.json"
 
-    def _tls_args(self) -> list[str]:
+    def _tls_args(self, principal: str) -> list[str]:
+        """A service's TLS flags: its own certificate and key, the CA and CRL (or --insecure-http)."""
         if self.tls is None:
-            return []
-        return ["--tls-cert", str(self.tls["cert"]), "--tls-key", str(self.tls["key"]),
-                "--tls-ca", str(self.tls["ca"])]
+            return ["--insecure-http"]
+        return ["--tls-cert", str(self.tls_hosts[principal].tls_cert), "--tls-key", str(self.tls_hosts[principal].tls_key),
+                "--tls-ca", str(self.tls["ca"]), "--tls-crl", str(self.tls["crl"])]
+
+    def client_tls_args(self, principal: str) -> list[str]:
+        """`iomt edge federate`'s TLS flags for ``principal`` (empty without TLS)."""
+        return [] if self.tls is None else self._tls_args(principal)
+
+    def client_tls(self, principal: str = "coordinator"):
+        """An httpx ``verify=`` for a client acting as ``principal``: the CA (and CRL) and
+        ``principal``'s own certificate (True without TLS)."""
+        from protocols.tls_client import ClientTls
+
+        if self.tls is None:
+            return True
+        files = self.tls_hosts[principal]
+        return ClientTls(self.tls["ca"], files.tls_cert, files.tls_key, self.tls["crl"]).context()
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         argv = iomt_argv(*(["-v"] if self.verbose else []), *args)
@@ -160,7 +187,7 @@ class LocalCloud:
                 "--listen", f"127.0.0.1:{self.party_ports[i]}", "--registry", str(self.registry)]
         if self.coord_url:
             args += ["--key-file", str(self.key_file(f"party-{i}")), "--coordinator", self.coord_url]
-        args += self._tls_args()
+        args += self._tls_args(f"party-{i}")
         if self.mpc_master:
             args += ["--mpc-master", self.mpc_master]
         if self.party_metrics_ports:
@@ -195,7 +222,7 @@ class LocalCloud:
         """Wait until every party's CrypTen worker has joined the group."""
         import httpx
 
-        verify = str(self.tls["ca"]) if self.tls else True
+        verify = self.client_tls("coordinator")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.sup.check()
@@ -242,7 +269,7 @@ class LocalCloud:
 
         caller = "party-0" if audience == "coordinator" else "coordinator"
         return httpx.get(f"{url}/metrics", headers=self.signer(caller).headers(audience),
-                         verify=str(self.tls["ca"]) if self.tls else True).json()
+                         verify=self.client_tls(caller)).json()
 
     @staticmethod
     def scrape(port: int) -> str:
@@ -265,10 +292,15 @@ class LocalCloud:
             return self.signers[principal or self.clients[0]]
         return Signer.from_file(self.key_file(principal))
 
-    def client(self, hospital: str):
+    def client(self, hospital: str, **kw):
+        """``hospital``'s FederatedClient (its own certificate with TLS); ``kw`` go to it."""
         from edge_server.federation.client import FederatedClient
 
-        return FederatedClient(self.signer(hospital), self.coord_url, ca=self.tls["ca"] if self.tls else None)
+        if self.tls is None:
+            return FederatedClient(self.signer(hospital), self.coord_url, **kw)
+        files = self.tls_hosts[hospital]
+        return FederatedClient(self.signer(hospital), self.coord_url, ca=self.tls["ca"], cert=files.tls_cert,
+                               key=files.tls_key, crl=self.tls["crl"], **kw)
 
     def federated_clients(self) -> dict:
         """A registered client per hospital (registering opens round 1 once all are in)."""

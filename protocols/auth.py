@@ -1,5 +1,5 @@
 """Credentials for hospitals, parties and the coordinator: Ed25519-signed tokens, a
-registry of principals with a revocation list, and a loopback TLS helper.
+registry of principals with a revocation list. (TLS certificates: :mod:`protocols.pki`.)
 
 A token is ``base64url(claims JSON) "." base64url(Ed25519 signature)``; the claims name the
 subject (``sub``), its role, the audience (the one service it is for, so a party cannot
@@ -14,8 +14,6 @@ Principal ids (hospitals, ``party-<i>``, the coordinator) are plain identifiers
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import ipaddress
 import json
 import logging
 import math
@@ -27,12 +25,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protocols.errors import ConfigError, Refusal
@@ -312,42 +307,15 @@ def declare_max_samples(registry: str | Path, principal: str, max_samples: int |
 
 def make_tls(out: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
              days: int = 30) -> dict[str, Path]:
-    """A self-signed CA and one server certificate for ``hosts``; returns the PEM paths.
+    """A CA and ONE server certificate for ``hosts``, for a single service such as the MQTT
+    broker; returns the PEM paths ``ca`` (for clients' ``verify``), ``cert`` and ``key``.
 
-    Keys: ``ca`` (CA certificate, for clients' ``verify``), ``cert`` and ``key`` (server).
+    The cloud services each get their own key and certificate instead (:mod:`protocols.pki`).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iomt federation CA")])
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                            content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False,
-                                            encipher_only=False, decipher_only=False), critical=True)
-               .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    alt = []
-    for h in hosts:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            alt.append(x509.DNSName(h))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key"}
-    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM,
-                                                   serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()).decode())
-    return paths
+    from protocols.pki import issue_local
+
+    _, hosts_files = issue_local(out, [("service", "service")], hosts, days=days)
+    files = hosts_files["service"]
+    for folder in (Path(out), files.dir.parent, files.dir):  # a broker dropping to its own user must
+        folder.chmod(0o755)                                   # reach the files; the key itself stays 0600
+    return {"ca": files.ca, "cert": files.tls_cert, "key": files.tls_key}

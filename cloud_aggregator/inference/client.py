@@ -22,16 +22,17 @@ from cloud_aggregator.inference.publish import split_shares
 from cloud_aggregator.inference.ranges import check_answer, check_features, check_scaled
 from protocols.aggregation_messages import ErrorBody
 from protocols.auth import Signer
+from protocols.tls_client import ClientTls, pin_extensions
 from protocols.fixedpoint import decode, encode
 from protocols.sharing import reconstruct
 
 TIMEOUT_S = 180.0
 
-_clients: dict[bool | str, httpx.Client] = {}
+_clients: dict[bool | str | ClientTls, httpx.Client] = {}
 _clients_lock = threading.Lock()
 
 
-def _http_client(verify: bool | str) -> httpx.Client:
+def _http_client(verify: bool | str | ClientTls) -> httpx.Client:
     """One pooled HTTP client per TLS setting, kept for the process.
 
     Building an ``httpx.Client`` loads a CA bundle into a new SSL context: about 50 ms here,
@@ -41,7 +42,8 @@ def _http_client(verify: bool | str) -> httpx.Client:
     with _clients_lock:
         client = _clients.get(verify)
         if client is None:  # a CA bundle path becomes an SSL context (httpx deprecates verify=<path>)
-            context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+            context = (verify.context() if isinstance(verify, ClientTls) else
+                       ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify)
             client = _clients[verify] = httpx.Client(verify=context)
         return client
 
@@ -117,8 +119,11 @@ def share_inputs(inputs: dict[str, np.ndarray], parties: int) -> list[dict[str, 
 
 
 def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray], model_version: int | None = None,
-            timeout: float = TIMEOUT_S, verify: bool | str = True) -> Prediction:
+            timeout: float = TIMEOUT_S, verify: bool | str | ClientTls = True) -> Prediction:
     """Encrypted inference: ``inputs`` never leave this process except as shares.
+
+    ``verify``: a :class:`protocols.tls_client.ClientTls` (the federation's CA and this client's own
+    certificate, which the parties require), a CA bundle path, or True (system CAs).
 
     Raises
     ------
@@ -137,7 +142,8 @@ def predict(party_urls: list[str], signer: Signer, inputs: dict[str, np.ndarray]
         try:
             resp = _http_client(verify).post(
                 f"{party_urls[i].rstrip('/')}/inference/v1/predict", content=body.model_dump_json(),
-                headers={**signer.headers(f"party-{i}"), "content-type": "application/json"}, timeout=timeout)
+                headers={**signer.headers(f"party-{i}"), "content-type": "application/json"}, timeout=timeout,
+                extensions=pin_extensions(party_urls[i], f"party-{i}"))  # only party i's certificate there
         except httpx.HTTPError as err:
             raise InferenceError("party_unreachable", f"party {i} at {party_urls[i]}: {err}") from err
         if resp.status_code != 200:

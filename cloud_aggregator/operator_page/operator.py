@@ -17,7 +17,6 @@ import hmac
 import json
 import logging
 import secrets
-import ssl
 import time
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -68,7 +67,7 @@ def install_operator_page(app: FastAPI, coord) -> None:
     last_seen: dict[str, float] = {}
     clock = Clock()
     cache: dict = {"at": 0.0, "parties": []}
-    verify = ssl.create_default_context(cafile=str(settings.tls_ca)) if settings.tls_ca else True
+    verify = settings.client_tls()  # the coordinator's own certificate, to read the parties' /health
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     secure = settings.tls_cert is not None
 

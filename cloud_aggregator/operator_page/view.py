@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from protocols.aggregation_messages import RoundStatus
+from protocols.tls_client import pin_extensions
 
 #: Seconds a parties' health answer is reused (the page polls every second).
 PARTY_CACHE_S = 2.0
@@ -68,9 +69,10 @@ async def party_health(urls: list[str], verify) -> list[dict]:
             row = {"index": i, "url": url, "up": False, "latest_version": None, "mpc": "unknown",
                    "restarts": None, "error": ""}
             try:
-                health = (await client.get(f"{url}/health")).json()
+                pin = pin_extensions(url, f"party-{i}")  # only party i's certificate at its URL
+                health = (await client.get(f"{url}/health", extensions=pin)).json()
                 row.update(up=True, latest_version=health.get("latest_version"))
-                mpc = (await client.get(f"{url}/inference/v1/status")).json()
+                mpc = (await client.get(f"{url}/inference/v1/status", extensions=pin)).json()
                 row["mpc"] = ("ready" if mpc.get("ready") else "waiting") if mpc.get("configured") else "off"
                 row["restarts"] = mpc.get("restarts")
             except (httpx.HTTPError, ValueError) as err:

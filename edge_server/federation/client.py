@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import ssl
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from protocols import fixedpoint, sharing
 from protocols.aggregation_messages import (FederationStatus, PrivacySpent, RoundConfig, RoundStatus, sharing_to_wire,
                                             upload_from_wire)
 from protocols.auth import Signer
+from protocols.tls_client import PinnedTransport, client_context
 from protocols.errors import ConfigError, IomtError
 from protocols.model_files import CoordinatorModelFile, GlobalModelMeta
 from protocols.params import flatten, normalise_spec, spec_hash, spec_size, state_sha256, unflatten
@@ -175,8 +175,12 @@ class FederatedClient:
     """A hospital's view of the federation: coordinator plus n parties, over HTTPS."""
 
     def __init__(self, signer: Signer, coordinator_url: str, ca: str | Path | None = None,
-                 timeout: float = 120.0, state_dir: str | Path | None = None, retry: Backoff | None = None) -> None:
-        """``state_dir`` keeps each round's upload bodies on disk (see :class:`PendingUploads`);
+                 timeout: float = 120.0, state_dir: str | Path | None = None, retry: Backoff | None = None, *,
+                 cert: str | Path | None = None, key: str | Path | None = None,
+                 crl: str | Path | None = None) -> None:
+        """``ca`` verifies the cloud services (with ``crl``, the CA's revocation list); ``cert`` and
+        ``key`` are this hospital's own TLS certificate and key, presented to them (mutual TLS).
+        ``state_dir`` keeps each round's upload bodies on disk (see :class:`PendingUploads`);
         ``retry`` is how long requests to an unreachable coordinator or party are tried again
         (default :class:`~protocols.retry.Backoff`: up to 10 minutes)."""
         self.signer = signer
@@ -184,7 +188,10 @@ class FederatedClient:
         self.pending = PendingUploads(state_dir)
         self.hospital = signer.principal
         self.coordinator_url = coordinator_url.rstrip("/")
-        self.http = httpx.Client(verify=ssl.create_default_context(cafile=str(ca)) if ca else True, timeout=timeout)
+        # each URL accepts only its principal's certificate: the coordinator's, then party i's
+        self._pins = PinnedTransport(httpx.HTTPTransport(verify=client_context(ca, cert, key, crl)),
+                                     {self.coordinator_url: "coordinator"})
+        self.http = httpx.Client(transport=self._pins, timeout=timeout)
         self.party_urls: list[str] = []
         self._globals: dict[int, tuple[dict, dict[str, np.ndarray]]] = {}
 
@@ -212,7 +219,12 @@ class FederatedClient:
     def register(self) -> FederationStatus:
         resp = self._request("POST", f"{self.coordinator_url}/hospitals/register", "coordinator", "register")
         status = FederationStatus.model_validate_json(resp.content)
-        self.party_urls = [u.rstrip("/") for u in status.parties]
+        party_urls = [u.rstrip("/") for u in status.parties]
+        if len(set(party_urls)) != len(party_urls):  # two shares to one party would reveal the update
+            raise FederationError(f"the coordinator lists a party twice: {party_urls}")
+        for i, url in enumerate(party_urls):
+            self._pins.pin(url, f"party-{i}")
+        self.party_urls = party_urls
         return status
 
     def status(self) -> FederationStatus:
@@ -490,7 +502,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="this edge's data dir (its stored patients)")
     parser.add_argument("--key-file", help="this hospital's Ed25519 key file")
     parser.add_argument("--coordinator", help="coordinator base URL")
-    parser.add_argument("--tls-ca", help="CA bundle of the cloud services")
+    parser.add_argument("--tls-ca", help="the federation's CA certificate (verifies the cloud services)")
+    parser.add_argument("--tls-cert", help="this hospital's TLS certificate, presented to the cloud services")
+    parser.add_argument("--tls-key", help="its private key (made on this host by `iomt keys init`)")
+    parser.add_argument("--tls-crl", help="the federation CA's revocation list (crl.pem)")
     parser.add_argument("--epochs", type=int, help="local epochs per round (default 1)")
     parser.add_argument("--seed", type=int, help="default 0")
     parser.add_argument("--retry-for", type=float, metavar="SECONDS",
@@ -591,6 +606,7 @@ def run(args: argparse.Namespace) -> int:
         return result.state, result.n_samples, result.metrics
 
     client = FederatedClient(Signer.from_file(args.key_file), args.coordinator, ca=args.tls_ca,
+                             cert=args.tls_cert, key=args.tls_key, crl=args.tls_crl,
                              state_dir=Path(args.data_dir) / "federation",
                              retry=Backoff(first_s=args.retry_first, max_s=args.retry_max,
                                            give_up_after_s=args.retry_for))

@@ -117,7 +117,13 @@ class FederateSettings(BaseSettings):
     key_file: Path | None = None
     #: Coordinator base URL.
     coordinator: str | None = None
+    #: The federation's CA certificate (verifies the cloud services) and its revocation list.
     tls_ca: Path | None = None
+    tls_crl: Path | None = None
+    #: This hospital's own TLS certificate and key (`iomt keys init` here, `iomt ca sign` at the
+    #: operator), presented to the parties and the coordinator, which require them (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     epochs: int = Field(1, ge=1)
     seed: int = 0
     #: ModelConfig JSON file (``--model-config``; pydantic reserves the name ``model_config``).
@@ -139,6 +145,14 @@ class FederateSettings(BaseSettings):
     retry_first: float = Field(1.0, gt=0)
     #: ... up to this many seconds.
     retry_max: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_cert needs tls_ca (the federation's CA)")
+        return self
 
 
 def load_settings(config: Path | None = None, **overrides) -> EdgeSettings:

@@ -21,8 +21,13 @@ class WebSettings(BaseSettings):
     parties: list[str] = Field(default_factory=list)
     #: This hospital's Ed25519 key file (signs the encrypted-inference requests).
     key_file: Path | None = None
-    #: CA bundle to verify the parties' TLS certificates.
+    #: The federation's CA certificate (verifies the parties' TLS certificates).
     ca: Path | None = None
+    #: This hospital's own TLS certificate and key for the cloud (the parties require one
+    #: signed by the federation's CA: mutual TLS), and the CA's revocation list.
+    cloud_tls_cert: Path | None = None
+    cloud_tls_key: Path | None = None
+    cloud_tls_crl: Path | None = None
     #: Global model version to ask for (default: the newest the parties hold).
     model_version: int | None = None
     #: This page's own TLS certificate and key; without them it serves plain HTTP.

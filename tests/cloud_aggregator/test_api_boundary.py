@@ -137,5 +137,6 @@ def test_party_refuses_a_registry_with_an_id_that_is_not_plain(tmp_path):
     data["principals"]["../evil"] = data["principals"]["h1"]
     registry.write_text(json.dumps(data))
     proc = run_iomt("cloud", "party", "--index", "0", "--parties", "2", "--data-dir", str(tmp_path / "p0"),
-                    "--listen", f"127.0.0.1:{free_port()}", "--registry", str(registry), check=False, timeout=60)
+                    "--listen", f"127.0.0.1:{free_port()}", "--registry", str(registry), "--insecure-http",
+                    check=False, timeout=60)
     assert proc.returncode == 2 and "not a plain id" in proc.stderr

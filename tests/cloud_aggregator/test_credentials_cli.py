@@ -47,3 +47,27 @@ def test_credentials_refuse_ids_that_are_not_plain(tmp_path):
     assert all(k.stat().st_mode & 0o777 == 0o600 for k in (out / "keys").iterdir())
     proc = run_iomt("cloud", "credentials", "--out", str(out), "--revoke", "../h1", check=False)
     assert proc.returncode == 2 and "--revoke" in proc.stderr
+
+
+def test_credentials_give_each_service_its_own_tls_key_and_keep_the_ca(tmp_path):
+    """Today's kit gave both parties and the coordinator ONE server key, so one party's
+    operator could pose as the other party; and it threw the CA key away."""
+    from cryptography import x509
+
+    from protocols.pki import cert_principal
+
+    out = tmp_path / "fed"
+    run_iomt("cloud", "credentials", "--out", str(out), "--hospitals", "h1", "--parties", "2",
+             "--tls-host", "127.0.0.1", "--tls-host", "localhost")
+    hosts = out / "tls" / "hosts"
+    certs = {p: x509.load_pem_x509_certificate((hosts / p / "tls.pem").read_bytes())
+             for p in ("party-0", "party-1", "coordinator", "h1")}
+    assert {p: cert_principal(c) for p, c in certs.items()} == {p: p for p in certs}
+    assert len({(hosts / p / "tls.key").read_bytes() for p in certs}) == len(certs)
+    assert len({c.public_key().public_numbers() for c in certs.values()}) == len(certs)
+    ca = out / "tls" / "ca"
+    assert (ca / "ca.key").stat().st_mode & 0o777 == 0o600  # kept: it can sign again
+    run_iomt("keys", "init", "--id", "party-1", "--role", "party", "--dir", str(tmp_path / "p1"))
+    run_iomt("ca", "sign", "--dir", str(ca), "--csr", str(tmp_path / "p1" / "tls.csr"), "--id", "party-1",
+             "--role", "party")
+    assert "revoked (superseded)" in run_iomt("ca", "list", "--dir", str(ca)).stdout

@@ -107,7 +107,7 @@ def _run_cloud(net: Net, work: Path, tunnel: bool) -> dict:
     for i, m in enumerate(("p0", "p1")):
         procs[m] = _launch(net, m, ["cloud", "party", "--index", str(i), "--parties", "2", "--data-dir",
                                     str(dirs[i]), "--listen", f"{net.under[m]}:{HTTP_PORT}", "--registry",
-                                    str(registry), "--mpc-master", master, *link(m)],
+                                    str(registry), "--mpc-master", master, "--insecure-http", *link(m)],
                            work / f"{m}.log", {"IOMT_TEST_SEED_FILE": str(work / f"seeds-{m}.jsonl")})
     urls = [f"http://{net.under[m]}:{HTTP_PORT}" for m in ("p0", "p1")]
     shares: list = []
@@ -221,7 +221,8 @@ def test_party_refuses_an_unprotected_link(net, tmp_path):
     registry = make_credentials(tmp_path / "creds", ["hospital-a"], 2)
     party = _launch(net, "p0", ["cloud", "party", "--index", "0", "--parties", "2", "--data-dir",
                                 str(tmp_path / "d0"), "--listen", f"{net.under['p0']}:{HTTP_PORT}",
-                                "--registry", str(registry), "--mpc-master", master], tmp_path / "p0.log", {})
+                                "--registry", str(registry), "--mpc-master", master, "--insecure-http"],
+                    tmp_path / "p0.log", {})
     provider = _launch(net, "tp", ["cloud", "triples", "--parties", "2", "--mpc-master", master,
                                    "--mpc-address", net.under["tp"]], tmp_path / "tp.log", {})
     assert party.wait(60) == 2 and provider.wait(60) == 2

@@ -2,12 +2,11 @@
 coordinator and two party processes over TLS on loopback, while rounds run."""
 from __future__ import annotations
 
-import ssl
-
 import httpx
 import pytest
 
 from protocols.auth import revoke
+from protocols.pki import issue_local
 from iomt.local_cloud import LocalCloud, toy_state
 from tests.utils.browser import DESKTOP, TABLET, browser, check_accessible, check_fits, chromium_path, screenshot
 from iomt.supervisor import run_iomt
@@ -22,14 +21,18 @@ def test_operator_page_shows_rounds_closing_live(tmp_path):
         token = run_iomt("cloud", "operator-token", "--key-file",
                          str(tmp_path / "creds" / "keys" / "coordinator.json")).stdout.strip()
         url = f"{cluster.coord_url}/operator"
-        verify = ssl.create_default_context(cafile=str(cluster.tls["ca"]))
+        # mutual TLS: a script with a bearer token presents its principal's certificate, the
+        # operator's browser a certificate of its own (role operator) from the federation's CA
+        verify = cluster.client_tls("coordinator")
+        operator = issue_local(tmp_path / "tls", [("operator", "operator")])[1]["operator"]
         # the same authentication as the API: no token, or a hospital's token, is refused
         assert httpx.get(f"{url}/state.json", verify=verify).status_code == 401
         hospital_token = cluster.signer("h1").token("coordinator")
-        assert httpx.get(f"{url}/state.json", verify=verify,
+        assert httpx.get(f"{url}/state.json", verify=cluster.client_tls("h1"),
                          headers={"Authorization": f"Bearer {hospital_token}"}).status_code == 401
         with browser() as b:
-            page = b.new_context(ignore_https_errors=True, viewport=DESKTOP).new_page()
+            page = b.new_context(ignore_https_errors=True, viewport=DESKTOP, client_certificates=[
+                {"origin": cluster.coord_url, "certPath": operator.tls_cert, "keyPath": operator.tls_key}]).new_page()
             page.goto(url)
             assert page.url.endswith("/operator/login")
             page.get_by_label("Operator token").fill(hospital_token)
@@ -56,7 +59,7 @@ def test_operator_page_shows_rounds_closing_live(tmp_path):
             assert "excluded: h2" in row2.inner_text()
             assert page.get_by_test_id("rounds-done").inner_text() == "2"
             versions = page.get_by_test_id("versions").inner_text()
-            status = httpx.get(f"{cluster.coord_url}/rounds/1", verify=verify,
+            status = httpx.get(f"{cluster.coord_url}/rounds/1", verify=cluster.client_tls("h1"),
                                headers=cluster.signer("h1").headers("coordinator")).json()
             assert all(h[:16] in versions for h in status["share_sha256"])
             hospitals = page.get_by_test_id("hospitals")

@@ -9,13 +9,13 @@ late-upload and revocation tests, which use h3 and h4 respectively.
 """
 from __future__ import annotations
 
-import ssl
 
 import httpx
 import pytest
 
 from protocols.aggregation_messages import UploadHeader, upload_to_wire
 from protocols.auth import Signer, declare_max_samples, make_credentials, revoke
+from protocols.pki import issue_local
 from iomt.local_cloud import LocalCloud, toy_state
 
 pytestmark = pytest.mark.integration
@@ -61,18 +61,18 @@ def finished(tmp_path_factory):
 
 def _put(c, i, body, signer, rnd=1, audience=None):
     headers = signer.headers(audience or f"party-{i}") if signer else {}
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+    with httpx.Client(verify=c.client_tls(signer.principal if signer else "h3")) as http:  # its own certificate
         return http.put(f"{c.party_urls[i]}/rounds/{rnd}/share", content=body, headers=headers)
 
 
 def _receipts(c, i):
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+    with httpx.Client(verify=c.client_tls("coordinator")) as http:
         r = http.get(f"{c.party_urls[i]}/rounds/1/receipts", headers=c.signer("coordinator").headers(f"party-{i}"))
     return {x["hospital"] for x in r.json()["receipts"]}
 
 
 def _metrics(c, i):
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+    with httpx.Client(verify=c.client_tls("coordinator")) as http:
         return http.get(f"{c.party_urls[i]}/metrics", headers=c.signer("coordinator").headers(f"party-{i}")).json()
 
 
@@ -115,6 +115,7 @@ def test_bad_credentials_are_refused_and_counted(cluster, tmp_path):
     forged = Signer.from_file(outsider.parent / "keys" / "h3.json")
     assert _put(c, 0, body, forged).status_code == 401  # a registered name, the wrong key
     mallory = Signer.from_file(outsider.parent / "keys" / "mallory.json")
+    c.tls_hosts.update(issue_local(c.root / "tls", [("mallory", "hospital")])[1])  # a certificate, no registry entry
     assert _put(c, 0, body, mallory).status_code == 401  # an unknown hospital
     assert _put(c, 0, body, c.signer("h3"), audience="party-1").status_code == 401  # token for another party
     assert _put(c, 0, body, c.signer("h2")).status_code == 403  # h2's token, h3's upload
@@ -178,7 +179,7 @@ def test_revoked_hospital_cannot_upload_or_fetch(finished):
     clients["h4"].register()
     assert clients["h4"].fetch_global(1)[0]["version"] == 1  # registered: may fetch
     revoke(c.registry, "h4")
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+    with httpx.Client(verify=c.client_tls("h4")) as http:
         resp = http.get(f"{c.party_urls[0]}/global/1/share", headers=c.signer("h4").headers("party-0"))
         assert resp.status_code == 403
         resp = http.get(f"{c.party_urls[0]}/global/1/share")

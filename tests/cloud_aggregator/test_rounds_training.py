@@ -23,7 +23,7 @@ INIT_SEED = 5
 CFG = ModelConfig(dim=16, ehr_hidden=16, lstm_hidden=16, lstm_layers=1, text_layers=1, cnn_channels=(4, 8, 8))
 
 
-def _hospital(h: str, key_file: str, coord_url: str, ca: str):
+def _hospital(h: str, key_file: str, coord_url: str, tls: dict):
     """One hospital's whole federation, in its own process."""
     torch.set_num_threads(1)
     from edge_server.federation.client import FederatedClient
@@ -38,7 +38,7 @@ def _hospital(h: str, key_file: str, coord_url: str, ca: str):
         res = train_local(mcfg, base, data, tc, progress=False)
         return res.state, res.n_samples, res.metrics
 
-    client = FederatedClient(Signer.from_file(key_file), coord_url, ca=ca)
+    client = FederatedClient(Signer.from_file(key_file), coord_url, **tls)  # ca, its own cert and key, crl
     try:
         records, status = client.run(train_fn)
         meta, state = client.fetch_global(status.latest_version)
@@ -56,8 +56,10 @@ def test_secret_shared_rounds_improve_validation_metrics(tmp_path: Path):
                                        "init_seed": INIT_SEED}).start()
     try:
         with mp.get_context("spawn").Pool(len(HOSPITALS)) as pool:
+            tls = {h: {"ca": cluster.tls["ca"], "cert": cluster.tls_hosts[h].tls_cert, "key": cluster.tls_hosts[h].tls_key,
+                       "crl": cluster.tls["crl"]} for h in HOSPITALS}
             jobs = {h: pool.apply_async(_hospital, (h, str(tmp_path / f"creds/keys/{h}.json"), cluster.coord_url,
-                                                    str(cluster.tls["ca"]))) for h in HOSPITALS}
+                                                    tls[h])) for h in HOSPITALS}
             results = {h: j.get(600) for h, j in jobs.items()}
         rounds, meta, state = results["h1"]
         assert rounds == list(range(1, ROUNDS + 1)), cluster.logs()

@@ -2,7 +2,6 @@
 hospital, or a claim of 2**80 samples, never reach the global model (real processes)."""
 from __future__ import annotations
 
-import ssl
 import stat
 import threading
 import time
@@ -27,13 +26,13 @@ def _plain_fedavg(states: dict, counts: dict) -> dict:
 
 
 def _put(c, i, body, hospital):
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+    with httpx.Client(verify=c.client_tls(hospital)) as http:
         return http.put(f"{c.party_urls[i]}/rounds/1/share", content=body,
                         headers=c.signer(hospital).headers(f"party-{i}"))
 
 
 def _get(c, url, audience):
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(c.tls["ca"]))) as http:
+    with httpx.Client(verify=c.client_tls("coordinator")) as http:
         return http.get(url, headers=c.signer("coordinator").headers(audience)).json()
 
 
@@ -43,8 +42,7 @@ def test_retry_after_party_killed_inconsistent_sharing_and_huge_sample_count(tmp
     cluster = LocalCloud.secagg(tmp_path, 2, list(COUNTS), round_timeout=300.0, min_hospitals=3).start()
     try:
         clients = {h: cluster.client(h) for h in ("h1", "h2")}
-        clients["h4"] = FederatedClient(cluster.signer("h4"), cluster.coord_url, ca=cluster.tls["ca"],
-                                        **({"state_dir": tmp_path / "h4-edge"} if _has_state_dir() else {}))
+        clients["h4"] = cluster.client("h4", **({"state_dir": tmp_path / "h4-edge"} if _has_state_dir() else {}))
         for c in clients.values():
             c.register()
         cfg = cluster.wait_round(clients["h1"], 1, states=("open",)).config
@@ -80,8 +78,7 @@ def test_retry_after_party_killed_inconsistent_sharing_and_huge_sample_count(tmp
         clients["h1"].upload(cfg, states["h1"], COUNTS["h1"])  # the same client retries
         # h4 retries from a fresh client (as a re-run of `iomt edge federate` would)
         clients["h4"].close()
-        clients["h4"] = FederatedClient(cluster.signer("h4"), cluster.coord_url, ca=cluster.tls["ca"],
-                                        state_dir=tmp_path / "h4-edge")
+        clients["h4"] = cluster.client("h4", state_dir=tmp_path / "h4-edge")
         clients["h4"].register()
         clients["h4"].upload(cfg, states["h4"], COUNTS["h4"])
         assert (cluster.party_dir(0) / "rounds/r000001/h1.share").read_bytes() == held

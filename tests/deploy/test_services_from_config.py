@@ -1,4 +1,5 @@
-"""A party and a coordinator started with `--config FILE` alone (no other flag) serve /health."""
+"""A party and a coordinator started with `--config FILE` alone (no other flag) serve /health
+over mutual TLS, each with its own key and certificate named in its file."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,13 @@ import pytest
 
 from iomt.supervisor import Supervisor, free_port, iomt_argv, wait_port
 from protocols.auth import make_credentials
+from protocols.pki import issue_local
+from protocols.tls_client import ClientTls
+
+
+def _tls(host) -> str:
+    return (f'tls_cert = "{host.tls_cert}"\ntls_key = "{host.tls_key}"\ntls_ca = "{host.ca}"\n'
+            f'tls_crl = "{host.crl}"\n')
 
 
 @pytest.mark.integration
@@ -16,8 +24,9 @@ def test_party_and_coordinator_from_config_files(tmp_path):
     keys = tmp_path / "creds" / "keys"
     (tmp_path / "model.json").write_text(json.dumps(
         {"arch": "toy", "config": {}, "init_seed": 1, "spec": [["w", [4, 3]], ["b", [3]]]}))
+    _, hosts = issue_local(tmp_path / "tls", [("party-0", "party"), ("coordinator", "coordinator")])
     party_port, coord_port = free_port(), free_port()
-    party_url, coord_url = f"http://127.0.0.1:{party_port}", f"http://127.0.0.1:{coord_port}"
+    party_url, coord_url = f"https://127.0.0.1:{party_port}", f"https://127.0.0.1:{coord_port}"
     (tmp_path / "party.toml").write_text(f"""
 index = 0
 parties = 2
@@ -26,7 +35,7 @@ port = {party_port}
 registry = "{registry}"
 key_file = "{keys / 'party-0.json'}"
 coordinator_url = "{coord_url}"
-""")
+{_tls(hosts["party-0"])}""")
     (tmp_path / "coordinator.toml").write_text(f"""
 data_dir = "{tmp_path / 'coordinator'}"
 port = {coord_port}
@@ -35,12 +44,14 @@ key_file = "{keys / 'coordinator.json'}"
 party_urls = ["{party_url}", "http://127.0.0.1:1"]
 model_file = "{tmp_path / 'model.json'}"
 round_timeout = 3600
-""")
+{_tls(hosts["coordinator"])}""")
     with Supervisor(tmp_path / "logs", one_thread=True) as sup:
         party = sup.start("party", iomt_argv("cloud", "party", "--config", str(tmp_path / "party.toml")))
         coord = sup.start("coordinator", iomt_argv("cloud", "coordinator", "--config",
                                                    str(tmp_path / "coordinator.toml")))
         wait_port(party_port, proc=party.proc, name="party")
         wait_port(coord_port, proc=coord.proc, name="coordinator")
-        assert httpx.get(f"{party_url}/health").json()["party_index"] == 0
-        assert httpx.get(f"{coord_url}/health").status_code == 200
+        c = hosts["coordinator"]
+        verify = ClientTls(c.ca, c.tls_cert, c.tls_key).context()
+        assert httpx.get(f"{party_url}/health", verify=verify).json()["party_index"] == 0
+        assert httpx.get(f"{coord_url}/health", verify=verify).status_code == 200

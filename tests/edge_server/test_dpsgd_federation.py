@@ -31,7 +31,7 @@ def test_federate_defaults_to_dp_sgd_and_the_coordinator_shows_each_hospitals_ep
             write_store(d, 24, seed=i, hospital=h)
             procs[h] = spawn_iomt("edge", "federate", "--data-dir", str(d), "--key-file",
                                   str(tmp_path / f"creds/keys/{h}.json"), "--coordinator", cluster.coord_url,
-                                  "--tls-ca", str(cluster.tls["ca"]), "--epochs", "1", "--json",
+                                  *cluster.client_tls_args(h), "--epochs", "1", "--json",
                                   log=tmp_path / f"{h}.log")
         codes = {h: p.wait(600) for h, p in procs.items()}
         logs = {h: (tmp_path / f"{h}.log").read_text() for h in HOSPITALS}

@@ -75,7 +75,9 @@ def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
             csrf = re.search(r'name="csrf" value="([^"]+)"', web.get("/login").text).group(1)
             resp = web.post("/login", data={"username": "demo", "password": clinician.group(2), "csrf": csrf})
             assert resp.status_code == 200 and "Patients" in resp.text and "10 patients" in resp.text
-        verify = ssl.create_default_context(cafile=str(out / "cloud" / "tls" / "ca.pem"))
+        tls = out / "cloud" / "tls"  # mutual TLS: a script with the coordinator's token uses its certificate
+        verify = ssl.create_default_context(cafile=str(tls / "ca" / "ca.pem"))
+        verify.load_cert_chain(tls / "hosts" / "coordinator" / "tls.pem", tls / "hosts" / "coordinator" / "tls.key")
         state = httpx.get(f"{operator.group(1)}/state.json", verify=verify,
                           headers={"Authorization": f"Bearer {operator.group(2)}"}).json()
         assert state["summary"]["rounds_done"] == 1 and all(p["mpc"] == "ready" for p in state["parties"])

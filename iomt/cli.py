@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cloud": ("cloud_aggregator.cli", "cloud parties and coordinator for secure aggregation"),
     "keys": ("iomt.keys_cli", "this host's own keys: make them and a certificate request, install the certificate"),
     "ca": ("iomt.ca_cli", "the federation's CA (operator): sign, register, revoke, rotate"),
+    "probe": ("iomt.probe", "health check of a party or coordinator over mutual TLS, with its own certificate"),
     "infer": ("iomt.infer", "encrypted inference for a patient (clinician's client)"),
     "demo": ("iomt.demo", "a whole federation on this machine"),
     "experiment": ("iomt.experiments", "reproduce the source papers' experiments"),

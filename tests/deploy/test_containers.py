@@ -30,11 +30,13 @@ COMPOSE = DEPLOY / "compose"
 #: compose file -> (the variable naming the deploy/config host, the hosts it is used for)
 SITES = {"hospital.yml": ("IOMT_SITE", ["hospital-a", "hospital-b"]),
          "cloud-party.yml": ("IOMT_HOST", ["party-0", "party-1"])}
+#: A host's key folder (`iomt keys init` + `iomt keys install`), as deploy/README.md "Installing a host".
+HOST_KEYS = ["keys/token.json", "keys/tls.key", "keys/tls.pem", "keys/ca.pem", "keys/crl.pem"]
 #: The files each compose file expects under $IOMT_SECRETS (its header comment lists them).
 OPERATOR_FILES = {
-    "hospital.yml": ["keys/{host}.json", "tls/ca.pem", "tls/broker.pem", "tls/broker.key", "tls/web.pem",
+    "hospital.yml": [*HOST_KEYS, "tls/ca.pem", "tls/broker.pem", "tls/broker.key", "tls/web.pem",
                      "tls/web.key", "mosquitto/passwords", "edge.env"],
-    "cloud-party.yml": ["registry.json", "keys/{host}.json", "tls/server.pem", "tls/server.key", "tls/ca.pem"],
+    "cloud-party.yml": ["registry.json", *HOST_KEYS],
 }
 
 
@@ -241,6 +243,11 @@ def test_compose_services_mount_their_settings_and_every_file_those_name(compose
         assert binds.get(command[-1]) == toml, f"{name}: {command[-1]} must be mounted from {toml}"
         missing = [p for p in etc_paths(toml) if not covered(p, binds)]
         assert not missing, f"{compose} {name}: {toml.name} names {missing}, which nothing mounts"
+        # and each of them is one of the files the header lists (a folder mount: the file in it)
+        for path in etc_paths(toml) - {command[-1]}:
+            target = max((t for t in binds if covered(path, {t: ""})), key=len)
+            source = binds[target] / Path(path).relative_to(target) if path != target else binds[target]
+            assert source.is_file(), f"{compose} {name}: {path} would come from {source}, not an operator file"
         state = data_dir(toml)
         if state:
             assert state in _volumes(service), f"{name}: its state {state} is not on a volume"
@@ -252,6 +259,32 @@ def test_compose_services_mount_their_settings_and_every_file_those_name(compose
         env_files = service.get("env_file", [])
         for f in env_files:
             assert Path(f).exists(), f"{name}: env_file {f}"
+
+
+@pytest.mark.parametrize(("compose", "host"), CASES, ids=[f"{c}-{h}" for c, h in CASES])
+def test_https_health_checks_present_the_services_own_certificate(compose, host):
+    """The parties (and the coordinator) require a client certificate on every connection,
+    /health and /ready too: a health check over HTTPS is `iomt probe` with the service's own
+    settings file, whose tls_cert and tls_key it presents, on the port that file serves;
+    nothing switches verification off."""
+    var, _ = SITES[compose]
+    services = _services(compose, {var: host})
+    probed = []
+    for name, service in services.items():
+        test = service.get("healthcheck", {}).get("test", [])
+        text = " ".join(test)
+        assert "_create_unverified_context" not in text and "CERT_NONE" not in text, (name, text)
+        if "https://" not in text:
+            continue
+        assert test[:3] == ["CMD", "iomt", "probe"] and test[-2] == "--config", (name, test)
+        assert test[-1] == service["command"][-1], f"{name}: the probe reads another file than the service"
+        settings = tomllib.loads(settings_file(host, Path(test[-1]).stem).read_text())
+        assert settings.get("tls_cert") and settings.get("tls_key") and settings.get("tls_ca"), (
+            f"{name}: {test[-1]} names no certificate for the probe to present")
+        url = re.fullmatch(r"https://127\.0\.0\.1:(\d+)/(health|ready)", test[3])
+        assert url and int(url.group(1)) == settings["port"], (name, test[3])
+        probed.append(name)
+    assert probed == (["party"] if compose == "cloud-party.yml" else []), probed
 
 
 def test_hospital_broker_is_reached_by_the_name_in_edge_toml():

@@ -1,9 +1,12 @@
-"""deploy/k8s: every overlay builds with `kubectl kustomize` (throwaway keys, certificates and
-WireGuard configs made here, never committed), every document validates against the
-Kubernetes schema (kubernetes-validate, offline, strict), the NetworkPolicies allow exactly
-the documented flows after a default deny, pods run non-root with read-only root file
-systems and probe /health and /ready, and each role reads the same deploy/config file as
-its systemd unit, with every file that file names mounted and its state on a volume."""
+"""deploy/k8s: every overlay builds with `kubectl kustomize` (throwaway keys and certificates
+made here by the commands its secrets/README.md gives, `iomt keys init` in the overlay's
+secrets/ folder, `iomt ca sign` and `iomt keys install`, and WireGuard configs; never
+committed), every document validates against the Kubernetes schema (kubernetes-validate,
+offline, strict), the NetworkPolicies allow exactly the documented flows after a default
+deny, pods run non-root with read-only root file systems and probe /health and /ready with
+their own client certificate (`iomt probe`: mutual TLS is required there too), and each role
+reads the same deploy/config file as its systemd unit, with every file that file names
+mounted and its state on a volume."""
 from __future__ import annotations
 
 import json
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from protocols.auth import make_credentials, make_tls
+from iomt.cli import main as iomt
 from tests.utils.deploy import (DEPLOY, IOMT_UID, REPO, covered, data_dir, etc_paths, settings_file,
                                 throwaway_wireguard_conf)
 
@@ -70,20 +73,30 @@ def built(tmp_path_factory) -> dict[str, list[dict]]:
     """overlay -> its documents, built from a copy of deploy/ with throwaway operator files."""
     root = tmp_path_factory.mktemp("k8s")
     shutil.copytree(DEPLOY, root / "deploy", ignore=shutil.ignore_patterns("secrets"))
-    creds = root / "fed"
-    make_credentials(creds, list(HOSPITALS), 2)
-    tls = make_tls(creds / "tls", hosts=("party-0.cloud.example", "coordinator.cloud.example"), days=1)
+    overlays = root / "deploy" / "k8s" / "overlays"
+    ca, registry = root / "operator" / "ca", root / "operator" / "registry.json"
+
+    def run(*argv) -> int:
+        return iomt([str(a) for a in argv])
+
+    assert run("ca", "init", "--dir", ca) == 0
+    for overlay in OVERLAYS:
+        (overlays / overlay / "secrets").mkdir()
+    for overlay in ("party-0", "party-1", "coordinator"):   # as each secrets/README.md says
+        role, secrets = ROLE[overlay][0], overlays / overlay / "secrets"
+        assert run("keys", "init", "--id", overlay, "--role", role, "--dir", secrets,
+                   "--tls-name", f"{overlay}.cloud.example") == 0
+        assert run("ca", "sign", "--dir", ca, "--csr", secrets / "tls.csr", "--id", overlay, "--role", role,
+                   "--days", "1", "--out", root / "operator" / f"{overlay}.pem") == 0
+        assert run("ca", "register", "--registry", registry, "--id", overlay, "--role", role,
+                   "--public-key", secrets / "token.pub") == 0
+        assert run("keys", "install", "--dir", secrets, "--cert", root / "operator" / f"{overlay}.pem",
+                   "--ca", ca / "ca.pem", "--crl", ca / "crl.pem") == 0
     model = {"arch": "toy", "config": {}, "init_seed": 1, "spec": [["w", [4, 3]], ["b", [3]]]}
     docs = {}
     for overlay in OVERLAYS:
-        secrets = root / "deploy" / "k8s" / "overlays" / overlay / "secrets"
-        secrets.mkdir()
-        shutil.copy(creds / "registry.json", secrets / "registry.json")
-        for principal in ("party-0", "party-1", "coordinator"):
-            shutil.copy(creds / "keys" / f"{principal}.json", secrets / f"{principal}.json")
-        shutil.copy(tls["cert"], secrets / "server.pem")
-        shutil.copy(tls["key"], secrets / "server.key")
-        shutil.copy(tls["ca"], secrets / "ca.pem")
+        secrets = overlays / overlay / "secrets"
+        shutil.copy(registry, secrets / "registry.json")
         (secrets / "wg0.conf").write_text(throwaway_wireguard_conf())
         (secrets / "model.json").write_text(json.dumps(model))
         done = subprocess.run([KUBECTL, "kustomize", str(secrets.parent)], capture_output=True, text=True, timeout=120)
@@ -203,12 +216,35 @@ def test_pods_run_non_root_read_only_without_capabilities(built, overlay):
 
 
 @pytest.mark.parametrize("overlay", ["party-0", "party-1", "coordinator"])
-def test_probes_use_health_and_ready_on_the_https_port(built, overlay):
-    (container,) = _workload(built[overlay], overlay)["spec"]["template"]["spec"]["containers"]
+def test_probes_present_the_services_own_certificate(built, overlay):
+    """The party and the coordinator require a client certificate signed by the federation's CA
+    on every connection, /health and /ready too, which the kubelet's httpGet cannot present:
+    each probe runs `iomt probe` with the service's own settings file, whose tls_cert and tls_key
+    (from the Secret iomt-keys) it presents (tests/deploy/test_services_from_config.py runs it
+    against real services, and a client without a certificate is refused there)."""
+    role = ROLE[overlay][0]
+    pod = _workload(built[overlay], overlay)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    settings = tomllib.loads(settings_file(overlay, role).read_text())
+    https = next(p["containerPort"] for p in container["ports"] if p["name"] == "https")
+    assert https == settings["port"]
     for probe, path in (("startupProbe", "/health"), ("livenessProbe", "/health"), ("readinessProbe", "/ready")):
-        assert container[probe]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}, probe
-    # and the services serve those routes without a token
-    from cloud_aggregator import coordinator, party
+        assert set(container[probe]) & {"httpGet", "tcpSocket", "grpc"} == set(), probe
+        assert container[probe]["exec"]["command"] == [
+            "iomt", "probe", f"https://127.0.0.1:{https}{path}", "--config", container["args"][-1]], probe
+        assert container[probe]["timeoutSeconds"] >= 5, f"{probe}: an exec probe's default 1 s is under a Python start"
+    # the file the probe reads names the service's own certificate and key, mounted from its Secret
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        path = settings[key]
+        (target,) = [t for t in mounts if covered(path, {t: ""})]
+        secret = volumes[mounts[target]["name"]]["secret"]["secretName"]
+        assert Path(path).name in _one(built[overlay], "Secret", secret)["data"], (key, path)
+    # the server requires that certificate (no probe without one would pass), and the routes
+    # need no token
+    from cloud_aggregator import coordinator, party, serve
+    assert "ssl_cert_reqs=ssl.CERT_REQUIRED" in Path(serve.__file__).read_text()
     source = Path(party.__file__ if overlay != "coordinator" else coordinator.__file__).read_text()
     assert '@app.get("/health")' in source and '@app.get("/ready"' in source
 

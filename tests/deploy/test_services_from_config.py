@@ -1,5 +1,7 @@
 """A party and a coordinator started with `--config FILE` alone (no other flag) serve /health
-over mutual TLS, each with its own key and certificate named in its file."""
+over mutual TLS, each with its own key and certificate named in its file; `iomt probe` (the
+containers' health checks and Kubernetes probes) passes with that same file, presenting the
+service's own certificate, where a client without one is refused in the handshake."""
 from __future__ import annotations
 
 import json
@@ -7,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from iomt.supervisor import Supervisor, free_port, iomt_argv, wait_port
+from iomt.supervisor import Supervisor, free_port, iomt_argv, run_iomt, wait_port
 from protocols.auth import make_credentials
 from protocols.pki import issue_local
 from protocols.tls_client import ClientTls
@@ -55,3 +57,19 @@ round_timeout = 3600
         verify = ClientTls(c.ca, c.tls_cert, c.tls_key).context()
         assert httpx.get(f"{party_url}/health", verify=verify).json()["party_index"] == 0
         assert httpx.get(f"{coord_url}/health", verify=verify).status_code == 200
+        # the probes: each service's own file, its own certificate; none at all fails the handshake
+        for url, toml in ((party_url, "party.toml"), (coord_url, "coordinator.toml")):
+            for path in ("/health", "/ready"):
+                done = run_iomt("probe", url + path, "--config", str(tmp_path / toml), check=False)
+                assert done.returncode == 0, done.stderr
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"{url}/health", verify=ClientTls(c.ca).context())
+        # pinned to its own principal: the coordinator's file does not pass as party 0's probe
+        done = run_iomt("probe", f"{party_url}/health", "--config", str(tmp_path / "coordinator.toml"), check=False)
+        assert done.returncode == 1 and "as coordinator" in done.stderr, done.stderr
+
+
+def test_probe_refuses_a_file_without_tls_files(tmp_path):
+    (tmp_path / "party.toml").write_text('index = 0\nport = 8800\ntls_cert = "/nonexistent/tls.pem"\n')
+    done = run_iomt("probe", "https://127.0.0.1:1/health", "--config", str(tmp_path / "party.toml"), check=False)
+    assert done.returncode == 2 and "names no tls_key, tls_ca" in done.stderr, done.stderr

@@ -63,28 +63,52 @@ def _skip_reason() -> str | None:
     return why_not(("ip", "wg", "nft"), wireguard=True)
 
 
-# --- what the operator makes once and hands out (the credential step: one place to change) ---
+# --- the credential step (README "Each role on its own machine"): keys made on each host ---
 
-def make_credentials(work: Path) -> dict[str, dict[str, Path]]:
-    """``iomt cloud credentials`` for the federation, then what each host receives, as
-    ``{host: {path under /etc/iomt: source file}}`` (README: a host gets its own key only).
+#: Each host's principal and role; the cloud hosts' certificates name what clients dial.
+PRINCIPALS = {"party-0": ("party", ["party-0.cloud.example"]), "party-1": ("party", ["party-1.cloud.example"]),
+              "coordinator": ("coordinator", ["coordinator.cloud.example"]),
+              "hospital-a": ("hospital", []), "hospital-b": ("hospital", [])}
 
-    Today one server certificate covers every cloud name and each hospital's broker name.
-    """
-    fed = work / "fed"
-    run_iomt("cloud", "credentials", "--out", str(fed), "--hospitals", ",".join(HOSPITALS), "--parties", "2",
-             *[arg for name in NAMES for arg in ("--tls-host", name)])
-    tls = {f"tls/{n}": fed / "tls" / n for n in ("server.pem", "server.key", "ca.pem")}
-    files: dict[str, dict[str, Path]] = {}
-    for i in (0, 1):
-        files[f"party-{i}"] = {"registry.json": fed / "registry.json",
-                               f"keys/party-{i}.json": fed / "keys" / f"party-{i}.json", **tls}
-    files["coordinator"] = {"registry.json": fed / "registry.json",
-                            "keys/coordinator.json": fed / "keys" / "coordinator.json", **tls}
-    files["triples"] = {}
-    for h in HOSPITALS:
-        files[h] = {f"keys/{h}.json": fed / "keys" / f"{h}.json", "tls/ca.pem": fed / "tls" / "ca.pem",
-                    "tls/broker.pem": fed / "tls" / "server.pem", "tls/broker.key": fed / "tls" / "server.key"}
+
+def make_credentials(site: "Site", work: Path) -> dict[str, dict[str, Path]]:
+    """What README tells the operator and each host to do: the operator's CA (``iomt ca init``);
+    on each host, inside its own namespace, ``iomt keys init`` into ``/etc/iomt/keys`` (its token
+    and TLS keys never leave it); the operator signs each request and registers each public
+    token key (``iomt ca sign``, ``iomt ca register``); each host installs its certificate with
+    the CA and its CRL (``iomt keys install``). A hospital's broker certificate comes from the
+    hospital's own PKI: here a second CA made on the hospital host. Returns the public files each
+    host receives, as ``{host: {path under /etc/iomt: source}}``."""
+    ca, registry = work / "operator" / "ca", work / "operator" / "registry.json"
+    run_iomt("ca", "init", "--dir", str(ca))
+
+    def on(host: str, *args: str) -> None:  # a command run on that host, as its services are
+        subprocess.run(site.net.argv(host, sys.executable, "-m", "iomt", *args), check=True, capture_output=True,
+                       env=child_env(one_thread=True), timeout=120)
+
+    for host, (role, names) in PRINCIPALS.items():
+        keys = work / host / "etc" / "keys"
+        on(host, "keys", "init", "--id", host, "--role", role, "--dir", str(keys),
+           *[a for n in names for a in ("--tls-name", n)])
+        run_iomt("ca", "sign", "--dir", str(ca), "--csr", str(keys / "tls.csr"), "--id", host, "--role", role)
+        run_iomt("ca", "register", "--registry", str(registry), "--id", host, "--role", role,
+                 "--public-key", str(keys / "token.pub"))
+        on(host, "keys", "install", "--dir", str(keys), "--cert", str(ca / "certs" / f"{host}.pem"),
+           "--ca", str(ca / "ca.pem"), "--crl", str(ca / "crl.pem"))
+        assert not any(p.name.endswith(".key") or p.name == "token.json" for p in (work / "operator").rglob("*")
+                       if p.is_file() and p.name != "ca.key"), "a host's private key reached the operator"
+    files: dict[str, dict[str, Path]] = {h: {} for h in ADDRESS}
+    for host in ("party-0", "party-1", "coordinator"):
+        files[host]["registry.json"] = registry
+    for h in HOSPITALS:  # the broker's certificate, from the hospital's own CA, made on the hospital host
+        site_ca, broker_keys = work / h / "site-ca", work / h / "broker-keys"
+        on(h, "ca", "init", "--dir", str(site_ca))
+        on(h, "keys", "init", "--id", "broker", "--role", "service", "--dir", str(broker_keys),
+           "--tls-name", f"broker.{h}.example")
+        on(h, "ca", "sign", "--dir", str(site_ca), "--csr", str(broker_keys / "tls.csr"), "--id", "broker",
+           "--role", "service")
+        files[h].update({"tls/ca.pem": site_ca / "ca.pem", "tls/broker.pem": site_ca / "certs" / "broker.pem",
+                         "tls/broker.key": broker_keys / "tls.key"})
     return files
 
 
@@ -186,7 +210,7 @@ def _wait(cond, what: str, site: Site, timeout: float, alive: tuple[str, ...] = 
 def test_six_hosts_two_rounds_party_restart_and_encrypted_inference(site: Site):
     work = site.work
     # Prepare: the operator's credentials and model file, each host's files, the hospitals' data
-    handed = make_credentials(work)
+    handed = make_credentials(site, work)
     (work / "model-config.json").write_text(json.dumps(MODEL))
     run_iomt("edge", "federate", "--write-model", str(work / "model.json"), "--model-config",
              str(work / "model-config.json"))
@@ -231,13 +255,13 @@ def test_six_hosts_two_rounds_party_restart_and_encrypted_inference(site: Site):
     codes = {h: p.returncode for h, p in feds.items()}
     assert codes == {h: 0 for h in HOSPITALS}, site.logs()
     # the MPC group re-forms after the restart; then the clinician's encrypted query from hospital-a
-    answer = None
+    answer, keys = None, work / "hospital-a" / "etc" / "keys"
     for _ in range(60):
         done = subprocess.run(site.net.argv(
             "hospital-a", sys.executable, "-m", "iomt", "infer", "--patient", "hospital-a-p0001", "--data-dir",
             str(work / "hospital-a" / "var" / "edge"), "--parties", PARTY_URLS, "--key-file",
-            str(work / "hospital-a" / "etc" / "keys" / "hospital-a.json"), "--ca",
-            str(work / "hospital-a" / "etc" / "tls" / "ca.pem"), "--json"),
+            str(keys / "token.json"), "--ca", str(keys / "ca.pem"), "--tls-cert", str(keys / "tls.pem"),
+            "--tls-key", str(keys / "tls.key"), "--tls-crl", str(keys / "crl.pem"), "--json"),
             capture_output=True, text=True, env=child_env(one_thread=True), timeout=300)
         if done.returncode == 0:
             answer = json.loads(done.stdout)

@@ -86,7 +86,7 @@ def test_federate_started_before_the_coordinator_completes(tmp_path: Path):
         log = tmp_path / "federate.log"
         # Execute: federate first (parties and coordinator down: refused), the cloud later
         proc = spawn_iomt("edge", "federate", "--data-dir", str(edge), "--key-file", str(cluster.key_file("h1")),
-                          "--coordinator", cluster.coord_url, "--tls-ca", str(cluster.tls["ca"]), "--dp", "off",
+                          "--coordinator", cluster.coord_url, *cluster.client_tls_args("h1"), "--dp", "off",
                           "--retry-for", "300", log=log, env={"IOMT_FEDERATE_RETRY_MAX": "2"})
         _wait_for(lambda: log.read_text().count("retry ") >= 2 or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()

@@ -187,3 +187,28 @@ def test_no_round_past_the_planned_number_and_a_restart_resumes(make, parties):
     assert coord.status().finished and coord.status().rounds_done == 1
     again = make(rounds=1)  # a coordinator restarted on the same data directory
     assert again.hospitals == ["h1"] and again.current.state == "done" and again.latest_version() == 1
+
+
+def test_the_operator_page_shows_the_epsilon_each_hospital_reports(make, parties):
+    from cloud_aggregator.operator_page.view import Clock, snapshot
+    from protocols.aggregation_messages import PrivacySpent
+
+    coord = make()
+    for h in ("h1", "h2"):
+        coord.register(h)
+    tick(coord, parties)
+    coord.report_privacy(1, "h1", PrivacySpent(epsilon=3.25, delta=1e-5, limit=8.0))
+    state = snapshot(coord, Clock(), [], {})
+    shown = state["privacy"]
+    # h1's own figure and limit, from the reports the coordinator keeps beside the round status
+    assert shown["h1"] == {"spent": 3.25, "limit": 8.0, "delta": 1e-5, "unit": "patient", "mechanism": "dpsgd"}
+    assert shown["h2"]["spent"] is None and shown["h2"]["unit"] is None  # nothing reported
+    # and the page's live part says it, with its delta and unit
+    import jinja2
+    from cloud_aggregator.operator_page import operator
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(operator.HERE / "templates"), autoescape=True)
+    text = env.get_template("operator_live.html").render(s=state)
+    table = text[text.index('data-testid="privacy"'):]
+    row = lambda h: table[table.index(f'<th scope="row">{h}</th>'):].split("</tr>")[0]  # noqa: E731
+    assert "3.25 at δ = 1e-05, patient level (dpsgd)" in row("h1") and "not reported" not in row("h1")
+    assert "not reported" in row("h2")

@@ -132,6 +132,8 @@ class FederateSettings(BaseSettings):
     clip_norm: float | None = None
     noise_multiplier: float | None = None
     epsilon_budget: float | None = None
+    #: Refuse rounds whose config does not announce distributed noise with K (``--distributed-noise``).
+    distributed_noise: bool = False
 
 
 def load_settings(config: Path | None = None, **overrides) -> EdgeSettings:

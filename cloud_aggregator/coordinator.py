@@ -405,13 +405,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "distributed noise (hospital-level DP of the aggregate)",
         "Each hospital clips its whole model update to C and adds N(0, sigma^2 C^2 / K); the secure sum of "
         "at least K updates then carries N(0, sigma^2 C^2). On top of each hospital's patient-level DP-SGD "
-        "(which protects each patient against everyone, alone), this protects each hospital's whole update in "
-        "every released aggregate (the global model the hospitals reconstruct, and what anyone learns from it: "
-        "clinicians, the operator): hospital-level (epsilon, delta) as the round status reports it, if the "
-        "parties do not collude and at least K participants add their share. It gives nothing against "
-        "colluding parties, which see single updates carrying 1/K of the noise, and a hospital colluding with "
-        "the others' data owners or with K-1 noise-skipping hospitals weakens it; rounds with fewer than "
-        "--min-participants fail closed. See README, Privacy.")
+        "(which protects each patient against everyone and is unchanged), this adds hospital-level DP of every "
+        "released aggregate: one hospital's whole update is hidden, up to the aggregate_epsilon the round status "
+        "reports, from whoever sees only global models (clinicians and what the model answers, anyone given the "
+        "model, this coordinator), assuming the parties do not collude and at least K participants add their "
+        "share; participation and sample counts stay public. It is weaker against a participating hospital, "
+        "which can subtract its own share (P equal participants keep sigma*sqrt((P-1)/K) against one), and adds "
+        "nothing against colluding parties, who see single updates carrying 1/K of the variance. Rounds with "
+        "fewer than "
+        "--min-participants fail closed. README: Model and private training.")
     g.add_argument("--distributed-noise", type=int, metavar="K", dest="distributed_noise_hospitals",
                    help="K: announce distributed noise, each participant adding 1/K of the variance")
     g.add_argument("--distributed-noise-multiplier", type=float, metavar="SIGMA",

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -35,11 +36,12 @@ from cloud_aggregator.store import atomic_write
 from cloud_aggregator.strategies import get_strategy
 from cloud_aggregator.web import bounded_route, error_response, install_error_handlers, read_body, refuse, responses
 from protocols.aggregation_messages import (MAX_SAMPLES_DEFAULT, AggregateRequest, AggregateResult,
-                                            FederationStatus, PrivacySpent, Receipts, RoundConfig,
-                                            RoundStatus, ServerOptConfig)
+                                            DistributedNoise, FederationStatus, PrivacySpent, Receipts,
+                                            RoundConfig, RoundStatus, ServerOptConfig)
 from protocols.auth import AuthError, Registry, Signer
 from protocols.tls_client import PinnedTransport
 from protocols.config import add_config_argument, load_settings
+from protocols.dp_noise import distributed_noise_multiplier, gaussian_epsilon
 from protocols.errors import ConfigError
 from protocols.model_files import CoordinatorModelFile
 from protocols.params import spec_hash
@@ -65,6 +67,11 @@ class Coordinator:
         self.spec = model.param_spec()
         self.model = model.model
         self.init_seed = model.init_seed
+        #: a round closing with fewer participants fails closed (settings.min_participants)
+        self.min_participants = settings.min_participants or 1
+        self.distributed_noise = None if settings.distributed_noise_hospitals is None else DistributedNoise(
+            hospitals=settings.distributed_noise_hospitals, noise_multiplier=settings.distributed_noise_multiplier,
+            clip_norm=settings.distributed_noise_clip)
         self.counters: collections.Counter[str] = collections.Counter()
         self.state_path = Path(settings.data_dir) / "coordinator_state.json"
         self.hospitals: list[str] = []
@@ -157,7 +164,8 @@ class Coordinator:
                           strategy=self.settings.strategy, **self.strategy_fields,
                           parties=len(self.settings.party_urls),
                           spec=[(n, list(s)) for n, s in self.spec], spec_hash=spec_hash(self.spec),
-                          model=self.model, init_seed=self.init_seed, max_samples=self.settings.max_samples)
+                          model=self.model, init_seed=self.init_seed, max_samples=self.settings.max_samples,
+                          min_participants=self.min_participants, distributed_noise=self.distributed_noise)
         self.expected[rnd] = list(self.hospitals)
         self._set(RoundStatus(config=cfg, state="open", share_sha256=[None] * cfg.parties))
         self.metrics.rounds_opened.inc()
@@ -212,11 +220,31 @@ class Coordinator:
             log.warning("round %d: %s excluded: %s", rnd, h, excluded[h])
         return participants, denominator, commitments, excluded
 
+    @staticmethod
+    def _counts(receipts: list[Receipts], participants: list[str]) -> list[int]:
+        held = {r.hospital: r.n_samples for r in receipts[0].receipts}
+        return [held[h] for h in participants]
+
+    def _aggregate_noise(self, rnd: int, counts: list[int]) -> dict:
+        """With distributed noise: the noise multiplier this round's aggregate carries for its
+        most exposed participant, and the hospital-level ε of every aggregate so far."""
+        dn = self.distributed_noise
+        if dn is None:
+            return {}
+        sigma = distributed_noise_multiplier(dn.noise_multiplier, counts, dn.hospitals)
+        earlier = [s.aggregate_noise_multiplier for r, s in self.rounds.items()
+                   if r < rnd and s.state == "done" and s.aggregate_noise_multiplier]
+        eps = gaussian_epsilon([*earlier, sigma], dn.delta)
+        log.info("round %d: aggregate noise multiplier %.3g for its most exposed hospital, hospital-level "
+                 "epsilon %.3g at delta %g over %d rounds", rnd, sigma, eps, dn.delta, len(earlier) + 1)
+        return {"aggregate_noise_multiplier": sigma, "aggregate_epsilon": None if math.isinf(eps) else eps}
+
     async def tick(self, client: httpx.AsyncClient) -> None:
         cur = self.current
         if cur is None or cur.state in ("done", "failed"):
             nxt = 1 if cur is None else cur.config.round + 1
-            if nxt <= self.settings.rounds and len(self.hospitals) >= self.settings.min_hospitals:
+            if nxt <= self.settings.rounds and len(self.hospitals) >= max(self.settings.min_hospitals,
+                                                                         self.min_participants):
                 self._open(nxt)
             return
         rnd = cur.config.round
@@ -242,10 +270,24 @@ class Coordinator:
                 self.metrics.participants.set(0)
                 log.warning("round %d failed: no hospital uploaded one valid sharing to every party in time", rnd)
                 return
+            if len(participants) < cur.config.min_participants:
+                # Fail closed: with distributed noise, fewer than K noise shares would publish an
+                # aggregate carrying less noise than announced; the parties are never asked.
+                self.counters["too_few_participants"] += 1
+                detail = (f"only {len(participants)} participants {participants}, fewer than the "
+                          f"{cur.config.min_participants} this round requires"
+                          + (f" (K = {cur.config.distributed_noise.hospitals}: the aggregate would carry less than "
+                             "the announced noise)" if cur.config.distributed_noise else "")
+                          + "; not aggregated, nothing published")
+                self._set(cur.model_copy(update={"state": "failed", "participants": [], "excluded": excluded,
+                                                 "detail": detail}))
+                log.warning("round %d failed closed: %s", rnd, detail)
+                return
+            noise = self._aggregate_noise(rnd, self._counts(receipts, participants))
             dropped = sorted(set(self.expected.get(rnd, [])) - set(participants))
             self._set(cur.model_copy(update={"state": "aggregating", "participants": participants,
                                              "denominator": denominator, "commitments": commitments,
-                                             "excluded": excluded}))
+                                             "excluded": excluded, **noise}))
             self.metrics.participants.set(len(participants))
             self._aggregating_since[rnd] = time.time()
             log.info("round %d participants %s (N=%d), excluded %s", rnd, participants, denominator, dropped)
@@ -408,6 +450,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this plain-HTTP port (default: off; deploy/: 9102)")
     parser.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
+    parser.add_argument("--min-participants", type=int,
+                        help="a round closing with fewer participants fails closed: never aggregated or published "
+                             "(default 1; K with --distributed-noise, and never less than K)")
+    g = parser.add_argument_group(
+        "distributed noise (hospital-level DP of the aggregate)",
+        "Each hospital clips its whole model update to C and adds N(0, sigma^2 C^2 / K); the secure sum of "
+        "at least K updates then carries N(0, sigma^2 C^2). On top of each hospital's patient-level DP-SGD "
+        "(which protects each patient against everyone and is unchanged), this adds hospital-level DP of every "
+        "released aggregate: one hospital's whole update is hidden, up to the aggregate_epsilon the round status "
+        "reports, from whoever sees only global models (clinicians and what the model answers, anyone given the "
+        "model, this coordinator), assuming the parties do not collude and at least K participants add their "
+        "share; participation and sample counts stay public. It is weaker against a participating hospital, "
+        "which can subtract its own share (P equal participants keep sigma*sqrt((P-1)/K) against one), and adds "
+        "nothing against colluding parties, who see single updates carrying 1/K of the variance. Rounds with "
+        "fewer than "
+        "--min-participants fail closed. README: Model and private training.")
+    g.add_argument("--distributed-noise", type=int, metavar="K", dest="distributed_noise_hospitals",
+                   help="K: announce distributed noise, each participant adding 1/K of the variance")
+    g.add_argument("--distributed-noise-multiplier", type=float, metavar="SIGMA",
+                   help="sigma of the aggregate's noise (std sigma x C)")
+    g.add_argument("--distributed-noise-clip", type=float, metavar="C",
+                   help="L2 bound on each hospital's whole update")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -418,7 +482,11 @@ def run(args: argparse.Namespace) -> int:
             "round_timeout": args.round_timeout, "min_hospitals": args.min_hospitals, "strategy": args.strategy,
             "prox_mu": args.prox_mu, "model_file": args.model, "server_lr": args.server_lr, "beta1": args.beta1,
             "beta2": args.beta2, "tau": args.tau, "max_samples": args.max_samples, **tls_flags(args),
-            "metrics_port": args.metrics_port, "metrics_host": args.metrics_host},
+            "metrics_port": args.metrics_port, "metrics_host": args.metrics_host,
+            "min_participants": args.min_participants,
+            "distributed_noise_hospitals": args.distributed_noise_hospitals,
+            "distributed_noise_multiplier": args.distributed_noise_multiplier,
+            "distributed_noise_clip": args.distributed_noise_clip},
             flag_names={"party_urls": "--party", "model_file": "--model"})
         refused = transport_error(settings, "coordinator")
         if refused:

@@ -156,8 +156,15 @@ class Party:
     def aggregate(self, req: AggregateRequest) -> AggregateResult:
         cfg = req.config
         rnd = cfg.round
-        if self.store.load_config(rnd) is None:
+        announced = self.store.load_config(rnd)
+        if announced is None:
             self.store.save_config(cfg)
+        # the minimum the hospitals were shown (the config this party fetched for their uploads)
+        least = max(cfg.min_participants, announced.min_participants if announced else 1)
+        if len(req.participants) < least:
+            raise RoundRefused("too_few_participants", f"round {rnd} requires {least} participants, the coordinator "
+                               f"names {len(req.participants)}: the aggregate could carry less than the announced "
+                               "noise; not aggregated")
         receipts = {r.hospital: r for r in self.store.receipts(rnd)}
         missing = [p for p in req.participants if p not in receipts]
         if missing:

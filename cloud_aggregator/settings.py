@@ -149,6 +149,34 @@ class CoordinatorSettings(_TLS):
     #: Address of the metrics port: loopback, or the management interface that the firewall
     #: opens to the Prometheus host only.
     metrics_host: str = "127.0.0.1"
+    #: A round closing with fewer participants fails closed: it is never aggregated or published
+    #: (default 1, or K with distributed noise). Rounds open once this many hospitals registered.
+    min_participants: int | None = Field(default=None, ge=1)
+    #: Distributed noise (hospital-level DP of the aggregate): K, the number of hospitals whose
+    #: noise shares add up to the full noise; each adds N(0, σ²C²/K) to its clipped update.
+    distributed_noise_hospitals: int | None = Field(default=None, ge=1)
+    #: σ of the aggregate's noise (std σC); needed with distributed_noise_hospitals.
+    distributed_noise_multiplier: float | None = Field(default=None, gt=0)
+    #: C: the L2 bound on each hospital's whole update; needed with distributed_noise_hospitals.
+    distributed_noise_clip: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _distributed_noise(self):
+        k = self.distributed_noise_hospitals
+        given = (self.distributed_noise_multiplier, self.distributed_noise_clip)
+        if k is None:
+            if any(v is not None for v in given):
+                raise ValueError("distributed_noise_multiplier and distributed_noise_clip need "
+                                 "distributed_noise_hospitals (K)")
+            return self
+        if any(v is None for v in given):
+            raise ValueError("distributed_noise_hospitals needs distributed_noise_multiplier and distributed_noise_clip")
+        if self.min_participants is None:
+            self.min_participants = k
+        elif self.min_participants < k:
+            raise ValueError(f"min_participants {self.min_participants} < distributed_noise_hospitals {k}: a round "
+                             "with fewer than K participants would carry less than the announced noise")
+        return self
 
 
 class TriplesSettings(BaseSettings):

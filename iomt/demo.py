@@ -115,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = _run(args, out, hospitals, sup)
         report["wall_s"] = round(time.monotonic() - started, 1)
-        from iomt.demo_report import write_report
+        from iomt.demo_report import privacy_summary, write_report
         paths = write_report(out, report)
+        _say(privacy_summary(report))
         _say(f"done in {report['wall_s']:.0f}s; report: {paths['markdown']}")
         if args.serve:
             _serve(out, hospitals, report, sup)

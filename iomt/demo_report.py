@@ -102,6 +102,28 @@ def _dp_meaning(s: dict, report: dict) -> str:
     return "No differential privacy: the models say whatever the training data lets them say."
 
 
+def _spent(res: dict) -> dict | None:
+    """The last round's privacy figures a hospital's `iomt edge federate` reported (None: no DP)."""
+    return next((r["train_metrics"] for r in reversed(res.get("rounds", [])) if "epsilon" in r["train_metrics"]),
+                None)
+
+
+def privacy_summary(report: dict) -> str:
+    """One line: the ε each hospital spent, its unit and δ, and what it means."""
+    spent = {h: _spent(res) for h, res in report.get("federation", {}).items()}
+    if not any(spent.values()):
+        return "privacy: no differential privacy (epsilon = inf): the models may reveal any patient's records"
+    parts = [f"{h} {'inf' if m['epsilon'] in (None, float('inf')) else format(m['epsilon'], '.2f')}"
+             f"{'' if m.get('epsilon_budget') is None else ' of ' + format(m['epsilon_budget'], 'g')}"
+             if m else f"{h} (no DP)" for h, m in spent.items()]
+    first = next(m for m in spent.values() if m)
+    unit, delta = first.get("privacy_unit", "patient"), first.get("delta", 1e-5)
+    meaning = (f"whatever anyone sees of what a hospital released, any outcome is at most e^epsilon times more "
+               f"(or less) likely with one {unit}'s records than without them, except with probability "
+               f"delta = {delta:g}")
+    return f"privacy: epsilon spent ({unit} level, delta = {delta:g}): {', '.join(parts)}; {meaning}"
+
+
 def _markdown(report: dict, plots: dict[str, Path | None]) -> str:
     s = report["settings"]
     lines = ["# iomt demo report", "",
@@ -113,16 +135,15 @@ def _markdown(report: dict, plots: dict[str, Path | None]) -> str:
         lines.append(f"| {h} | {sum(ing['published'].values())} | {ing['stored']['total']} | "
                      f"{sum(ing['rejected'].values()) if ing['rejected'] else 0} |")
     lines += ["", "## Federated rounds (secure aggregation, DP)", "",
-              "| hospital | rounds | uploaded MB | epsilon | " + " | ".join(f"val {m}" for m in METRICS) + " |",
+              "| hospital | rounds | uploaded MB | epsilon spent | " + " | ".join(f"val {m}" for m in METRICS) + " |",
               "|---|---|---|---|" + "---|" * len(METRICS)]
     for h, res in report.get("federation", {}).items():
         rounds = res.get("rounds", [])
-        eps = next((r["train_metrics"].get("epsilon") for r in reversed(rounds) if "epsilon" in r["train_metrics"]),
-                   None)
+        eps = (_spent(res) or {}).get("epsilon")
         val = res.get("global", {}).get("val", {})
         lines.append(f"| {h} | {len(rounds)} | {sum(r['uploaded_bytes'] for r in rounds) / 1e6:.2f} | "
                      f"{_num(eps, '.2f')} | " + " | ".join(_num(val.get(m)) for m in METRICS) + " |")
-    lines += ["", _dp_meaning(s, report)]
+    lines += ["", privacy_summary(report) + ".", "", _dp_meaning(s, report)]
     if plots.get("rounds"):
         lines += ["", "![validation accuracy per round](rounds.png)"]
     inf = report.get("inference")

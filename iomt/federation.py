@@ -225,7 +225,7 @@ def _accountant(spec: FederationSpec):
 def _step_accountant(accountant, spec: FederationSpec, weights: list[int]) -> float:
     sigma = spec.noise_multiplier
     if spec.dp_mode == "distributed":
-        from edge_server.training.privacy import distributed_noise_multiplier
+        from protocols.dp_noise import distributed_noise_multiplier
         sigma = distributed_noise_multiplier(sigma, weights)
     return float(accountant.record_round(sigma, spec.clip_norm))
 

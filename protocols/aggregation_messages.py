@@ -205,6 +205,26 @@ class ServerOptConfig(_Msg):
     scale: int = Field(default=256, ge=1, le=1 << 12)
 
 
+class DistributedNoise(_Msg):
+    """The round's distributed noise (hospital-level DP of the aggregate), as the coordinator announces it.
+
+    Every participant clips its whole update ``Δ = θ_local - θ_global`` to L2 norm ``clip_norm``
+    and adds ``N(0, σ²C²/K)`` to each coordinate (σ = ``noise_multiplier``, K = ``hospitals``),
+    so the secure sum of at least K such updates carries at least ``N(0, σ²C²)`` (distributed
+    DP, Kairouz et al., 2021). The round config's ``min_participants`` must be at least K: a
+    round closing with fewer fails closed at the coordinator. A hospital checks both
+    (:meth:`RoundConfig.distributed_noise_refusal`) instead of this model refusing them, so that
+    it can say why it will not train.
+    """
+
+    #: K: each participant adds 1/K of the noise variance (None: not announced, refused)
+    hospitals: int | None = Field(default=None, ge=1)
+    noise_multiplier: float = Field(gt=0)
+    clip_norm: float = Field(gt=0)
+    #: δ of the hospital-level ε the coordinator reports for the aggregate
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+
 class RoundConfig(_Msg):
     """What the coordinator fixes when it opens a round."""
 
@@ -222,6 +242,21 @@ class RoundConfig(_Msg):
     init_seed: int = 0
     #: the largest sample count a hospital may claim this round (parties refuse more)
     max_samples: int = Field(default=MAX_SAMPLES_DEFAULT, ge=1)
+    #: a round closing with fewer participants fails closed (never aggregated or published)
+    min_participants: int = Field(default=1, ge=1)
+    #: hospital-level DP of the aggregate, noise split among the participants (None: not used)
+    distributed_noise: DistributedNoise | None = None
+
+    def distributed_noise_refusal(self) -> str | None:
+        """Why a hospital must not add only 1/K of the noise in this round (None: it may)."""
+        dn = self.distributed_noise
+        if dn is None or dn.hospitals is None:
+            return (f"round {self.round}'s config announces no distributed noise with K (the number of hospitals "
+                    "sharing it): adding 1/K of the noise needs the coordinator to announce K")
+        if self.min_participants < dn.hospitals:
+            return (f"round {self.round}'s config lets the round close with {self.min_participants} participants, "
+                    f"fewer than K = {dn.hospitals}: the aggregate could carry less than the announced noise")
+        return None
 
 
 class PrivacySpent(_Msg):
@@ -250,6 +285,12 @@ class RoundStatus(_Msg):
     excluded: dict[str, str] = Field(default_factory=dict)
     #: hospital -> the epsilon it reports having spent (its own figure, shown, never checked)
     privacy: dict[str, PrivacySpent] = Field(default_factory=dict)
+    #: distributed noise: the noise multiplier the aggregate carries for its most exposed
+    #: participant (protocols.dp_noise), if every participant added its announced share
+    aggregate_noise_multiplier: float | None = None
+    #: distributed noise: hospital-level ε at the announced δ of the aggregates of every round
+    #: so far, this one included (same assumption); None without distributed noise
+    aggregate_epsilon: float | None = None
 
 
 class FederationStatus(_Msg):

@@ -42,23 +42,16 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _privacy(rounds: dict[int, RoundStatus], hospitals: list[str]) -> dict[str, dict]:
-    """ε spent against its limit per hospital, from the newest round status that reports it.
-
-    Read from ``RoundStatus.privacy`` (``{hospital: {"epsilon": spent, "limit": budget}}``,
-    also ``epsilon_limit``/``budget`` for the limit) when the coordinator reports it.
-    """
-    out = {h: {"spent": None, "limit": None} for h in hospitals}
-    for rnd in sorted(rounds):
-        report = rounds[rnd].model_dump().get("privacy") or {}
-        for h, v in report.items() if isinstance(report, dict) else ():
-            if isinstance(v, dict):
-                spent = v.get("epsilon", v.get("spent"))
-                limit = v.get("limit", v.get("epsilon_limit", v.get("budget")))
-            else:
-                spent, limit = v, None
-            out.setdefault(h, {})
-            out[h] = {"spent": spent, "limit": limit}
+def _privacy(coord, hospitals: list[str]) -> dict[str, dict]:
+    """ε spent against its limit per hospital: the newest figure each hospital reported
+    (``POST /rounds/{r}/privacy``, kept in ``coord.privacy`` beside the round statuses, which
+    carry it only through :meth:`~cloud_aggregator.coordinator.Coordinator.round_view`). ``unit``
+    is None for a hospital that has reported nothing; ``spent`` None after a report is ε = ∞."""
+    out = {h: {"spent": None, "limit": None, "delta": None, "unit": None, "mechanism": None} for h in hospitals}
+    for rnd in sorted(coord.privacy):
+        for h, spent in coord.privacy[rnd].items():
+            out[h] = {"spent": spent.epsilon, "limit": spent.limit, "delta": spent.delta, "unit": spent.unit,
+                      "mechanism": spent.mechanism}
     return out
 
 
@@ -117,7 +110,7 @@ def snapshot(coord, clock: Clock, parties: list[dict], last_seen: dict[str, floa
     status = coord.status()
     return {"time": time.time(), "time_text": _fmt_time(time.time()), "hospitals": hospitals,
             "rounds": timeline, "versions": versions, "parties": parties,
-            "privacy": _privacy(rounds, registered),
+            "privacy": _privacy(coord, registered),
             "summary": {"rounds_done": status.rounds_done, "rounds_planned": status.rounds_planned,
                         "latest_version": status.latest_version, "finished": status.finished,
                         "strategy": settings.strategy, "parameters": n_params,

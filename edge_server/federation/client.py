@@ -2,8 +2,10 @@
 
 Each round: fetch the previous global model's shares from every party, reconstruct and
 verify it, train locally (patient-level DP-SGD by default, :mod:`edge_server.training`; a
-round the privacy ledger's budget refuses ends the run with exit code 3), report the ε spent
-to the coordinator, encode
+round the privacy ledger's budget refuses ends the run with exit code 3), add this hospital's
+share of the distributed noise when the round config announces it (a config that announces it
+without K, or with fewer participants allowed than K, ends the run with exit code 5 before
+training), report the ε spent to the coordinator, encode
 ``n_k * theta_k`` in the ring Z_2^64, split it into one full share (party 0) and n-1 seeds
 (parties 1..n-1), and send each party only its own piece over TLS. The pieces are kept
 (``DATA_DIR/federation``) before anything is sent, so every retry of a round, also after a
@@ -53,7 +55,9 @@ POLL_S = 0.2
 #: First pause before resending a round's upload to an unreachable party (doubles per try).
 UPLOAD_RETRY_S = 1.0
 UPLOAD_RETRY_MAX_S = 15.0
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUDGET, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+#: 4: the coordinator or a party stayed unreachable for retry_for seconds;
+#: 5: the round config does not give the distributed noise this hospital requires (--distributed-noise)
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUDGET, EXIT_UNREACHABLE, EXIT_NOISE_REFUSED = 0, 1, 2, 3, 4, 5
 #: Answers that mean "a proxy or the service is down for now": retried like a refused connection.
 TRANSIENT_STATUS = frozenset({502, 503, 504})
 
@@ -62,6 +66,23 @@ TrainFn = Callable[[dict[str, np.ndarray] | None, RoundConfig], tuple[dict[str, 
 
 class FederationError(IomtError):
     """The cloud answered something this client cannot accept (refusal, bad model)."""
+
+
+class DistributedNoiseRefused(FederationError):
+    """A round config announces distributed noise this hospital cannot safely add its 1/K share
+    of (no K, or fewer participants allowed than K), or announces none while this hospital
+    requires it (``--distributed-noise``). Raised before training: nothing is spent or sent."""
+
+
+def distributed_noise_check(cfg: RoundConfig, required: bool) -> None:
+    """Raise :class:`DistributedNoiseRefused` unless this hospital may train in ``cfg``'s round:
+    with ``required`` the config must announce K and at least K participants; an announced
+    distributed noise is always checked so (whether required or not)."""
+    if cfg.distributed_noise is None and not required:
+        return
+    why = cfg.distributed_noise_refusal()
+    if why:
+        raise DistributedNoiseRefused(f"refusing to train: {why}")
 
 
 class UploadIncomplete(FederationError):
@@ -512,6 +533,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep retrying an unreachable coordinator or party this long, then exit 4 "
                              "(default 600; config keys retry_for, retry_first, retry_max)")
     add_dp_arguments(parser)  # DP-SGD at epsilon 8 for all the coordinator's planned rounds by default
+    parser.add_argument(
+        "--distributed-noise", action="store_true", default=None,
+        help="require the coordinator's distributed noise: refuse (exit 5, before training) any round whose config "
+             "does not announce K and at least K participants. When a round announces it (with or without this "
+             "flag) this hospital clips its whole update to the announced C and adds N(0, sigma^2 C^2 / K), on top "
+             "of patient-level DP-SGD, whose epsilon it does not change. What it adds: hospital-level DP of "
+             "every released aggregate (the global model, and whatever clinicians or anyone downstream learn from "
+             "it), assuming non-colluding parties and at least K participants adding their share; weaker against "
+             "another participating hospital (it can subtract its own share), none against colluding parties. "
+             "README, Model and private training")
     parser.add_argument("--write-model", metavar="FILE",
                         help="write the coordinator's model file (architecture from --model-config, or from "
                              "--image-encoder/--text-encoder/--fusion and a BYOD --data-dir's widths) and exit")
@@ -547,7 +578,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_server.dataset.text_embedding import TextEmbeddingUnavailable
     from edge_server.training import (ModelConfig, PrivacyAccountant, TrainConfig, initial_state,
                                       split_records, train_local)
-    from edge_server.training.privacy import PrivacyBudgetExceeded
+    from edge_server.training.privacy import PrivacyBudgetExceeded, add_distributed_noise
     from edge_server.training.dp_options import DpOptionError, dp_fields
     from edge_server.training.inputs import labelled_records, model_config_for, prepare_text
     try:
@@ -600,10 +631,20 @@ def run(args: argparse.Namespace) -> int:
             prepare_text(records, mcfg, args.data_dir)
         except TextEmbeddingUnavailable as err:
             raise IomtError(str(err)) from err
+        distributed_noise_check(rcfg, bool(args.distributed_noise))  # before training: nothing spent
         base = global_state if global_state is not None else initial_state(mcfg, rcfg.init_seed)
         cfg = train_config().model_copy(update={"prox_mu": rcfg.prox_mu, "seed": args.seed + rcfg.round})
         result = train_local(mcfg, base, train, cfg, progress=False, accountant=accountant)
-        return result.state, result.n_samples, result.metrics
+        state, metrics = result.state, dict(result.metrics)
+        dn = rcfg.distributed_noise
+        if dn is not None:
+            state, added = add_distributed_noise(state, base, dn.clip_norm, dn.noise_multiplier, dn.hospitals)
+            metrics.update(distributed_noise_hospitals=dn.hospitals, distributed_noise_std=added.noise_std,
+                           distributed_noise_clip_scale=added.clip_scale)
+            log.info("%s: round %d: update clipped to %g (scale %.3g), distributed noise std %.3g (1/%d of the "
+                     "variance)", client.hospital, rcfg.round, dn.clip_norm, added.clip_scale, added.noise_std,
+                     dn.hospitals)
+        return state, result.n_samples, metrics
 
     client = FederatedClient(Signer.from_file(args.key_file), args.coordinator, ca=args.tls_ca,
                              cert=args.tls_cert, key=args.tls_key, crl=args.tls_crl,
@@ -623,6 +664,9 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s; check the URL, DNS, the firewall and that the service runs (exit %d)", err,
                   EXIT_UNREACHABLE)
         return EXIT_UNREACHABLE
+    except DistributedNoiseRefused as err:
+        log.error("%s: %s", client.hospital, err)
+        return EXIT_NOISE_REFUSED
     except IomtError as err:
         log.error("federation failed: %s", err)
         return EXIT_FAILED

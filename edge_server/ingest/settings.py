@@ -146,6 +146,9 @@ class FederateSettings(BaseSettings):
     #: ... up to this many seconds.
     retry_max: float = Field(30.0, gt=0)
 
+    #: Refuse rounds whose config does not announce distributed noise with K (``--distributed-noise``).
+    distributed_noise: bool = False
+
     @model_validator(mode="after")
     def _tls_pair(self):
         if (self.tls_cert is None) != (self.tls_key is None):

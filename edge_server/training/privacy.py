@@ -23,12 +23,12 @@ Local or distributed noise. By default (``noise_fraction=1``) each hospital adds
 ``N(0, (σC)²)`` to its own update (the source paper's eq. 3): the guarantee holds even
 against a cloud that reconstructs that single update. Under secure aggregation nobody sees a
 single update, only the sum over the K hospitals of a round, so each may add a fraction
-``1/K`` of the variance and the sum still carries ``N(0, (σC)²)`` (distributed DP, as in
-Kairouz et al., 2021): the same ε against everyone who sees the aggregate, with √K less
-noise in the global model. That guarantee assumes the cloud parties do not collude and
-the other hospitals add their share; if a single update were ever revealed, its own
-noise multiplier would be only ``σ·√(1/K)``. :func:`distributed_noise_multiplier` gives the
-guarantee of a weighted aggregate.
+``1/K`` of the variance and the sum still carries ``N(0, (σC)²)`` (distributed DP, Kairouz
+et al., 2021). In `iomt edge federate` this is :func:`add_distributed_noise`, applied on top of
+patient-level DP-SGD when the coordinator announces it (K, σ, C and the minimum number of
+participants in the round config); what it adds and assumes is in the README's privacy
+section. :func:`protocols.dp_noise.distributed_noise_multiplier` gives the guarantee of a
+weighted aggregate.
 """
 from __future__ import annotations
 
@@ -122,19 +122,19 @@ def privatize_update(update: dict[str, torch.Tensor], clip_norm: float, noise_mu
     return unflatten(vec, update), DpResult(norm_before=norm, clip_scale=scale, noise_std=std)
 
 
-def distributed_noise_multiplier(noise_multiplier: float, weights: list[float]) -> float:
-    """The noise multiplier a weighted secure aggregate guarantees to every hospital in it.
+def add_distributed_noise(state: dict[str, np.ndarray], base: dict[str, np.ndarray], clip_norm: float,
+                          noise_multiplier: float, hospitals: int,
+                          generator: torch.Generator | None = None) -> tuple[dict[str, np.ndarray], DpResult]:
+    """This hospital's share of a round's distributed noise: ``base + clip(state - base, C) +
+    N(0, σ²C²/K)`` (K = ``hospitals``), so that K such updates sum to the full ``N(0, σ²C²)``.
 
-    Each of the ``K = len(weights)`` hospitals adds ``N(0, (σC)²/K)`` to its clipped update
-    and the aggregate is ``Σ w_k (Δ_k + z_k) / Σ w_k``. Hospital k's contribution has
-    sensitivity ``w_k C / Σ w`` and the aggregate's noise std is ``σ C rms(w) / Σ w``, so its
-    patients get ``σ · rms(w) / w_k``; the hospital with the largest weight gets the least,
-    which is returned. Equal weights give exactly ``σ``.
+    Applied on top of whatever local training did (patient-level DP-SGD by default), as the
+    coordinator's round config announces it (:class:`protocols.aggregation_messages.DistributedNoise`).
     """
-    if not weights or min(weights) <= 0:
-        raise ValueError(f"weights must be positive, got {weights}")
-    w = np.asarray(weights, dtype=np.float64)
-    return float(noise_multiplier * np.sqrt(np.mean(w * w)) / w.max())
+    update = {k: torch.from_numpy(np.asarray(state[k], np.float32) - np.asarray(base[k], np.float32))
+              for k in state}
+    noised, result = privatize_update(update, clip_norm, noise_multiplier, generator, noise_fraction=1.0 / hospitals)
+    return {k: (np.asarray(base[k], np.float32) + noised[k].numpy()).astype(np.float32) for k in state}, result
 
 
 def dpsgd_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:

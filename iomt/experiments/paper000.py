@@ -265,7 +265,8 @@ def _fig4_plot(settings: Settings, summary: list[dict], eps_key: str, series, ba
     for r in summary:
         if not math.isfinite(r[eps_key]):
             ax.axhline(100 * r["accuracy_mean"], ls="--", color="grey", label=baseline_label)
-    ax.set_xscale("log")
+    if any(rows for *_, rows in series):  # a sweep of epsilon = inf alone has no point to put on a log axis
+        ax.set_xscale("log")
     if ticks:
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()

@@ -187,3 +187,98 @@ def test_no_round_past_the_planned_number_and_a_restart_resumes(make, parties):
     assert coord.status().finished and coord.status().rounds_done == 1
     again = make(rounds=1)  # a coordinator restarted on the same data directory
     assert again.hospitals == ["h1"] and again.current.state == "done" and again.latest_version() == 1
+
+
+def test_the_operator_page_shows_the_epsilon_each_hospital_reports(make, parties):
+    from cloud_aggregator.operator_page.view import Clock, snapshot
+    from protocols.aggregation_messages import PrivacySpent
+
+    coord = make()
+    for h in ("h1", "h2"):
+        coord.register(h)
+    tick(coord, parties)
+    coord.report_privacy(1, "h1", PrivacySpent(epsilon=3.25, delta=1e-5, limit=8.0))
+    state = snapshot(coord, Clock(), [], {})
+    shown = state["privacy"]
+    # h1's own figure and limit, from the reports the coordinator keeps beside the round status
+    assert shown["h1"] == {"spent": 3.25, "limit": 8.0, "delta": 1e-5, "unit": "patient", "mechanism": "dpsgd"}
+    assert shown["h2"]["spent"] is None and shown["h2"]["unit"] is None  # nothing reported
+    # and the page's live part says it, with its delta and unit
+    import jinja2
+    from cloud_aggregator.operator_page import operator
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(operator.HERE / "templates"), autoescape=True)
+    text = env.get_template("operator_live.html").render(s=state)
+    table = text[text.index('data-testid="privacy"'):]
+    row = lambda h: table[table.index(f'<th scope="row">{h}</th>'):].split("</tr>")[0]  # noqa: E731
+    assert "3.25 at δ = 1e-05, patient level (dpsgd)" in row("h1") and "not reported" not in row("h1")
+    assert "not reported" in row("h2")
+
+
+def _noise(**kw) -> dict:
+    return {"distributed_noise_hospitals": 2, "distributed_noise_multiplier": 1.5, "distributed_noise_clip": 0.5, **kw}
+
+
+def test_distributed_noise_is_announced_and_a_round_of_k_hospitals_aggregates(make, parties):
+    coord = make(**_noise())
+    coord.register("h1")
+    assert tick(coord, parties) is None  # no round before K hospitals could take part
+    coord.register("h2")
+    assert tick(coord, parties) == "open"
+    cfg = coord.current.config
+    assert cfg.min_participants == 2 and cfg.distributed_noise.hospitals == 2
+    assert (cfg.distributed_noise.noise_multiplier, cfg.distributed_noise.clip_norm) == (1.5, 0.5)
+    assert cfg.distributed_noise_refusal() is None
+    parties.upload("h1", 10)
+    parties.upload("h2", 30)
+    assert tick(coord, parties, times=3) == "done"
+    status = coord.current
+    # the largest hospital's share of the weighted sum gets sigma * sqrt((10^2 + 30^2) / 2) / 30
+    assert status.aggregate_noise_multiplier == pytest.approx(1.5 * (1000 / 2) ** 0.5 / 30)
+    assert 0 < status.aggregate_epsilon < float("inf")
+
+
+def test_a_round_with_fewer_participants_than_announced_fails_closed(make, parties, clock, caplog):
+    coord = make(rounds=2, **_noise(distributed_noise_hospitals=3))
+    for h in HOSPITALS:
+        coord.register(h)
+    tick(coord, parties)
+    parties.upload("h1", 10)
+    parties.upload("h2", 10)  # h3 never comes
+    clock[0] = T0 + TIMEOUT
+    with caplog.at_level("WARNING"):
+        assert tick(coord, parties, times=2) == "failed"
+    status = coord.current
+    assert "only 2 participants" in status.detail and "fewer than the 3" in status.detail
+    assert "less than the announced noise" in status.detail and status.participants == []
+    assert parties.aggregated == [[], []] and coord.latest_version() is None  # nothing aggregated or published
+    assert coord.counters["too_few_participants"] == 1
+    assert any("failed closed" in r.getMessage() for r in caplog.records)
+    assert tick(coord, parties) == "open" and coord.current.config.round == 2  # the federation goes on
+
+
+def test_a_coordinator_never_announces_fewer_participants_than_k(make):
+    with pytest.raises(ValueError, match="min_participants 1 < distributed_noise_hospitals 2"):
+        make(**_noise(min_participants=1))
+    with pytest.raises(ValueError, match="needs distributed_noise_multiplier"):
+        make(distributed_noise_hospitals=2)
+
+
+def test_a_hospital_refuses_a_config_without_k_or_with_fewer_participants_than_k(make, parties):
+    from edge_server.federation.client import DistributedNoiseRefused, distributed_noise_check
+    from protocols.aggregation_messages import DistributedNoise
+
+    coord = make()
+    coord.register("h1")
+    tick(coord, parties)
+    plain = coord.current.config
+    distributed_noise_check(plain, required=False)  # nothing asked, nothing announced
+    with pytest.raises(DistributedNoiseRefused, match="announces no distributed noise with K"):
+        distributed_noise_check(plain, required=True)
+    no_k = plain.model_copy(update={"distributed_noise": DistributedNoise(noise_multiplier=1.0, clip_norm=1.0)})
+    with pytest.raises(DistributedNoiseRefused, match="without K|no distributed noise with K"):
+        distributed_noise_check(no_k, required=False)  # announced without K: refused even if not required
+    few = plain.model_copy(update={"distributed_noise": DistributedNoise(hospitals=3, noise_multiplier=1.0,
+                                                                           clip_norm=1.0), "min_participants": 2})
+    with pytest.raises(DistributedNoiseRefused, match="close with 2 participants, fewer than K = 3"):
+        distributed_noise_check(few, required=True)
+    distributed_noise_check(few.model_copy(update={"min_participants": 3}), required=True)

@@ -50,6 +50,8 @@ def test_operator_page_shows_rounds_closing_live(tmp_path):
                 st = cluster.wait_round(client, 1, states=("open",))
                 client.upload(st.config, toy_state(i + 1), 10 * (i + 1))
             page.locator('tr[data-round="1"][data-state="done"]').wait_for(timeout=60_000)
+            # h1 reports its ledger as `iomt edge federate` does after each round
+            clients["h1"].report_privacy(1, {"epsilon": 2.5, "delta": 1e-5, "dp": "sgd", "epsilon_budget": 8.0})
             # round 2: only h1 uploads; at the deadline h2 is excluded, and the page says why
             st = cluster.wait_round(clients["h1"], 2, states=("open",))
             clients["h1"].upload(st.config, toy_state(5), 10)
@@ -66,7 +68,9 @@ def test_operator_page_shows_rounds_closing_live(tmp_path):
             assert "2 (1, 2)" in hospitals.get_by_role("row", name="h1").inner_text()
             assert "1 (1)" in hospitals.get_by_role("row", name="h2").inner_text()
             assert "—" not in hospitals.get_by_role("row", name="h1").inner_text()  # last seen
-            assert "not reported" in page.get_by_test_id("privacy").inner_text()
+            privacy = page.get_by_test_id("privacy")
+            assert "2.5 at δ = 1e-05, patient level" in privacy.get_by_role("row", name="h1").inner_text()
+            assert "not reported" in privacy.get_by_role("row", name="h2").inner_text()
             assert page.get_by_test_id("parties").inner_text().count("\tup\t") == 2
             check_accessible(page)
             check_fits(page, DESKTOP)

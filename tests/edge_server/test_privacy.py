@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from edge_server.training.privacy import (
-    ACCOUNTANT_FILE, PrivacyAccountant, PrivacyBudgetExceeded, distributed_noise_multiplier, flatten,
-    privatize_update)
+    ACCOUNTANT_FILE, PrivacyAccountant, PrivacyBudgetExceeded, add_distributed_noise, flatten, privatize_update)
+from protocols.dp_noise import distributed_noise_multiplier, gaussian_epsilon
 from edge_server.training import ModelConfig, TrainConfig, TrainingError, initial_state, train_local
 from protocols.errors import IomtError
 from simulators.records import make_records
@@ -74,6 +74,29 @@ def test_distributed_guarantee_is_sigma_for_equal_weights_and_less_for_the_large
     assert distributed_noise_multiplier(1.5, [10, 10, 40]) == pytest.approx(1.5 * 600 ** 0.5 / 40)
     with pytest.raises(ValueError):
         distributed_noise_multiplier(1.0, [3, 0])
+    # K = 2 announced, 3 equal participants: 3/2 of the variance, sigma * sqrt(3/2)
+    assert distributed_noise_multiplier(1.5, [20, 20, 20], hospitals=2) == pytest.approx(1.5 * 1.5 ** 0.5)
+
+
+def test_a_hospitals_share_clips_the_whole_update_and_adds_one_kth_of_the_variance():
+    base = {"w": np.zeros(100_000, np.float32), "b": np.ones(3, np.float32)}
+    trained = {"w": np.full(100_000, 0.01, np.float32), "b": np.ones(3, np.float32)}  # update norm 3.16
+    state, res = add_distributed_noise(trained, base, clip_norm=0.5, noise_multiplier=2.0, hospitals=4,
+                                       generator=torch.Generator().manual_seed(0))
+    assert res.norm_before == pytest.approx(10 ** 0.5, rel=1e-3)
+    assert res.clip_scale == pytest.approx(0.5 / 10 ** 0.5, rel=1e-3)
+    assert res.noise_std == pytest.approx(2.0 * 0.5 / 2)  # sigma * C / sqrt(K)
+    noise = state["w"] - base["w"] - 0.01 * res.clip_scale
+    assert float(noise.std()) == pytest.approx(0.5, rel=0.02) and abs(float(noise.mean())) < 0.01
+    assert set(state) == set(trained) and state["w"].dtype == np.float32
+
+
+def test_gaussian_epsilon_composes_rounds_and_agrees_with_the_edge_ledger():
+    ledger = PrivacyAccountant(delta=1e-5, unit="hospital")
+    for sigma in (2.0, 3.0):
+        ledger.record_round(sigma)
+    assert gaussian_epsilon([2.0, 3.0], 1e-5) == pytest.approx(ledger.epsilon(), rel=1e-9)
+    assert gaussian_epsilon([], 1e-5) == 0.0 and gaussian_epsilon([0.0], 1e-5) == float("inf")
 
 
 def test_the_edge_accountant_counts_only_the_noise_the_hospital_added_itself():

@@ -128,6 +128,14 @@ def test_fig4_with_dp_sgd_reports_accuracy_at_each_patient_level_epsilon(quick):
     assert all(r["lr"] and r["clip_norm"] and r["val_accuracy"] for r in runs)  # chosen on validation
 
 
+def test_fig4_with_only_the_run_without_dp_writes_every_output(quick):
+    # one invocation per epsilon (to keep partial sweeps): inf alone has no point on the log axis
+    run_experiment("fig4", quick, epsilons=(math.inf,))
+
+    _, rows = _check_outputs(quick.out, "fig4")
+    assert [math.isinf(float(r["target_epsilon"])) for r in rows] == [True]
+
+
 def test_fig4_epsilon_falls_as_noise_grows(quick):
     run_experiment("fig4", quick, dp="update")
 

@@ -63,8 +63,9 @@ class Settings:
             values["duration_s"] = values.pop("duration")
         base = cls.quick_preset(Path(".")) if args.quick else cls(out=Path("."))
         settings = dataclasses.replace(base, **values)
-        if getattr(args, "fusion", None):
-            settings = dataclasses.replace(settings, model={**settings.model, "fusion": args.fusion})
+        for key in ("fusion", "text_encoder"):
+            if getattr(args, key, None):
+                settings = dataclasses.replace(settings, model={**settings.model, key: getattr(args, key)})
         out = Path(args.out) if args.out else Path("results") / name
         for key in ("dp_lrs", "dp_clips"):
             if getattr(args, key, None):
@@ -125,6 +126,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fusion", choices=("attention", "quadratic"), default=None,
                         help="fusion layer and head (default attention, the paper's; quadratic: the "
                              "MPC-friendly variant, see protocols/model.py)")
+    parser.add_argument("--text-encoder", dest="text_encoder", choices=("bag", "transformer", "minilm"), default=None,
+                        help="notes encoder (default bag: every word and word pair of the whole note; "
+                             "transformer: the first text_len tokens; see protocols/model.py)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these small models gain nothing from more, and "
                              "several experiments can then share the cores)")

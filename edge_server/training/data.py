@@ -27,8 +27,9 @@ MAX_WINDOWS = 8
 class RecordTensors:
     """Dense model inputs for ``N`` patients.
 
-    ``tokens`` holds ``(N, L)`` token ids, or ``(N, MINILM_DIM)`` float32 note embeddings
-    for a ``text_encoder="minilm"`` model.
+    ``tokens`` holds what the model's text encoder reads: ``(N, text_vocab)`` float32
+    bucket counts of each whole note (the default bag), ``(N, text_len)`` token ids
+    (transformer), or ``(N, MINILM_DIM)`` float32 note embeddings (minilm).
 
     ``windows`` is ``(N, W, T, C)`` with ``n_windows`` valid windows per patient (at least
     one row, all zeros when signals are missing); ``labels`` is -1 where unknown.
@@ -127,9 +128,8 @@ def records_to_tensors(records: list[PatientRecord], cfg: ModelConfig, need_labe
             labels[i] = int(rec.label)
     if cfg.text_encoder == "minilm":
         tokens = _note_embeddings(kept)
-    else:
-        tokenizer = cfg.tokenizer()
-        tokens = tokenizer.encode_batch([rec.note for rec in kept]) if n else np.zeros((0, cfg.text_len), np.int64)
+    else:  # bag: the whole note's bucket counts; transformer: its first text_len token ids
+        tokens = cfg.tokenizer().encode_batch([rec.note for rec in kept])
     return RecordTensors(
         patient_ids=[rec.patient_id for rec in kept],
         image=torch.from_numpy(image), ehr=torch.from_numpy(ehr), windows=torch.from_numpy(windows),

@@ -18,8 +18,9 @@ OURS = {"strategy": "fedavg", "dp": True}
 log = logging.getLogger(__name__)
 
 #: Model used by the experiments by default: the shared architecture (CNN, EHR MLP, 2-layer
-#: LSTM, transformer, attention fusion) at a size two shared CPU cores can train many times
-#: over (about 10x cheaper than ModelConfig's defaults). `--quick` shrinks it further.
+#: LSTM, bag of word and word-pair embeddings, attention fusion) at a size two shared CPU
+#: cores can train many times over (about 10x cheaper than ModelConfig's defaults); text_len
+#: and text_layers apply to `--text-encoder transformer` only. `--quick` shrinks it further.
 EXPERIMENT_MODEL: dict = {"dim": 16, "cnn_channels": (4, 8, 16), "ehr_hidden": 16, "lstm_hidden": 16,
                           "signal_pool": 8, "text_len": 32, "text_layers": 1}
 QUICK_MODEL: dict = {"dim": 8, "cnn_channels": (2, 4, 8), "ehr_hidden": 8, "lstm_hidden": 8,
@@ -63,8 +64,9 @@ class Settings:
             values["duration_s"] = values.pop("duration")
         base = cls.quick_preset(Path(".")) if args.quick else cls(out=Path("."))
         settings = dataclasses.replace(base, **values)
-        if getattr(args, "fusion", None):
-            settings = dataclasses.replace(settings, model={**settings.model, "fusion": args.fusion})
+        for key in ("fusion", "text_encoder"):
+            if getattr(args, key, None):
+                settings = dataclasses.replace(settings, model={**settings.model, key: getattr(args, key)})
         out = Path(args.out) if args.out else Path("results") / name
         for key in ("dp_lrs", "dp_clips"):
             if getattr(args, key, None):
@@ -125,6 +127,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fusion", choices=("attention", "quadratic"), default=None,
                         help="fusion layer and head (default attention, the paper's; quadratic: the "
                              "MPC-friendly variant, see protocols/model.py)")
+    parser.add_argument("--text-encoder", dest="text_encoder", choices=("bag", "transformer", "minilm"), default=None,
+                        help="notes encoder (default bag: every word and word pair of the whole note; "
+                             "transformer: the first text_len tokens; see protocols/model.py)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these small models gain nothing from more, and "
                              "several experiments can then share the cores)")

@@ -16,6 +16,7 @@ from protocols.model import ModelConfig, build_model, state_to_numpy
 from protocols.vision import fold_batchnorm, resnet18
 from iomt.local_cloud import LocalCloud
 from iomt.supervisor import run_iomt, wait_port
+from tests.utils.text import random_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ def _features(model, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, to
         image = torch.randn(batch, 1, cfg.image_size, cfg.image_size, generator=gen)
         ehr = torch.randn(batch, cfg.ehr_dim, generator=gen)
         sig = torch.randn(batch, cfg.signal_len, cfg.signal_channels, generator=gen)
-        tokens = torch.randint(2, cfg.text_vocab, (batch, cfg.text_len), generator=gen)
+        tokens = random_tokens(cfg, batch, gen)
         feats = model.encode(image, ehr, sig, tokens)
     mask = (torch.rand(batch, 4, generator=gen) > 0.3).float()
     mask[mask.sum(1) == 0, 0] = 1.0

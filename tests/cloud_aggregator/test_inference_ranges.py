@@ -15,6 +15,7 @@ from iomt.local_cloud import LocalCloud
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from protocols.schema import CONDITIONS
 from iomt.supervisor import run_iomt
+from tests.utils.text import random_tokens
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.integration
@@ -40,7 +41,7 @@ def _features(model, batch: int) -> tuple[np.ndarray, np.ndarray]:
         feats = model.encode(torch.randn(batch, 1, cfg.image_size, cfg.image_size, generator=gen),
                              torch.randn(batch, cfg.ehr_dim, generator=gen),
                              torch.randn(batch, cfg.signal_len, cfg.signal_channels, generator=gen),
-                             torch.randint(2, cfg.text_vocab, (batch, cfg.text_len), generator=gen))
+                             random_tokens(cfg, batch, gen))
     mask = torch.ones(batch, 4)
     mask[0, 3] = 0.0
     return feats.numpy(), mask.numpy()

@@ -32,6 +32,7 @@ from protocols.auth import Signer, make_credentials
 from protocols.model import ModelConfig, build_model, state_to_numpy
 from iomt.supervisor import REPO_ROOT, child_env, die_with_parent, spawn, stop
 from tests.utils.netns import WG_PORT, Hosts, why_not, wait
+from tests.utils.text import random_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +133,7 @@ def _run_cloud(net: Net, work: Path, tunnel: bool) -> dict:
             feats = model.encode(torch.randn(2, 1, cfg.image_size, cfg.image_size, generator=gen),
                                  torch.randn(2, cfg.ehr_dim, generator=gen),
                                  torch.randn(2, cfg.signal_len, cfg.signal_channels, generator=gen),
-                                 torch.randint(2, cfg.text_vocab, (2, cfg.text_len), generator=gen))
+                                 random_tokens(cfg, 2, gen))
         inference_client.share_inputs = keep
         try:
             pred = inference_client.predict(urls, signer, {"features": feats.numpy(), "mask": np.ones((2, 4), "f4")})

@@ -28,25 +28,28 @@ def _sgd(**kw) -> TrainConfig:
                           "dp_seed": 0, **kw})
 
 
-@pytest.fixture(scope="module")
-def batch():
-    data = records_to_tensors(make_records(6, seed=3, p_missing=0.3), SMALL)
+@pytest.fixture(scope="module", params=["bag", "transformer"])
+def batch(request):
+    """Inputs and labels of 6 patients, and the config, for each trainable text encoder."""
+    cfg = SMALL.model_copy(update={"text_encoder": request.param})
+    data = records_to_tensors(make_records(6, seed=3, p_missing=0.3), cfg)
     idx = torch.arange(len(data))
-    tokens = data.tokens.clone()
-    tokens[:, 6:] = 0  # padding the attention must mask
-    data.tokens = tokens
-    return data.inputs(idx, torch.zeros_like(idx)), data.labels
+    if request.param == "transformer":
+        tokens = data.tokens.clone()
+        tokens[:, 6:] = 0  # padding the attention must mask
+        data.tokens = tokens
+    return data.inputs(idx, torch.zeros_like(idx)), data.labels, cfg
 
 
 def test_per_patient_gradients_equal_a_loop_over_patients_for_every_module(batch):
     # Prepare: the model as DP-SGD trains it (Opacus DPLSTM in place of nn.LSTM)
+    inputs, labels, cfg = batch
     torch.manual_seed(0)
-    model = make_private_trainable(build_model(SMALL)).eval()
-    inputs, labels = batch
+    model = make_private_trainable(build_model(cfg)).eval()
     # Execute
     grads, losses = per_example_grads(model, inputs, labels)
     # Assert: each patient's gradient is the one a backward pass on that patient alone gives,
-    # for every parameter (CNN, EHR MLP, LSTM, embeddings, attention, LayerNorm, fusion, head)
+    # for every parameter (CNN, EHR MLP, LSTM, text encoder, LayerNorm, fusion, head)
     for i in range(len(labels)):
         model.zero_grad()
         logits, _ = model(*(t[i:i + 1] for t in inputs))
@@ -81,9 +84,9 @@ def test_batchnorm_is_refused():
 
 def test_one_patients_contribution_to_a_step_is_bounded_by_the_clip_norm(batch):
     # Prepare: patient 0 made an outlier (huge inputs), so its raw gradient is far above C
+    inputs, labels, cfg = batch
     torch.manual_seed(0)
-    model = make_private_trainable(build_model(SMALL)).eval()
-    inputs, labels = batch
+    model = make_private_trainable(build_model(cfg)).eval()
     inputs = list(inputs)
     inputs[1] = inputs[1].clone()
     inputs[1][0] = 1e3

@@ -32,6 +32,21 @@ SIGNAL_STREAMS: dict[str, tuple[int, float]] = {
 }
 #: Channels of a model signal window, in order (acc expands to three axes).
 SIGNAL_CHANNELS: tuple[str, ...] = ("ecg", "ppg", "eda", "acc_x", "acc_y", "acc_z", "temp", "resp")
+#: Reference centre and scale of each channel of a model window, in the units the edge
+#: stores (ECG mV and PPG band-passed, so centred on 0; EDA in microsiemens; acceleration
+#: in g, z along gravity; skin temperature in degrees C; respiration belt arbitrary units).
+#: The model standardises every window with them (``protocols.model.SignalLSTM``), as the
+#: EHR is with ``EHR_FEATURES``: raw, a skin temperature near 34 dwarfs an ECG of 0.1 mV.
+SIGNAL_REFERENCE: dict[str, tuple[float, float]] = {
+    "ecg": (0.0, 0.15),
+    "ppg": (0.0, 0.3),
+    "eda": (2.5, 1.0),
+    "acc_x": (0.0, 0.1),
+    "acc_y": (0.0, 0.1),
+    "acc_z": (1.0, 0.1),
+    "temp": (34.0, 1.5),
+    "resp": (0.0, 0.6),
+}
 MODEL_SIGNAL_HZ = 25.0
 WINDOW_SECONDS = 8.0
 WINDOW_SAMPLES = int(MODEL_SIGNAL_HZ * WINDOW_SECONDS)  # 200

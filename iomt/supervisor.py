@@ -191,9 +191,17 @@ class Supervisor:
         child.daemon = False
         return stop(child.proc, sig, grace, child.name)
 
-    def stop_all(self) -> None:
-        for child in reversed(self.children):
-            self.stop_child(child)
+    def stop_all(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM every child at once (newest first), then wait for them together and SIGKILL
+        whoever is still there after ``grace`` s: one grace period in all, not one per child."""
+        running = [c for c in reversed(self.children) if c.proc.poll() is None]
+        for child in running:
+            child.daemon = False
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in running:
+            stop(child.proc, signal.SIGTERM, max(0.0, deadline - time.monotonic()), child.name)
 
     def __enter__(self) -> "Supervisor":
         return self

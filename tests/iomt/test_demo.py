@@ -52,6 +52,7 @@ def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
     import re
     import signal
     import ssl
+    import threading
 
     import httpx
 
@@ -67,6 +68,9 @@ def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
             if line.strip().startswith("(the coordinator's TLS"):  # the last line printed
                 break
         text = "".join(lines)
+        # keep draining: the demo and its services go on logging (a line per request), and a
+        # full pipe would block them, shutdown included
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
         clinician = re.search(r"clinician's page \(\S+\): (http://\S+)/\s+user: demo\s+password: (\S+)", text)
         operator = re.search(r"operator's page: (https://\S+)\s+token \(sign in within 10 min\):\s+(\S+)", text)
         assert clinician and operator, text[-3000:]

@@ -78,3 +78,23 @@ def test_refuses_to_write_inside_a_git_work_tree(tmp_path, capsys):
     assert not (tmp_path / "repo" / "data").exists()
     export(tmp_path / "reports.csv", tmp_path / "repo" / "data", n_hospitals=2, allow_git=True)
     assert (tmp_path / "repo" / "data" / "hospital-01" / "labels.csv").exists()
+
+
+def test_table2_runs_on_the_converted_folder(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from iomt.experiments import run_experiment
+    from iomt.experiments.settings import Settings
+    torch.set_num_threads(1)
+    write_reports(tmp_path / "reports.csv", n=90)
+    export(tmp_path / "reports.csv", tmp_path / "byod", n_hospitals=2, seed=0)
+    settings = dataclasses.replace(Settings.quick_preset(tmp_path / "out"), data=tmp_path / "byod")
+
+    payload = run_experiment("table2", settings, methods=("fedavg", "baselines"))
+
+    methods = {r["method"]: r for r in payload["summary"]}
+    assert set(methods) == {"fedavg", "lr_pooled:text", "lr_per_hospital:text"}
+    assert methods["lr_pooled:text"]["accuracy_mean"] == 1.0  # invented notes name their class
+    assert all(r["n"] > 0 for r in payload["runs"])

@@ -60,7 +60,10 @@ def test_demo_serve_leaves_both_pages_up_until_ctrl_c(tmp_path):
     proc = subprocess.Popen(iomt_argv("demo", "--out", str(out), "--hospitals", "2", "--patients", "10",
                                      "--duration", "16", "--rounds", "1", "--epochs", "1", "--serve"),
                             env=child_env(one_thread=True), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True,
+                            # as from a terminal: a suite run in the background (nohup, CI runners)
+                            # passes SIGINT down ignored, and Python keeps it ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         for line in proc.stdout:  # until both pages are printed (or the demo exits)

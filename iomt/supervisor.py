@@ -117,14 +117,19 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = STO
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("%s ignored signal %d for %.0fs; killing it", name or proc.pid, sig, timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        _wait_or_kill(proc, sig, timeout, name)
     return proc.returncode
+
+
+def _wait_or_kill(proc: subprocess.Popen, sig: int, timeout: float, name: str) -> None:
+    """Wait ``timeout`` s for ``proc``, already sent ``sig``; SIGKILL its group after that."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s ignored signal %d for %.0fs; killing it", name or proc.pid, sig, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
 
 
 @dataclass
@@ -201,7 +206,8 @@ class Supervisor:
                 os.killpg(child.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for child in running:
-            stop(child.proc, signal.SIGTERM, max(0.0, deadline - time.monotonic()), child.name)
+            # wait only: a second SIGTERM makes uvicorn skip its graceful shutdown
+            _wait_or_kill(child.proc, signal.SIGTERM, max(0.0, deadline - time.monotonic()), child.name)
 
     def __enter__(self) -> "Supervisor":
         return self

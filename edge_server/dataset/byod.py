@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,14 @@ def write_schema(root: Path | str, schema: ByodSchema, description: str = "") ->
     if description:
         meta["description"] = description
     (Path(root) / DATASET_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def write_labels(folder: Path | str, labels: Iterable[tuple[str, str]]) -> None:
+    """Write a hospital folder's ``labels.csv`` from ``(patient_id, class name)`` pairs."""
+    with (Path(folder) / LABELS_FILE).open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["patient_id", "label"])
+        w.writerows(labels)
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_server.dataset.byod import LABELS_FILE, ByodSchema, write_schema
+from edge_server.dataset.byod import ByodSchema, write_labels, write_schema
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,7 @@ def export(out: Path | str, n_hospitals: int = 10, alpha: float = 0.5, seed: int
         folder = out / f"hospital-{h:02d}"
         folder.mkdir(exist_ok=True)
         ids = [f"bc{i:04d}" for i in idx]
-        with (folder / LABELS_FILE).open("w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["patient_id", "label"])
-            w.writerows((pid, schema.classes[y[i]]) for pid, i in zip(ids, idx))
+        write_labels(folder, ((pid, schema.classes[y[i]]) for pid, i in zip(ids, idx)))
         rows = [[pid, *(repr(float(v)) for v in x[i])] for pid, i in zip(ids, idx)]
         if fmt == "parquet":
             import pyarrow as pa

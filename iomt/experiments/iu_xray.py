@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_server.dataset.byod import LABELS_FILE, ByodSchema, write_schema
+from edge_server.dataset.byod import ByodSchema, write_labels, write_schema
 from iomt.experiments.breast_cancer import dirichlet_split
 from protocols.errors import IomtError
 
@@ -132,11 +132,7 @@ def export(reports_csv: Path | str, out: Path | str, n_hospitals: int = 4, alpha
     for h, idx in enumerate(dirichlet_split(labels, n_hospitals, alpha, seed)):
         folder = out / f"hospital-{h:02d}"
         (folder / "notes").mkdir(parents=True, exist_ok=True)
-        with (folder / LABELS_FILE).open("w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["patient_id", "label"])
-            for i in idx:
-                w.writerow([reports[i].patient_id, CLASSES[labels[i]]])
+        write_labels(folder, ((reports[i].patient_id, CLASSES[labels[i]]) for i in idx))
         for i in idx:
             (folder / "notes" / f"{reports[i].patient_id}.txt").write_text(reports[i].findings + "\n",
                                                                            encoding="utf-8")

@@ -89,6 +89,8 @@ def test_sign_in_open_patient_and_ask_the_cloud(services):
         assert page.get_by_test_id("patient-id").inner_text() == patient
         assert page.locator(".chips .present").count() == 4
         assert page.locator("figure.plot svg polyline").count() == 6
+        # the image loads after the page: wait for it, then check its size
+        page.wait_for_function("() => { const i = document.querySelector('img.study'); return i && i.complete; }")
         assert page.locator("img.study").evaluate("img => img.complete && img.naturalWidth") == 96
         assert page.get_by_role("row", name=re.compile("Heart rate")).count() == 1
         check_accessible(page)
